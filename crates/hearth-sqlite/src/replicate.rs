@@ -1,0 +1,296 @@
+//! The replication loop: for each database, capture on every monitor tick, checkpoint when due, upload to each
+//! replica on its sync interval, run compaction and retention, and flush within a budget on shutdown.
+//!
+//! The decisions live elsewhere (`plan` for the replica, `capture` for the database); this file only
+//! sequences them. Every task is owned by `replicate_all`'s `JoinSet`, and shutdown goes one way: the watch
+//! channel flips, each database loop does its final capture and upload within the budget, then returns.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::capture::{Capture, CaptureError, Captured, Discontinuity, list_local_files};
+use crate::config::{Config, DbConfig};
+use crate::plan::CompactionPolicy;
+use crate::replica::{Replica, ReplicaError};
+
+/// How replication runs, beyond the per-database configuration.
+#[derive(Clone, Debug)]
+pub struct ReplicateOptions {
+    /// Replicate over a non-empty replica that this database has no history with.
+    pub force: bool,
+    /// How long the final flush on shutdown may take (fits Nomad's default 5 s `kill_timeout`).
+    pub shutdown_budget: Duration,
+    pub policy: CompactionPolicy,
+}
+
+impl ReplicateOptions {
+    /// Options from a loaded configuration.
+    pub fn from_config(config: &Config, force: bool) -> ReplicateOptions {
+        ReplicateOptions {
+            force,
+            shutdown_budget: config.shutdown_sync_timeout,
+            policy: CompactionPolicy {
+                levels: config.levels.clone(),
+                snapshot_interval: config.snapshot_interval,
+                snapshot_retention: config.snapshot_retention,
+                l0_retention: config.l0_retention,
+                retention_enabled: config.retention_enabled,
+            },
+        }
+    }
+}
+
+/// Why replication of a database stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplicateError {
+    #[error(transparent)]
+    Capture(#[from] CaptureError),
+    #[error(transparent)]
+    Replica(#[from] ReplicaError),
+    #[error("replication task for {0} failed: {1}")]
+    Task(PathBuf, String),
+}
+
+/// What the final flush achieved for one database.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FlushReport {
+    pub db: PathBuf,
+    /// Highest captured TXID.
+    pub captured: u64,
+    /// For each replica, its name and the highest TXID it holds from this process.
+    pub replicas: Vec<(String, u64)>,
+}
+
+impl FlushReport {
+    /// Transactions captured but not on every replica when replication stopped.
+    pub fn unflushed(&self) -> u64 {
+        self.replicas.iter().map(|(_, t)| self.captured.saturating_sub(*t)).max().unwrap_or(0)
+    }
+}
+
+/// Replicates every database of `config` until `shutdown` turns true.
+pub async fn replicate_all(
+    config: &Config,
+    opts: &ReplicateOptions,
+    shutdown: watch::Receiver<bool>,
+) -> Vec<Result<FlushReport, ReplicateError>> {
+    let mut tasks = JoinSet::new();
+    for db in &config.dbs {
+        let (db, opts, shutdown) = (db.clone(), opts.clone(), shutdown.clone());
+        tasks.spawn(async move {
+            let path = db.path.clone();
+            (path, replicate_db(db, opts, shutdown).await)
+        });
+    }
+    let mut results = Vec::new();
+    while let Some(joined) = tasks.join_next().await {
+        match joined {
+            Ok((_, r)) => results.push(r),
+            Err(e) => results.push(Err(ReplicateError::Task(PathBuf::new(), e.to_string()))),
+        }
+    }
+    results
+}
+
+/// Replicates one database until `shutdown` turns true, then flushes within the budget.
+pub async fn replicate_db(
+    db: DbConfig,
+    opts: ReplicateOptions,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<FlushReport, ReplicateError> {
+    // Wait for the database to exist and for any restore of it to finish (Nomad runs the restore task and
+    // the replicate sidecar at the same time).
+    loop {
+        if db.path.exists() && !restore_in_progress(&db.path) {
+            break;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(db.monitor_interval) => {}
+            _ = shutdown.changed() => return Ok(FlushReport { db: db.path.clone(), captured: 0, replicas: Vec::new() }),
+        }
+    }
+    let (mut capture, discontinuity) = tokio::task::block_in_place(|| Capture::open(&db.path, db.busy_timeout))?;
+    let mut replicas = Vec::new();
+    for r in &db.replicas {
+        replicas.push(Replica::open(&r.name, &r.location, capture.meta(), opts.policy.clone()).await?);
+    }
+    let mut rebase = discontinuity.clone();
+    if discontinuity == Some(Discontinuity::NoHistory) {
+        for r in &replicas {
+            if let Err(e) = r.check_fresh_start(0) {
+                if !opts.force {
+                    return Err(e.into());
+                }
+                tracing::warn!(db = %db.path.display(), replica = %r.name, "--force: writing a new image on top of the replica's history");
+            }
+        }
+        // Continue the longest TXID sequence so restores of earlier points keep working.
+        if let Some(top) = replicas.iter().max_by_key(|r| r.max_txid()).filter(|r| r.max_txid() > 0) {
+            let checksum = last_post_apply(top).await.unwrap_or(0);
+            capture.continue_after(top.max_txid(), checksum);
+        }
+    } else {
+        for r in &replicas {
+            if r.max_txid() > capture.state().txid {
+                return Err(ReplicaError::LeaseHeld {
+                    replica: r.name.clone(),
+                    holder: format!(
+                        "the replica reaches TXID {:#x} but this database's local state only {:#x}: \
+                         another replicator wrote to it",
+                        r.max_txid(),
+                        capture.state().txid
+                    ),
+                }
+                .into());
+            }
+        }
+    }
+    for r in &mut replicas {
+        r.ensure_lease().await?;
+    }
+
+    let mut last_upload = vec![Instant::now() - Duration::from_secs(3600); replicas.len()];
+    let mut last_checkpoint = Instant::now();
+    let mut last_change = Instant::now();
+    let mut changed_since_checkpoint = false;
+    let mut ticker = tokio::time::interval(db.monitor_interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = shutdown.changed() => break,
+        }
+        let captured = tokio::task::block_in_place(|| capture.sync(rebase.take()));
+        match captured {
+            Ok(Some(c)) => {
+                log_captured(&db.path, &c);
+                last_change = Instant::now();
+                changed_since_checkpoint = true;
+            }
+            Ok(None) => {}
+            Err(e) if e.is_retryable() => tracing::warn!(db = %db.path.display(), error = %e, "capture failed; retrying"),
+            Err(e) => return Err(e.into()),
+        }
+
+        let page_size = u64::from(capture.state().page_size.max(512));
+        let wal_pages = capture.wal_size() / (page_size + 24);
+        let idle_checkpoint = changed_since_checkpoint && last_change.elapsed() >= db.checkpoint_interval;
+        if wal_pages >= u64::from(db.min_checkpoint_page_count) || idle_checkpoint {
+            match tokio::task::block_in_place(|| capture.checkpoint()) {
+                Ok((result, files)) => {
+                    for c in &files {
+                        log_captured(&db.path, c);
+                    }
+                    tracing::debug!(db = %db.path.display(), ?result, "checkpoint");
+                    changed_since_checkpoint = false;
+                    last_checkpoint = Instant::now();
+                }
+                Err(e) => tracing::warn!(db = %db.path.display(), error = %e, "checkpoint failed; will retry"),
+            }
+        }
+        let _ = last_checkpoint;
+
+        let local = list_local_files(capture.meta())?;
+        let upto = capture.state().txid;
+        for (i, r) in replicas.iter_mut().enumerate() {
+            let interval = db.replicas.get(i).map_or(Duration::from_secs(1), |c| c.sync_interval);
+            if r.uploaded() >= upto || last_upload[i].elapsed() < interval {
+                continue;
+            }
+            last_upload[i] = Instant::now();
+            match r.upload(&local, upto).await {
+                Ok(_) => {}
+                Err(e) if e.is_retryable() => tracing::warn!(replica = %r.name, error = %e, "upload failed; retrying"),
+                Err(e) => return Err(e.into()),
+            }
+            match r.maintain(SystemTime::now()).await {
+                Ok(done) => {
+                    for step in done {
+                        tracing::debug!(replica = %r.name, ?step, "maintenance");
+                    }
+                }
+                Err(e) if e.is_retryable() => tracing::warn!(replica = %r.name, error = %e, "maintenance failed; retrying"),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        prune_local(&local, &replicas);
+    }
+
+    // Final flush: capture what is committed and upload it, within the budget.
+    let deadline = Instant::now() + opts.shutdown_budget;
+    let flush = async {
+        if let Ok(Some(c)) = tokio::task::block_in_place(|| capture.sync(None)) {
+            log_captured(&db.path, &c);
+        }
+        let local = list_local_files(capture.meta())?;
+        let upto = capture.state().txid;
+        for r in &mut replicas {
+            r.upload(&local, upto).await?;
+        }
+        Ok::<_, ReplicateError>(())
+    };
+    match tokio::time::timeout_at(deadline.into(), flush).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::error!(db = %db.path.display(), error = %e, "final flush failed"),
+        Err(_) => tracing::error!(db = %db.path.display(), budget = ?opts.shutdown_budget, "final flush did not finish within the shutdown budget"),
+    }
+    for r in &mut replicas {
+        r.release_lease().await;
+    }
+    let report = FlushReport {
+        db: db.path.clone(),
+        captured: capture.state().txid,
+        replicas: replicas.iter().map(|r| (r.name.clone(), r.uploaded())).collect(),
+    };
+    if report.unflushed() > 0 {
+        tracing::error!(db = %db.path.display(), unflushed = report.unflushed(), "transactions captured but not uploaded to every replica");
+    }
+    Ok(report)
+}
+
+/// The post-apply checksum that the newest file on a replica declares (hearth-written files only).
+async fn last_post_apply(replica: &Replica) -> Option<u64> {
+    let newest = replica.files().iter().max_by_key(|f| (f.max_txid, f.level))?;
+    let key = replica.layout().ltx_key(newest.level, newest.min_txid, newest.max_txid);
+    let head = replica.store().get_range(&key, 0..(crate::ltx::HEADER_SIZE as u64)).await.ok()?;
+    crate::ltx::peek_header(&head).ok()?.hearth.map(|h| h.post_apply.0)
+}
+
+/// Deletes local level-0 files that every replica holds, keeping the newest.
+fn prune_local(local: &[(u64, PathBuf)], replicas: &[Replica]) {
+    let Some(shipped) = replicas.iter().map(Replica::uploaded).min() else { return };
+    let newest = local.last().map_or(0, |(t, _)| *t);
+    for (txid, path) in local {
+        if *txid <= shipped && *txid < newest {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+fn log_captured(db: &Path, c: &Captured) {
+    match &c.rebase {
+        Some(reason) => tracing::warn!(db = %db.display(), txid = c.txid, pages = c.pages, %reason, "captured a full image"),
+        None => tracing::debug!(db = %db.display(), txid = c.txid, pages = c.pages, transactions = c.transactions, "captured"),
+    }
+}
+
+/// The marker a running restore holds (an exclusive lock on `<db>.hearth-restore.lock`).
+pub fn restore_lock_path(db: &Path) -> PathBuf {
+    let mut p = db.as_os_str().to_owned();
+    p.push(".hearth-restore.lock");
+    PathBuf::from(p)
+}
+
+/// Whether a restore of `db` is running right now: its lock file exists and is locked.
+pub fn restore_in_progress(db: &Path) -> bool {
+    let Ok(file) = std::fs::File::open(restore_lock_path(db)) else { return false };
+    // A lock we can take means the restore that made the file is gone (it crashed or finished).
+    match file.try_lock_shared() {
+        Ok(()) => false,
+        Err(std::fs::TryLockError::WouldBlock) => true,
+        Err(std::fs::TryLockError::Error(_)) => false,
+    }
+}

@@ -1,0 +1,326 @@
+//! Restore: pick the best reachable replica, plan the files, download them in parallel, apply them into a
+//! temporary file, prove the end state by its checksum, then fsync and rename into place.
+
+use std::fs::{self, File};
+use std::io::{Cursor, Seek, SeekFrom};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt};
+use hearth_store::{RetryPolicy, Store, StoreError, with_retry};
+
+use crate::capture::{LocalState, meta_dir, sync_dir, write_atomic};
+use crate::config::ReplicaConfig;
+use crate::layout::{FileInfo, Layout};
+use crate::ltx::{self, Checksum, Decoder};
+use crate::plan::{self, PlanError, Target};
+use crate::replica::list_files;
+
+/// What to restore and how.
+#[derive(Clone, Debug)]
+pub struct RestoreOptions {
+    pub target: Target,
+    /// Where the database goes.
+    pub output: PathBuf,
+    /// Succeed quietly when the output already exists.
+    pub if_db_not_exists: bool,
+    /// Succeed quietly when every replica is reachable and truly empty.
+    pub if_replica_exists: bool,
+    /// Downloads in flight at once.
+    pub parallelism: usize,
+}
+
+/// What a restore did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RestoreOutcome {
+    Restored(Restored),
+    /// `if_db_not_exists` and the database exists.
+    DatabaseExists,
+    /// `if_replica_exists` and every replica is reachable and empty.
+    NoReplica,
+}
+
+/// Details of a finished restore.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Restored {
+    pub replica: String,
+    pub txid: u64,
+    pub files: usize,
+    pub bytes: u64,
+    /// Whether the end state was proven by a checksum the writer recorded (hearth-written replicas); a
+    /// replica written by Litestream carries none, and then `PRAGMA integrity_check` is what is checked.
+    pub checksum_verified: bool,
+    pub set_aside: Vec<PathBuf>,
+}
+
+/// Why a restore failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    #[error("no replica is configured for {0}")]
+    NoReplicas(String),
+    #[error("no replica could be read: {}", .0.join("; "))]
+    AllUnreachable(Vec<String>),
+    #[error(
+        "no backup found: every replica is reachable and empty ({}). If this is a new database, pass \
+         -if-replica-exists to allow starting without one; if a backup should be there, check the bucket and path",
+        .0.join(", ")
+    )]
+    Empty(Vec<String>),
+    #[error("replica {replica}: cannot restore: {source}")]
+    Plan { replica: String, source: PlanError },
+    #[error("replica {replica}: download {key}: {source}")]
+    Download { replica: String, key: String, source: StoreError },
+    #[error("replica {replica}: LTX file {key} is damaged or does not follow the previous one: {source}")]
+    Ltx { replica: String, key: String, source: ltx::LtxError },
+    #[error("the restored database failed `PRAGMA integrity_check`: {0}")]
+    Integrity(String),
+    #[error("{what} {path}: {source}")]
+    Io { path: PathBuf, what: &'static str, source: std::io::Error },
+}
+
+/// Restores a database from the first usable replica in `replicas` (the best one for `Latest`).
+pub async fn restore(replicas: &[ReplicaConfig], opts: &RestoreOptions) -> Result<RestoreOutcome, RestoreError> {
+    if opts.if_db_not_exists && opts.output.exists() {
+        return Ok(RestoreOutcome::DatabaseExists);
+    }
+    if replicas.is_empty() {
+        return Err(RestoreError::NoReplicas(opts.output.display().to_string()));
+    }
+    // List every replica; an unreachable one is skipped with its reason, never mistaken for an empty one.
+    let mut reachable = Vec::new();
+    let mut failures = Vec::new();
+    for r in replicas {
+        let store = match Store::open(&r.location) {
+            Ok(s) => s,
+            Err(e) => {
+                failures.push(format!("{}: {e}", r.name));
+                continue;
+            }
+        };
+        let layout = Layout::for_location(&r.location);
+        match with_retry(&RetryPolicy::default(), || list_files(&store, layout)).await {
+            Ok(files) => reachable.push((r, store, layout, files)),
+            Err(e) => {
+                tracing::warn!(replica = %r.name, error = %e, "replica unreachable; trying the next one");
+                failures.push(format!("{}: {e}", r.name));
+            }
+        }
+    }
+    if reachable.is_empty() {
+        return Err(RestoreError::AllUnreachable(failures));
+    }
+    if reachable.iter().all(|(_, _, _, files)| files.is_empty()) {
+        if failures.is_empty() && opts.if_replica_exists {
+            return Ok(RestoreOutcome::NoReplica);
+        }
+        if !failures.is_empty() {
+            return Err(RestoreError::AllUnreachable(failures));
+        }
+        return Err(RestoreError::Empty(reachable.iter().map(|(r, ..)| r.name.clone()).collect()));
+    }
+    // Prefer the replica that reaches furthest; among equals, the first configured.
+    reachable.sort_by_key(|(_, _, _, files)| std::cmp::Reverse(files.iter().map(|f| f.max_txid).max().unwrap_or(0)));
+    let mut last_err = None;
+    for (r, store, layout, files) in &reachable {
+        match plan::restore_plan(files, opts.target) {
+            Ok(plan) => return apply_plan(&r.name, store, *layout, &plan, opts).await.map(RestoreOutcome::Restored),
+            Err(source) => last_err = Some(RestoreError::Plan { replica: r.name.clone(), source }),
+        }
+    }
+    Err(last_err.unwrap_or_else(|| RestoreError::Empty(Vec::new())))
+}
+
+async fn apply_plan(
+    replica: &str,
+    store: &Store,
+    layout: Layout,
+    plan: &[FileInfo],
+    opts: &RestoreOptions,
+) -> Result<Restored, RestoreError> {
+    let output = &opts.output;
+    let io = |what: &'static str, path: &Path| {
+        let path = path.to_path_buf();
+        move |source| RestoreError::Io { path, what, source }
+    };
+    if let Some(dir) = output.parent().filter(|d| !d.as_os_str().is_empty()) {
+        fs::create_dir_all(dir).map_err(io("create the directory of", dir))?;
+    }
+    // Hold the restore lock so a replicator started beside us (Nomad's prestart + sidecar) waits for the end.
+    let lock_path = crate::replicate::restore_lock_path(output);
+    let lock = File::create(&lock_path).map_err(io("create the restore lock", &lock_path))?;
+    lock.lock().map_err(io("lock", &lock_path))?;
+    let result = apply_plan_locked(replica, store, layout, plan, opts).await;
+    let _ = fs::remove_file(&lock_path);
+    drop(lock);
+    result
+}
+
+async fn apply_plan_locked(
+    replica: &str,
+    store: &Store,
+    layout: Layout,
+    plan: &[FileInfo],
+    opts: &RestoreOptions,
+) -> Result<Restored, RestoreError> {
+    let output = &opts.output;
+    let io = |what: &'static str, path: &Path| {
+        let path = path.to_path_buf();
+        move |source| RestoreError::Io { path, what, source }
+    };
+    let tmp = temp_path(output);
+    let mut image = File::options()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&tmp)
+        .map_err(io("create", &tmp))?;
+
+    let keys: Vec<String> = plan.iter().map(|f| layout.ltx_key(f.level, f.min_txid, f.max_txid)).collect();
+    let parallelism = opts.parallelism.max(1);
+    // Downloads run ahead of the apply by at most `parallelism` files, so memory stays bounded.
+    let mut downloads = futures::stream::iter(keys.clone())
+        .map(|key| async move {
+            let data: Bytes = with_retry(&RetryPolicy::default(), || store.get(&key)).await.map_err(|source| {
+                RestoreError::Download { replica: replica.to_string(), key: key.clone(), source }
+            })?;
+            Ok::<_, RestoreError>((key, data))
+        })
+        .buffered(parallelism);
+
+    let mut current: Option<Checksum> = None;
+    let mut verified = true;
+    let mut bytes = 0u64;
+    let mut txid = 0;
+    let result: Result<(), RestoreError> = async {
+        while let Some((key, data)) = downloads.try_next().await? {
+            bytes += data.len() as u64;
+            let ltx_err = |source| RestoreError::Ltx { replica: replica.to_string(), key: key.clone(), source };
+            let dec = Decoder::new(Cursor::new(data.clone())).map_err(ltx_err)?;
+            let header = *dec.header();
+            let declares = header.declared_pre_apply().is_some();
+            if !declares {
+                verified = false;
+            }
+            // Carry the checksum through files that declare one; a checksum-free file (Litestream's) breaks it.
+            let carry = if declares && !header.is_snapshot() { current } else { None };
+            let applied = tokio::task::block_in_place(|| ltx::apply(dec, &mut image, carry)).map_err(ltx_err)?;
+            current = if declares { applied.checksum } else { None };
+            txid = header.max_txid;
+        }
+        Ok(())
+    }
+    .await;
+    if let Err(e) = result {
+        drop(image);
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
+    }
+
+    // Prove the end state: the checksum of the whole file must equal the last recorded post-apply checksum.
+    let page_size = page_size_of(&mut image).map_err(io("read", &tmp))?;
+    image.seek(SeekFrom::Start(0)).map_err(io("read", &tmp))?;
+    let whole = ltx::checksum_database(std::io::BufReader::new(&image), page_size)
+        .map_err(|source| RestoreError::Ltx { replica: replica.to_string(), key: "restored image".into(), source })?;
+    if verified && let Some(expected) = current
+        && expected != whole
+    {
+        drop(image);
+        let _ = fs::remove_file(&tmp);
+        return Err(RestoreError::Ltx {
+            replica: replica.to_string(),
+            key: keys.last().cloned().unwrap_or_default(),
+            source: ltx::LtxError::PostApplyChecksumMismatch { stored: expected, computed: whole },
+        });
+    }
+    image.sync_all().map_err(io("fsync", &tmp))?;
+    drop(image);
+    if !verified {
+        integrity_check(&tmp)?;
+    }
+
+    // Stale -wal/-shm files beside the output belong to another database image; set them aside, never delete.
+    let mut set_aside = Vec::new();
+    let stamp = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    for suffix in ["-wal", "-shm"] {
+        let mut p = output.as_os_str().to_owned();
+        p.push(suffix);
+        let p = PathBuf::from(p);
+        if p.exists() {
+            let mut aside = p.as_os_str().to_owned();
+            aside.push(format!(".stale-{stamp}"));
+            let aside = PathBuf::from(aside);
+            fs::rename(&p, &aside).map_err(io("set aside", &p))?;
+            tracing::warn!(stale = %p.display(), moved_to = %aside.display(), "set aside a WAL file that did not belong to the restored database");
+            set_aside.push(aside);
+        }
+    }
+    fs::rename(&tmp, output).map_err(io("rename into place", output))?;
+    if let Some(dir) = output.parent().filter(|d| !d.as_os_str().is_empty()) {
+        sync_dir(dir).map_err(io("fsync", dir))?;
+    }
+    record_restored_state(output, txid, whole, page_size, replica).map_err(io("record the restored position for", output))?;
+    Ok(Restored { replica: replica.to_string(), txid, files: plan.len(), bytes, checksum_verified: verified, set_aside })
+}
+
+/// Writes the local state of a restored database so that replication continues the replica's TXID sequence
+/// instead of uploading the whole database again (Litestream #781, #393).
+fn record_restored_state(output: &Path, txid: u64, checksum: Checksum, page_size: u32, replica: &str) -> std::io::Result<()> {
+    let meta = meta_dir(output);
+    // An old meta directory describes another history of this path; keep it aside for inspection.
+    if meta.exists() {
+        let stamp = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let mut aside = meta.as_os_str().to_owned();
+        aside.push(format!(".old-{stamp}"));
+        fs::rename(&meta, PathBuf::from(aside))?;
+    }
+    fs::create_dir_all(meta.join("ltx/0"))?;
+    fs::create_dir_all(meta.join("replicas"))?;
+    let m = fs::metadata(output)?;
+    let state = LocalState {
+        version: 1,
+        txid,
+        checksum: checksum.0,
+        commit: (m.len() / u64::from(page_size.max(1))) as u32,
+        page_size,
+        wal: None,
+        dev: m.dev(),
+        ino: m.ino(),
+        timestamp_ms: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64),
+    };
+    write_atomic(&meta.join("state.json"), &serde_json::to_vec_pretty(&state).map_err(std::io::Error::other)?)?;
+    let name: String = replica.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect();
+    write_atomic(&meta.join("replicas").join(format!("{name}.json")), format!("{{\"txid\":{txid}}}").as_bytes())
+}
+
+fn page_size_of(file: &mut File) -> std::io::Result<u32> {
+    use std::io::Read;
+    let mut header = [0u8; 100];
+    file.seek(SeekFrom::Start(0))?;
+    file.read_exact(&mut header)?;
+    let raw = u16::from_be_bytes([header[16], header[17]]);
+    Ok(if raw == 1 { 65536 } else { u32::from(raw) })
+}
+
+fn integrity_check(path: &Path) -> Result<(), RestoreError> {
+    let conn = rusqlite::Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .map_err(|e| RestoreError::Integrity(e.to_string()))?;
+    let result: String =
+        conn.query_row("PRAGMA integrity_check", [], |r| r.get(0)).map_err(|e| RestoreError::Integrity(e.to_string()))?;
+    drop(conn);
+    // Opening a WAL-mode image may leave hearth's own -wal/-shm beside the temporary file.
+    for suffix in ["-wal", "-shm"] {
+        let mut p = path.as_os_str().to_owned();
+        p.push(suffix);
+        let _ = fs::remove_file(PathBuf::from(p));
+    }
+    if result == "ok" { Ok(()) } else { Err(RestoreError::Integrity(result)) }
+}
+
+fn temp_path(output: &Path) -> PathBuf {
+    let mut p = output.as_os_str().to_owned();
+    p.push(".hearth-restore.tmp");
+    PathBuf::from(p)
+}

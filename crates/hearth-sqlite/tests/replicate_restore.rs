@@ -1,0 +1,183 @@
+//! End-to-end: replicate a live SQLite database to a file replica, then restore it with hearth and with the
+//! real Litestream 0.5.17, and compare contents; plus the safety refusals around a replica's history.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use hearth_sqlite::config::{DbConfig, replica_from_url};
+use hearth_sqlite::plan::{CompactionPolicy, Target};
+use hearth_sqlite::replicate::{ReplicateOptions, replicate_db};
+use hearth_sqlite::restore::{RestoreOptions, RestoreOutcome, restore};
+use rusqlite::Connection;
+use tokio::sync::watch;
+
+fn no_env(_: &str) -> Option<String> {
+    None
+}
+
+fn db_config(db: &Path, replica_dir: &Path) -> DbConfig {
+    let replica = replica_from_url(&format!("file://{}", replica_dir.display()), &no_env).unwrap();
+    let mut cfg = DbConfig::new(db.to_path_buf(), vec![replica]);
+    cfg.monitor_interval = Duration::from_millis(50);
+    cfg.replicas[0].sync_interval = Duration::from_millis(50);
+    cfg
+}
+
+fn options() -> ReplicateOptions {
+    ReplicateOptions { force: false, shutdown_budget: Duration::from_secs(4), policy: CompactionPolicy::default() }
+}
+
+fn open_writer(db: &Path) -> Connection {
+    let conn = Connection::open(db).unwrap();
+    conn.busy_timeout(Duration::from_secs(5)).unwrap();
+    conn.pragma_update(None, "journal_mode", "wal").unwrap();
+    conn.execute_batch("CREATE TABLE IF NOT EXISTS t (id INTEGER PRIMARY KEY, v BLOB)").unwrap();
+    conn
+}
+
+/// The user-visible contents of a database: every row of `t`, in order.
+fn contents(db: &Path) -> Vec<(i64, Vec<u8>)> {
+    let conn = Connection::open(db).unwrap();
+    let mut stmt = conn.prepare("SELECT id, v FROM t ORDER BY id").unwrap();
+    stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).unwrap().map(Result::unwrap).collect()
+}
+
+async fn replicate_while<F: FnOnce()>(cfg: DbConfig, opts: ReplicateOptions, work: F) -> hearth_sqlite::replicate::FlushReport {
+    let (tx, rx) = watch::channel(false);
+    let task = tokio::spawn(replicate_db(cfg, opts, rx));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    work();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    tx.send(true).unwrap();
+    task.await.unwrap().unwrap()
+}
+
+fn restore_opts(output: PathBuf, target: Target) -> RestoreOptions {
+    RestoreOptions { target, output, if_db_not_exists: false, if_replica_exists: false, parallelism: 4 }
+}
+
+fn litestream() -> PathBuf {
+    let path = std::env::var_os("HEARTH_LITESTREAM").map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/hearth/litestream-venv/bin/litestream")
+    });
+    assert!(path.exists(), "Litestream 0.5.17 not found at {}: run scripts/install-deps", path.display());
+    path
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn replicated_database_restores_with_hearth_and_litestream() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("app.db");
+    let replica_dir = dir.path().join("replica");
+    let writer = open_writer(&db);
+    writer.execute("INSERT INTO t (v) VALUES (randomblob(3000))", []).unwrap();
+
+    let report = replicate_while(db_config(&db, &replica_dir), options(), || {
+        for _ in 0..200 {
+            writer.execute("INSERT INTO t (v) VALUES (randomblob(500))", []).unwrap();
+        }
+        writer.execute("DELETE FROM t WHERE id % 7 = 0", []).unwrap();
+    })
+    .await;
+    assert_eq!(report.unflushed(), 0, "{report:?}");
+    assert!(report.captured >= 2, "{report:?}");
+    let want = contents(&db);
+
+    let out = dir.path().join("restored.db");
+    let outcome = restore(&db_config(&db, &replica_dir).replicas, &restore_opts(out.clone(), Target::Latest)).await.unwrap();
+    let RestoreOutcome::Restored(restored) = outcome else { panic!("{outcome:?}") };
+    assert!(restored.checksum_verified);
+    assert_eq!(restored.txid, report.captured);
+    assert_eq!(contents(&out), want);
+
+    // The real Litestream restores what hearth wrote.
+    let ls_out = dir.path().join("litestream.db");
+    let status = std::process::Command::new(litestream())
+        .args(["restore", "-o"])
+        .arg(&ls_out)
+        .arg(format!("file://{}", replica_dir.display()))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert_eq!(contents(&ls_out), want);
+
+    // A point in time: TXID 1 holds only the first row.
+    let first = dir.path().join("first.db");
+    restore(&db_config(&db, &replica_dir).replicas, &restore_opts(first.clone(), Target::Txid(1))).await.unwrap();
+    assert_eq!(contents(&first).len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn restart_continues_and_app_checkpoint_while_stopped_is_rebased() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("app.db");
+    let replica_dir = dir.path().join("replica");
+    let writer = open_writer(&db);
+    let first = replicate_while(db_config(&db, &replica_dir), options(), || {
+        writer.execute("INSERT INTO t (v) VALUES (x'01')", []).unwrap();
+    })
+    .await;
+
+    // While hearth is stopped, the app writes and truncates the WAL into the database.
+    writer.execute("INSERT INTO t (v) VALUES (x'02')", []).unwrap();
+    writer.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())).unwrap();
+    writer.execute("INSERT INTO t (v) VALUES (x'03')", []).unwrap();
+
+    let second = replicate_while(db_config(&db, &replica_dir), options(), || {
+        writer.execute("INSERT INTO t (v) VALUES (x'04')", []).unwrap();
+    })
+    .await;
+    assert!(second.captured > first.captured);
+    assert_eq!(second.unflushed(), 0);
+
+    let out = dir.path().join("restored.db");
+    restore(&db_config(&db, &replica_dir).replicas, &restore_opts(out.clone(), Target::Latest)).await.unwrap();
+    assert_eq!(contents(&out), contents(&db));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_fresh_database_is_refused_over_a_non_empty_replica() {
+    let dir = tempfile::tempdir().unwrap();
+    let replica_dir = dir.path().join("replica");
+    let db = dir.path().join("app.db");
+    let writer = open_writer(&db);
+    replicate_while(db_config(&db, &replica_dir), options(), || {
+        writer.execute("INSERT INTO t (v) VALUES (x'01')", []).unwrap();
+    })
+    .await;
+
+    // Another, empty database on the same replica path: refused, and the replica keeps its files.
+    let other = dir.path().join("other.db");
+    open_writer(&other);
+    let (_tx, rx) = watch::channel(false);
+    let err = replicate_db(db_config(&other, &replica_dir), options(), rx).await.unwrap_err();
+    let msg = err.to_string();
+    assert!(msg.contains("no history"), "{msg}");
+    let out = dir.path().join("restored.db");
+    restore(&db_config(&db, &replica_dir).replicas, &restore_opts(out.clone(), Target::Latest)).await.unwrap();
+    assert_eq!(contents(&out), contents(&db));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn restore_tells_an_empty_replica_from_an_unreachable_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("app.db");
+    let empty = dir.path().join("empty-replica");
+    let cfg = db_config(&db, &empty);
+    let mut opts = restore_opts(db.clone(), Target::Latest);
+    let err = restore(&cfg.replicas, &opts).await.unwrap_err();
+    assert!(err.to_string().contains("no backup found"), "{err}");
+    opts.if_replica_exists = true;
+    assert_eq!(restore(&cfg.replicas, &opts).await.unwrap(), RestoreOutcome::NoReplica);
+    assert!(!db.exists(), "nothing is written when there is nothing to restore");
+
+    // An unreachable S3 store is an error even with -if-replica-exists.
+    let s3 = replica_from_url("s3://bucket/db?endpoint=http://127.0.0.1:9&region=us-east-1", &|k: &str| match k {
+        "AWS_ACCESS_KEY_ID" => Some("x".into()),
+        "AWS_SECRET_ACCESS_KEY" => Some("y".into()),
+        _ => None,
+    })
+    .unwrap();
+    let err = restore(&[s3], &opts).await.unwrap_err();
+    assert!(err.to_string().contains("no replica could be read"), "{err}");
+}
