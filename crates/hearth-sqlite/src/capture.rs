@@ -392,7 +392,11 @@ impl Capture {
     /// Writes a full image of the database (file overlaid with committed WAL frames) as the next level-0
     /// file. The TXID sequence goes on, so restores from earlier points still work.
     fn snapshot(&mut self, reason: Discontinuity) -> Result<Captured, CaptureError> {
-        tracing::warn!(db = %self.path.display(), %reason, "capturing a full image of the database");
+        if reason == Discontinuity::NoHistory {
+            tracing::info!(db = %self.path.display(), "first capture: writing a full image of the database");
+        } else {
+            tracing::warn!(db = %self.path.display(), %reason, "continuity lost: writing a full image of the database");
+        }
         if reason == Discontinuity::DatabaseReplaced {
             self.reopen()?;
         }

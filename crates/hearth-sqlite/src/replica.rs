@@ -64,6 +64,14 @@ pub struct Lease {
     pub expires_ms: i64,
 }
 
+impl Lease {
+    /// Whether the holder is a process on this host that no longer runs (it crashed or was killed), so its
+    /// lease need not be waited out. A holder on another host is never presumed gone before expiry.
+    pub fn holder_is_gone(&self) -> bool {
+        self.hostname == hostname() && !Path::new(&format!("/proc/{}", self.pid)).exists()
+    }
+}
+
 /// A replica as seen by one replicator.
 pub struct Replica {
     pub name: String,
@@ -98,7 +106,7 @@ impl Replica {
             layout,
             files: Vec::new(),
             uploaded: 0,
-            pos_path: meta.join("replicas").join(format!("{}.json", sanitize(name))),
+            pos_path: position_path(meta, name),
             clock: CompactionClock::default(),
             policy,
             holder: random_id(),
@@ -182,6 +190,7 @@ impl Replica {
         if let Some(lease) = &current
             && lease.holder != self.holder
             && lease.expires_ms > ms(now)
+            && !lease.holder_is_gone()
         {
             return Err(ReplicaError::LeaseHeld {
                 replica: self.name.clone(),
@@ -348,7 +357,8 @@ impl Replica {
         if let Some(dir) = self.pos_path.parent() {
             std::fs::create_dir_all(dir).map_err(io)?;
         }
-        let body = serde_json::to_vec(&ReplicaPosition { txid: self.uploaded }).unwrap_or_default();
+        let position = ReplicaPosition { txid: self.uploaded, uploaded_at_ms: self.last_upload.map(ms) };
+        let body = serde_json::to_vec(&position).unwrap_or_default();
         write_atomic(&self.pos_path, &body).map_err(io)
     }
 
@@ -370,9 +380,18 @@ pub async fn list_files(store: &Store, layout: Layout) -> Result<Vec<FileInfo>, 
     Ok(files)
 }
 
+/// What `replicas/<name>.json` in the meta directory holds (docs/formats/local-state.md).
 #[derive(serde::Serialize, serde::Deserialize)]
-struct ReplicaPosition {
-    txid: u64,
+pub struct ReplicaPosition {
+    pub txid: u64,
+    /// When the last upload to this replica succeeded, in milliseconds since the epoch.
+    #[serde(default)]
+    pub uploaded_at_ms: Option<i64>,
+}
+
+/// Where the position of replica `name` is kept in a meta directory.
+pub fn position_path(meta: &Path, name: &str) -> PathBuf {
+    meta.join("replicas").join(format!("{}.json", sanitize(name)))
 }
 
 fn sanitize(name: &str) -> String {

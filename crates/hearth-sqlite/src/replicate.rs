@@ -272,7 +272,7 @@ fn prune_local(local: &[(u64, PathBuf)], replicas: &[Replica]) {
 
 fn log_captured(db: &Path, c: &Captured) {
     match &c.rebase {
-        Some(reason) => tracing::warn!(db = %db.display(), txid = c.txid, pages = c.pages, %reason, "captured a full image"),
+        Some(reason) => tracing::info!(db = %db.display(), txid = c.txid, pages = c.pages, %reason, "captured a full image"),
         None => tracing::debug!(db = %db.display(), txid = c.txid, pages = c.pages, transactions = c.transactions, "captured"),
     }
 }

@@ -291,8 +291,8 @@ fn record_restored_state(output: &Path, txid: u64, checksum: Checksum, page_size
         timestamp_ms: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64),
     };
     write_atomic(&meta.join("state.json"), &serde_json::to_vec_pretty(&state).map_err(std::io::Error::other)?)?;
-    let name: String = replica.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect();
-    write_atomic(&meta.join("replicas").join(format!("{name}.json")), format!("{{\"txid\":{txid}}}").as_bytes())
+    let position = crate::replica::ReplicaPosition { txid, uploaded_at_ms: None };
+    write_atomic(&crate::replica::position_path(&meta, replica), &serde_json::to_vec(&position).map_err(std::io::Error::other)?)
 }
 
 fn page_size_of(file: &mut File) -> std::io::Result<u32> {

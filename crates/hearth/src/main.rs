@@ -2,6 +2,7 @@
 
 mod jobspec;
 mod litestream;
+mod litestream_args;
 mod sqlite;
 
 use std::process::ExitCode;
@@ -30,6 +31,13 @@ enum Command {
     },
     /// Find data hazards in Nomad jobspecs and rewrite storage references.
     Jobspec(jobspec::JobspecArgs),
+}
+
+/// Sets up logging to stderr: `RUST_LOG` if set, else `level` (default `info`).
+pub fn init_logging(level: Option<&str>) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level.unwrap_or("info")));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
 }
 
 fn main() -> ExitCode {
