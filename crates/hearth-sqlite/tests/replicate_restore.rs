@@ -181,3 +181,140 @@ async fn restore_tells_an_empty_replica_from_an_unreachable_one() {
     let err = restore(&[s3], &opts).await.unwrap_err();
     assert!(err.to_string().contains("no replica could be read"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_replicator_on_the_same_replica_path_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let replica_dir = dir.path().join("replica");
+    let db = dir.path().join("app.db");
+    let writer = open_writer(&db);
+    writer.execute("INSERT INTO t (v) VALUES (x'01')", []).unwrap();
+
+    let (stop_a, rx_a) = watch::channel(false);
+    let a = tokio::spawn(replicate_db(db_config(&db, &replica_dir), options(), rx_a));
+    tokio::time::sleep(Duration::from_millis(400)).await;
+
+    // A rolling deploy: the new allocation restores the replica and starts replicating its copy.
+    let copy = dir.path().join("copy.db");
+    restore(&db_config(&db, &replica_dir).replicas, &restore_opts(copy.clone(), Target::Latest)).await.unwrap();
+    let (_stop_b, rx_b) = watch::channel(false);
+    let err = replicate_db(db_config(&copy, &replica_dir), options(), rx_b).await.unwrap_err();
+    assert!(err.to_string().contains("another replicator"), "{err}");
+
+    writer.execute("INSERT INTO t (v) VALUES (x'02')", []).unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop_a.send(true).unwrap();
+    let report = a.await.unwrap().unwrap();
+    assert_eq!(report.unflushed(), 0);
+    let out = dir.path().join("restored.db");
+    restore(&db_config(&db, &replica_dir).replicas, &restore_opts(out.clone(), Target::Latest)).await.unwrap();
+    assert_eq!(contents(&out), contents(&db));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restored_database_continues_the_replica_history() {
+    let dir = tempfile::tempdir().unwrap();
+    let replica_dir = dir.path().join("replica");
+    let db = dir.path().join("app.db");
+    let writer = open_writer(&db);
+    let first = replicate_while(db_config(&db, &replica_dir), options(), || {
+        writer.execute("INSERT INTO t (v) VALUES (x'01')", []).unwrap();
+    })
+    .await;
+
+    // A new node: restore, then replicate the restored copy and write to it.
+    let node2 = dir.path().join("node2.db");
+    restore(&db_config(&node2, &replica_dir).replicas, &restore_opts(node2.clone(), Target::Latest)).await.unwrap();
+    let writer2 = open_writer(&node2);
+    let second = replicate_while(db_config(&node2, &replica_dir), options(), || {
+        writer2.execute("INSERT INTO t (v) VALUES (x'02')", []).unwrap();
+    })
+    .await;
+    assert!(second.captured > first.captured, "{first:?} {second:?}");
+    let files = std::fs::read_dir(replica_dir.join("ltx/0")).unwrap().count();
+    // Continuing the history adds small level-0 files; it does not upload the whole database again from TXID 1.
+    assert!(files >= 3, "{files}");
+    let out = dir.path().join("restored.db");
+    restore(&db_config(&db, &replica_dir).replicas, &restore_opts(out.clone(), Target::Latest)).await.unwrap();
+    assert_eq!(contents(&out), contents(&node2));
+    // The old point in time is still there.
+    let old = dir.path().join("old.db");
+    restore(&db_config(&db, &replica_dir).replicas, &restore_opts(old.clone(), Target::Txid(first.captured)))
+        .await
+        .unwrap();
+    assert_eq!(contents(&old).len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn damaged_or_missing_replica_objects_fail_the_restore_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let replica_dir = dir.path().join("replica");
+    let db = dir.path().join("app.db");
+    let writer = open_writer(&db);
+    let (tx, rx) = watch::channel(false);
+    let task = tokio::spawn(replicate_db(db_config(&db, &replica_dir), options(), rx));
+    for i in 0..6 {
+        writer.execute("INSERT INTO t (v) VALUES (zeroblob(?1))", [i]).unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tx.send(true).unwrap();
+    task.await.unwrap().unwrap();
+    let l0 = replica_dir.join("ltx/0");
+    let mut names: Vec<String> = std::fs::read_dir(&l0).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    names.sort();
+    assert!(names.len() >= 3, "{names:?}");
+    // The second-newest level-0 file: no compacted file covers it yet, so every restore needs it.
+    let name = &names[names.len() - 2];
+
+    // A flipped byte in the middle of a file.
+    let victim = l0.join(name);
+    let original = std::fs::read(&victim).unwrap();
+    let mut damaged = original.clone();
+    let mid = damaged.len() / 2;
+    damaged[mid] ^= 0xff;
+    std::fs::write(&victim, &damaged).unwrap();
+    let out = dir.path().join("out.db");
+    let err = restore(&db_config(&db, &replica_dir).replicas, &restore_opts(out.clone(), Target::Latest)).await.unwrap_err();
+    assert!(err.to_string().contains(name.as_str()), "{err}");
+    assert!(!out.exists(), "a failed restore leaves nothing at the output path");
+
+    // The same file missing: a gap, named by TXID.
+    std::fs::remove_file(&victim).unwrap();
+    let err = restore(&db_config(&db, &replica_dir).replicas, &restore_opts(out.clone(), Target::Latest)).await.unwrap_err();
+    assert!(err.to_string().contains("not contiguous"), "{err}");
+    assert!(!out.exists());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn hearth_restores_a_replica_written_by_litestream() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("app.db");
+    let replica_dir = dir.path().join("replica");
+    let writer = open_writer(&db);
+    writer.execute("INSERT INTO t (v) VALUES (randomblob(5000))", []).unwrap();
+    let config = dir.path().join("litestream.yml");
+    std::fs::write(
+        &config,
+        format!("dbs:\n  - path: {}\n    replica:\n      url: file://{}\n      sync-interval: 100ms\n", db.display(), replica_dir.display()),
+    )
+    .unwrap();
+    let mut child = std::process::Command::new(litestream())
+        .args(["replicate", "-config"])
+        .arg(&config)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    for i in 0..50 {
+        writer.execute("INSERT INTO t (v) VALUES (zeroblob(?1))", [i]).unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    child.wait().unwrap();
+
+    let out = dir.path().join("restored.db");
+    let outcome = restore(&db_config(&db, &replica_dir).replicas, &restore_opts(out.clone(), Target::Latest)).await.unwrap();
+    let RestoreOutcome::Restored(r) = outcome else { panic!("{outcome:?}") };
+    assert!(!r.checksum_verified, "Litestream records no checksum; hearth must not claim a verified end state");
+    assert_eq!(contents(&out), contents(&db));
+}

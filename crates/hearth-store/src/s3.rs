@@ -1,0 +1,300 @@
+//! The S3 backend: `object_store`'s `AmazonS3` client, configured from an [`S3Location`].
+//!
+//! Settings that matter for S3-compatible stores such as Garage: path-style addressing, plain HTTP for
+//! `http://` endpoints, signed payloads (the SHA-256 of the body is signed; no `aws-chunked` trailers,
+//! no extra checksum headers, which some stores reject), and no retries inside the client: callers decide
+//! with [`crate::with_retry`], and the request counters stay exact.
+
+use std::borrow::Cow;
+use std::ops::Range;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use futures::TryStreamExt;
+use object_store::aws::{AmazonS3, AmazonS3Builder, S3ConditionalPut};
+use object_store::path::Path;
+use object_store::{
+    Attribute, Attributes, ClientOptions, GetOptions, ObjectStore, ObjectStoreExt, PutMode,
+    PutPayload, RetryConfig, UpdateVersion,
+};
+
+use crate::error::from_object_store;
+use crate::location::{Credentials, S3Location};
+use crate::{ObjectInfo, PutOutcome, StoreError, TIMESTAMP_METADATA_KEY, WriteMode};
+
+/// How long to wait for a TCP connection. Short, because an unreachable store should be reported quickly.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long one whole request may take. Generous, because LTX files and snapshots can be large.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(300);
+
+pub(crate) struct S3Store {
+    client: AmazonS3,
+    /// The location's prefix, without leading or trailing `/`.
+    prefix: String,
+}
+
+impl S3Store {
+    pub(crate) fn new(
+        location: &S3Location,
+        credentials: Option<Credentials>,
+    ) -> Result<S3Store, StoreError> {
+        let invalid = |reason: String| StoreError::InvalidLocation {
+            location: location.describe(),
+            reason,
+        };
+        if location.bucket.is_empty() {
+            return Err(invalid("the bucket name is empty".into()));
+        }
+        // Built from scratch rather than `from_env` so that only the settings hearth resolved apply; the
+        // TLS-related variables of the environment (AWS_CA_BUNDLE, SSL_CERT_FILE) are not read at all.
+        let mut builder = AmazonS3Builder::new()
+            .with_bucket_name(&location.bucket)
+            .with_region(location.region_or_default())
+            .with_virtual_hosted_style_request(!location.force_path_style)
+            .with_conditional_put(S3ConditionalPut::ETagMatch)
+            .with_retry(RetryConfig {
+                max_retries: 0,
+                ..RetryConfig::default()
+            })
+            .with_client_options(
+                ClientOptions::new()
+                    .with_connect_timeout(CONNECT_TIMEOUT)
+                    .with_timeout(REQUEST_TIMEOUT)
+                    .with_allow_invalid_certificates(location.skip_verify),
+            );
+        if let Some(endpoint) = &location.endpoint {
+            builder = builder
+                .with_endpoint(endpoint)
+                .with_allow_http(endpoint.starts_with("http://"));
+        }
+        match credentials {
+            Some(creds) => {
+                builder = builder
+                    .with_access_key_id(creds.access_key_id)
+                    .with_secret_access_key(creds.secret_access_key);
+            }
+            // Without keys, object_store falls back to AWS instance and container credentials. Outside AWS
+            // that would only time out, so a custom endpoint needs keys.
+            None if location.endpoint.is_some() => {
+                return Err(invalid(
+                    "no credentials: set LITESTREAM_ACCESS_KEY_ID and LITESTREAM_SECRET_ACCESS_KEY (or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY), or a credentials file".into(),
+                ));
+            }
+            None => {}
+        }
+        let client = builder.build().map_err(|e| invalid(e.to_string()))?;
+        Ok(S3Store {
+            client,
+            prefix: location.prefix.trim_matches('/').to_string(),
+        })
+    }
+
+    fn path(&self, store: &str, key: &str) -> Result<Path, StoreError> {
+        let full = if self.prefix.is_empty() {
+            key.to_string()
+        } else {
+            format!("{}/{key}", self.prefix)
+        };
+        Path::parse(&full).map_err(|e| StoreError::InvalidKey {
+            store: store.to_string(),
+            key: key.to_string(),
+            reason: e.to_string(),
+        })
+    }
+
+    pub(crate) async fn put(
+        &self,
+        store: &str,
+        key: &str,
+        data: Bytes,
+        timestamp: Option<SystemTime>,
+        mode: WriteMode,
+    ) -> Result<PutOutcome, StoreError> {
+        let path = self.path(store, key)?;
+        let mut attributes = Attributes::new();
+        if let Some(timestamp) = timestamp {
+            attributes.insert(
+                Attribute::Metadata(Cow::Borrowed(TIMESTAMP_METADATA_KEY)),
+                format_timestamp(timestamp).into(),
+            );
+        }
+        let conditional = !matches!(mode, WriteMode::Overwrite);
+        let mode = match mode {
+            WriteMode::Overwrite => PutMode::Overwrite,
+            WriteMode::Create => PutMode::Create,
+            WriteMode::Update(etag) => PutMode::Update(UpdateVersion {
+                e_tag: Some(etag),
+                version: None,
+            }),
+        };
+        let options = object_store::PutOptions {
+            mode,
+            attributes,
+            ..Default::default()
+        };
+        match self
+            .client
+            .put_opts(&path, PutPayload::from(data), options)
+            .await
+        {
+            Ok(result) => Ok(PutOutcome::Written { etag: result.e_tag }),
+            Err(err) => match from_object_store(store, key, err) {
+                StoreError::PreconditionFailed { .. } if conditional => {
+                    Ok(PutOutcome::PreconditionFailed)
+                }
+                // If-Match on a missing object is a failed precondition, not a missing object.
+                StoreError::NotFound { .. } if conditional => Ok(PutOutcome::PreconditionFailed),
+                other => Err(other),
+            },
+        }
+    }
+
+    pub(crate) async fn get(&self, store: &str, key: &str) -> Result<Bytes, StoreError> {
+        let path = self.path(store, key)?;
+        let result = self
+            .client
+            .get(&path)
+            .await
+            .map_err(|e| from_object_store(store, key, e))?;
+        result
+            .bytes()
+            .await
+            .map_err(|e| from_object_store(store, key, e))
+    }
+
+    pub(crate) async fn get_range(
+        &self,
+        store: &str,
+        key: &str,
+        range: Range<u64>,
+    ) -> Result<Bytes, StoreError> {
+        let path = self.path(store, key)?;
+        self.client
+            .get_range(&path, range)
+            .await
+            .map_err(|e| from_object_store(store, key, e))
+    }
+
+    pub(crate) async fn head(&self, store: &str, key: &str) -> Result<ObjectInfo, StoreError> {
+        let path = self.path(store, key)?;
+        // A HEAD through get_opts, because plain `head` drops the user metadata that holds the timestamp.
+        let options = GetOptions {
+            head: true,
+            ..Default::default()
+        };
+        let result = self
+            .client
+            .get_opts(&path, options)
+            .await
+            .map_err(|e| from_object_store(store, key, e))?;
+        let written = result
+            .attributes
+            .get(&Attribute::Metadata(Cow::Borrowed(TIMESTAMP_METADATA_KEY)))
+            .and_then(|value| parse_timestamp(value));
+        Ok(ObjectInfo {
+            key: key.to_string(),
+            size: result.meta.size,
+            timestamp: written.unwrap_or_else(|| result.meta.last_modified.into()),
+            etag: result.meta.e_tag,
+        })
+    }
+
+    pub(crate) async fn list(
+        &self,
+        store: &str,
+        prefix: &str,
+    ) -> Result<Vec<ObjectInfo>, StoreError> {
+        let full = match (self.prefix.is_empty(), prefix.is_empty()) {
+            (true, true) => None,
+            (true, false) => Some(prefix.to_string()),
+            (false, true) => Some(self.prefix.clone()),
+            (false, false) => Some(format!("{}/{prefix}", self.prefix)),
+        };
+        let full =
+            full.map(|p| Path::parse(&p))
+                .transpose()
+                .map_err(|e| StoreError::InvalidKey {
+                    store: store.to_string(),
+                    key: prefix.to_string(),
+                    reason: e.to_string(),
+                })?;
+        let strip = if self.prefix.is_empty() {
+            String::new()
+        } else {
+            format!("{}/", self.prefix)
+        };
+        let listing: Vec<object_store::ObjectMeta> = self
+            .client
+            .list(full.as_ref())
+            .try_collect()
+            .await
+            .map_err(|e| from_object_store(store, prefix, e))?;
+        Ok(listing
+            .into_iter()
+            .map(|meta| {
+                let location = meta.location.as_ref();
+                let key = location
+                    .strip_prefix(strip.as_str())
+                    .unwrap_or(location)
+                    .to_string();
+                ObjectInfo {
+                    key,
+                    size: meta.size,
+                    timestamp: meta.last_modified.into(),
+                    etag: meta.e_tag,
+                }
+            })
+            .collect())
+    }
+
+    pub(crate) async fn delete(&self, store: &str, key: &str) -> Result<(), StoreError> {
+        let path = self.path(store, key)?;
+        match self.client.delete(&path).await {
+            Ok(()) => Ok(()),
+            Err(err) => match from_object_store(store, key, err) {
+                StoreError::NotFound { .. } => Ok(()),
+                other => Err(other),
+            },
+        }
+    }
+}
+
+/// RFC 3339 in UTC with as many fractional digits as needed, which Go's `time.RFC3339Nano` (what
+/// Litestream reads and writes) accepts.
+fn format_timestamp(timestamp: SystemTime) -> String {
+    chrono::DateTime::<chrono::Utc>::from(timestamp)
+        .to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)
+}
+
+fn parse_timestamp(value: &str) -> Option<SystemTime> {
+    chrono::DateTime::parse_from_rfc3339(value)
+        .ok()
+        .map(SystemTime::from)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_round_trip_in_litestream_format() {
+        let cases = [
+            (
+                Duration::from_millis(1_700_000_000_123),
+                "2023-11-14T22:13:20.123Z",
+            ),
+            (Duration::from_secs(1_700_000_000), "2023-11-14T22:13:20Z"),
+        ];
+        for (since_epoch, text) in cases {
+            let t = SystemTime::UNIX_EPOCH + since_epoch;
+            assert_eq!(format_timestamp(t), text);
+            assert_eq!(parse_timestamp(text), Some(t));
+        }
+        // Go writes RFC3339Nano with trailing zeros trimmed, so any number of digits must parse.
+        assert_eq!(
+            parse_timestamp("2023-11-14T22:13:20.12Z"),
+            Some(SystemTime::UNIX_EPOCH + Duration::from_millis(1_700_000_000_120))
+        );
+        assert_eq!(parse_timestamp("yesterday"), None);
+    }
+}
