@@ -9,3 +9,4 @@ pub mod replica;
 pub mod replicate;
 pub mod restore;
 pub mod status;
+pub mod metrics;

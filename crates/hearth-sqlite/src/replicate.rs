@@ -13,6 +13,7 @@ use tokio::task::JoinSet;
 
 use crate::capture::{Capture, CaptureError, Captured, Discontinuity, list_local_files};
 use crate::config::{Config, DbConfig};
+use crate::metrics::Metrics;
 use crate::plan::CompactionPolicy;
 use crate::replica::{Replica, ReplicaError};
 
@@ -24,6 +25,8 @@ pub struct ReplicateOptions {
     /// How long the final flush on shutdown may take (fits Nomad's default 5 s `kill_timeout`).
     pub shutdown_budget: Duration,
     pub policy: CompactionPolicy,
+    /// Where to report; `Metrics::default()` reports to nobody.
+    pub metrics: Metrics,
 }
 
 impl ReplicateOptions {
@@ -39,6 +42,7 @@ impl ReplicateOptions {
                 l0_retention: config.l0_retention,
                 retention_enabled: config.retention_enabled,
             },
+            metrics: Metrics::default(),
         }
     }
 }
@@ -62,6 +66,8 @@ pub struct FlushReport {
     pub captured: u64,
     /// For each replica, its name and the highest TXID it holds from this process.
     pub replicas: Vec<(String, u64)>,
+    /// Why full images were written while replicating (continuity lost, first capture).
+    pub rebases: Vec<String>,
 }
 
 impl FlushReport {
@@ -109,7 +115,7 @@ pub async fn replicate_db(
         }
         tokio::select! {
             _ = tokio::time::sleep(db.monitor_interval) => {}
-            _ = shutdown.changed() => return Ok(FlushReport { db: db.path.clone(), captured: 0, replicas: Vec::new() }),
+            _ = shutdown.changed() => return Ok(FlushReport { db: db.path.clone(), captured: 0, replicas: Vec::new(), rebases: Vec::new() }),
         }
     }
     let (mut capture, discontinuity) = tokio::task::block_in_place(|| Capture::open(&db.path, db.busy_timeout))?;
@@ -152,6 +158,9 @@ pub async fn replicate_db(
         r.ensure_lease().await?;
     }
 
+    let metrics = &opts.metrics;
+    let mut rebases = Vec::new();
+    let mut store_stats: Vec<_> = replicas.iter().map(|r| r.store().stats()).collect();
     let mut last_upload = vec![Instant::now() - Duration::from_secs(3600); replicas.len()];
     let mut last_checkpoint = Instant::now();
     let mut last_change = Instant::now();
@@ -167,13 +176,22 @@ pub async fn replicate_db(
         match captured {
             Ok(Some(c)) => {
                 log_captured(&db.path, &c);
+                if let Some(reason) = &c.rebase {
+                    metrics.rebases.get_or_create(&Metrics::reason(&db.path, &reason.to_string())).inc();
+                    rebases.push(reason.to_string());
+                }
                 last_change = Instant::now();
                 changed_since_checkpoint = true;
             }
             Ok(None) => {}
-            Err(e) if e.is_retryable() => tracing::warn!(db = %db.path.display(), error = %e, "capture failed; retrying"),
+            Err(e) if e.is_retryable() => {
+                metrics.errors.get_or_create(&Metrics::reason(&db.path, "capture")).inc();
+                tracing::warn!(db = %db.path.display(), error = %e, "capture failed; retrying");
+            }
             Err(e) => return Err(e.into()),
         }
+        metrics.captured_txid.get_or_create(&Metrics::db(&db.path)).set(capture.state().txid as i64);
+        metrics.wal_bytes.get_or_create(&Metrics::db(&db.path)).set(capture.wal_size() as i64);
 
         let page_size = u64::from(capture.state().page_size.max(512));
         let wal_pages = capture.wal_size() / (page_size + 24);
@@ -185,10 +203,15 @@ pub async fn replicate_db(
                         log_captured(&db.path, c);
                     }
                     tracing::debug!(db = %db.path.display(), ?result, "checkpoint");
+                    let outcome = if result.busy { "busy" } else { "ok" };
+                    metrics.checkpoints.get_or_create(&Metrics::reason(&db.path, outcome)).inc();
                     changed_since_checkpoint = false;
                     last_checkpoint = Instant::now();
                 }
-                Err(e) => tracing::warn!(db = %db.path.display(), error = %e, "checkpoint failed; will retry"),
+                Err(e) => {
+                    metrics.checkpoints.get_or_create(&Metrics::reason(&db.path, "error")).inc();
+                    tracing::warn!(db = %db.path.display(), error = %e, "checkpoint failed; will retry");
+                }
             }
         }
         let _ = last_checkpoint;
@@ -203,7 +226,10 @@ pub async fn replicate_db(
             last_upload[i] = Instant::now();
             match r.upload(&local, upto).await {
                 Ok(_) => {}
-                Err(e) if e.is_retryable() => tracing::warn!(replica = %r.name, error = %e, "upload failed; retrying"),
+                Err(e) if e.is_retryable() => {
+                    metrics.errors.get_or_create(&Metrics::reason(&db.path, "upload")).inc();
+                    tracing::warn!(replica = %r.name, error = %e, "upload failed; retrying");
+                }
                 Err(e) => return Err(e.into()),
             }
             match r.maintain(SystemTime::now()).await {
@@ -212,10 +238,14 @@ pub async fn replicate_db(
                         tracing::debug!(replica = %r.name, ?step, "maintenance");
                     }
                 }
-                Err(e) if e.is_retryable() => tracing::warn!(replica = %r.name, error = %e, "maintenance failed; retrying"),
+                Err(e) if e.is_retryable() => {
+                    metrics.errors.get_or_create(&Metrics::reason(&db.path, "maintenance")).inc();
+                    tracing::warn!(replica = %r.name, error = %e, "maintenance failed; retrying");
+                }
                 Err(e) => return Err(e.into()),
             }
         }
+        report_replicas(metrics, &db.path, &replicas, &local, upto, &mut store_stats);
         prune_local(&local, &replicas);
     }
 
@@ -244,6 +274,7 @@ pub async fn replicate_db(
         db: db.path.clone(),
         captured: capture.state().txid,
         replicas: replicas.iter().map(|r| (r.name.clone(), r.uploaded())).collect(),
+        rebases,
     };
     if report.unflushed() > 0 {
         tracing::error!(db = %db.path.display(), unflushed = report.unflushed(), "transactions captured but not uploaded to every replica");
@@ -257,6 +288,35 @@ async fn last_post_apply(replica: &Replica) -> Option<u64> {
     let key = replica.layout().ltx_key(newest.level, newest.min_txid, newest.max_txid);
     let head = replica.store().get_range(&key, 0..(crate::ltx::HEADER_SIZE as u64)).await.ok()?;
     crate::ltx::peek_header(&head).ok()?.hearth.map(|h| h.post_apply.0)
+}
+
+/// Updates the per-replica metrics: uploaded TXID, last upload, lag and store requests.
+fn report_replicas(
+    metrics: &Metrics,
+    db: &Path,
+    replicas: &[Replica],
+    local: &[(u64, PathBuf)],
+    captured: u64,
+    store_stats: &mut [hearth_store::StoreStats],
+) {
+    let now = SystemTime::now();
+    for (r, before) in replicas.iter().zip(store_stats.iter_mut()) {
+        let labels = Metrics::replica(db, &r.name);
+        metrics.uploaded_txid.get_or_create(&labels).set(r.uploaded() as i64);
+        if let Some(t) = r.last_upload {
+            let secs = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs_f64();
+            metrics.last_upload_timestamp_seconds.get_or_create(&labels).set(secs);
+        }
+        let waiting_since = (r.uploaded() < captured)
+            .then(|| local.iter().find(|(t, _)| *t > r.uploaded()))
+            .flatten()
+            .and_then(|(_, p)| std::fs::metadata(p).ok()?.modified().ok());
+        let lag = waiting_since.map_or(0.0, |t| now.duration_since(t).unwrap_or_default().as_secs_f64());
+        metrics.lag_seconds.get_or_create(&labels).set(lag);
+        let stats = r.store().stats();
+        metrics.add_store_stats(db, &r.name, before, &stats);
+        *before = stats;
+    }
 }
 
 /// Deletes local level-0 files that every replica holds, keeping the newest.

@@ -333,8 +333,9 @@ mod tests {
         let conn = wal_db(dir.path());
         conn.execute("INSERT INTO t VALUES (randomblob(10))", []).unwrap();
         conn.execute("INSERT INTO t VALUES (randomblob(10))", []).unwrap();
-        drop(conn);
+        // Read while the connection is open: closing the last connection checkpoints and deletes the WAL.
         let bytes = std::fs::read(dir.path().join("db-wal")).unwrap();
+        drop(conn);
         let header = WalHeader::parse(&bytes).unwrap();
         let full = scan(&mut io::Cursor::new(&bytes), &header, WalPosition::start(&header), u64::MAX).unwrap();
         assert_eq!(full.transactions, 3);
@@ -361,8 +362,8 @@ mod tests {
     fn rejects_bad_headers() {
         let dir = tempfile::tempdir().unwrap();
         let conn = wal_db(dir.path());
-        drop(conn);
         let bytes = std::fs::read(dir.path().join("db-wal")).unwrap();
+        drop(conn);
         assert!(WalHeader::parse(&bytes).is_ok());
         let mut bad_magic = bytes.clone();
         bad_magic[0] = 0;

@@ -24,7 +24,7 @@ fn db_config(db: &Path, replica_dir: &Path) -> DbConfig {
 }
 
 fn options() -> ReplicateOptions {
-    ReplicateOptions { force: false, shutdown_budget: Duration::from_secs(4), policy: CompactionPolicy::default() }
+    ReplicateOptions { force: false, shutdown_budget: Duration::from_secs(4), policy: CompactionPolicy::default(), metrics: Default::default() }
 }
 
 fn open_writer(db: &Path) -> Connection {

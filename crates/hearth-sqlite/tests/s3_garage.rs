@@ -59,7 +59,7 @@ async fn hearth_writes_garage_and_both_tools_restore() {
     let mut cfg = DbConfig::new(db.clone(), vec![replica(garage, &url, &garage.secret)]);
     cfg.monitor_interval = Duration::from_millis(50);
     cfg.replicas[0].sync_interval = Duration::from_millis(50);
-    let opts = ReplicateOptions { force: false, shutdown_budget: Duration::from_secs(4), policy: CompactionPolicy::default() };
+    let opts = ReplicateOptions { force: false, shutdown_budget: Duration::from_secs(4), policy: CompactionPolicy::default(), metrics: Default::default() };
     let (tx, rx) = watch::channel(false);
     let task = tokio::spawn(replicate_db(cfg.clone(), opts, rx));
     for i in 0..100 {
