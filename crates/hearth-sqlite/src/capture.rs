@@ -40,13 +40,26 @@ pub enum CaptureError {
     )]
     NotWal { path: PathBuf, mode: String },
     #[error("open or query database {path}: {source}")]
-    Sqlite { path: PathBuf, source: rusqlite::Error },
+    Sqlite {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
     #[error("read the WAL of {path}: {source}")]
-    Wal { path: PathBuf, source: wal::WalError },
+    Wal {
+        path: PathBuf,
+        source: wal::WalError,
+    },
     #[error("write an LTX file for {path}: {source}")]
-    Ltx { path: PathBuf, source: ltx::LtxError },
+    Ltx {
+        path: PathBuf,
+        source: ltx::LtxError,
+    },
     #[error("{what} for {path}: {source}")]
-    Io { path: PathBuf, what: &'static str, source: io::Error },
+    Io {
+        path: PathBuf,
+        what: &'static str,
+        source: io::Error,
+    },
     #[error("local state {path} is unreadable ({reason}); move it aside to start a new history")]
     BadState { path: PathBuf, reason: String },
 }
@@ -87,7 +100,9 @@ impl std::fmt::Display for Discontinuity {
             Discontinuity::WalReset => {
                 "the WAL was checkpointed, truncated or deleted while hearth was not running"
             }
-            Discontinuity::DatabaseChanged => "the database changed in a way its WAL does not explain",
+            Discontinuity::DatabaseChanged => {
+                "the database changed in a way its WAL does not explain"
+            }
         })
     }
 }
@@ -134,7 +149,10 @@ pub struct CheckpointResult {
 
 /// The meta directory beside a database: `.<name>-hearth/` (docs/formats/local-state.md).
 pub fn meta_dir(db: &Path) -> PathBuf {
-    let name = db.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = db
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     db.with_file_name(format!(".{name}-hearth"))
 }
 
@@ -160,26 +178,50 @@ impl Capture {
     ///
     /// Returns the capture and, when the old state does not continue, the reason; the first `sync`
     /// then writes a full image.
-    pub fn open(path: &Path, busy_timeout: Duration) -> Result<(Capture, Option<Discontinuity>), CaptureError> {
+    pub fn open(
+        path: &Path,
+        busy_timeout: Duration,
+    ) -> Result<(Capture, Option<Discontinuity>), CaptureError> {
         if !path.exists() {
-            return Err(CaptureError::Missing { path: path.to_path_buf() });
+            return Err(CaptureError::Missing {
+                path: path.to_path_buf(),
+            });
         }
-        let sql = |source| CaptureError::Sqlite { path: path.to_path_buf(), source };
+        let sql = |source| CaptureError::Sqlite {
+            path: path.to_path_buf(),
+            source,
+        };
         let conn = open_connection(path, busy_timeout).map_err(sql)?;
-        let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0)).map_err(sql)?;
+        let mode: String = conn
+            .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
+            .map_err(sql)?;
         if !mode.eq_ignore_ascii_case("wal") {
-            return Err(CaptureError::NotWal { path: path.to_path_buf(), mode });
+            return Err(CaptureError::NotWal {
+                path: path.to_path_buf(),
+                mode,
+            });
         }
-        conn.pragma_update(None, "wal_autocheckpoint", 0).map_err(sql)?;
+        conn.pragma_update(None, "wal_autocheckpoint", 0)
+            .map_err(sql)?;
         persist_wal(&conn).map_err(sql)?;
         // A table of hearth's own that it writes to so the WAL always has a header and a frame to pin on
         // (an empty WAL has no header until the first write, and a pin on an empty WAL does not hold).
-        conn.execute_batch("CREATE TABLE IF NOT EXISTS _hearth_seq (id INTEGER PRIMARY KEY, seq INTEGER NOT NULL)")
-            .map_err(sql)?;
+        conn.execute_batch(
+            "CREATE TABLE IF NOT EXISTS _hearth_seq (id INTEGER PRIMARY KEY, seq INTEGER NOT NULL)",
+        )
+        .map_err(sql)?;
         let barrier = open_connection(path, busy_timeout).map_err(sql)?;
-        barrier.pragma_update(None, "wal_autocheckpoint", 0).map_err(sql)?;
+        barrier
+            .pragma_update(None, "wal_autocheckpoint", 0)
+            .map_err(sql)?;
 
-        let io = |what| move |source| CaptureError::Io { path: path.to_path_buf(), what, source };
+        let io = |what| {
+            move |source| CaptureError::Io {
+                path: path.to_path_buf(),
+                what,
+                source,
+            }
+        };
         let db_file = File::open(path).map_err(io("open the database file for reading pages"))?;
         let meta = meta_dir(path);
         fs::create_dir_all(meta.join("ltx/0")).map_err(io("create the meta directory"))?;
@@ -227,7 +269,9 @@ impl Capture {
 
     /// Path of the local level-0 file for `txid`.
     pub fn local_file(&self, txid: u64) -> PathBuf {
-        self.meta.join("ltx/0").join(ltx::format_filename(txid, txid))
+        self.meta
+            .join("ltx/0")
+            .join(ltx::format_filename(txid, txid))
     }
 
     /// Size of the WAL file in bytes (0 when missing).
@@ -239,19 +283,32 @@ impl Capture {
     fn load_state(&mut self) -> Result<Option<Discontinuity>, CaptureError> {
         let state_path = self.meta.join("state.json");
         let stored: Option<LocalState> = match fs::read(&state_path) {
-            Ok(bytes) => Some(serde_json::from_slice(&bytes).map_err(|e| CaptureError::BadState {
-                path: state_path.clone(),
-                reason: e.to_string(),
-            })?),
+            Ok(bytes) => {
+                Some(
+                    serde_json::from_slice(&bytes).map_err(|e| CaptureError::BadState {
+                        path: state_path.clone(),
+                        reason: e.to_string(),
+                    })?,
+                )
+            }
             Err(e) if e.kind() == io::ErrorKind::NotFound => None,
-            Err(source) => return Err(CaptureError::Io { path: state_path, what: "read local state", source }),
+            Err(source) => {
+                return Err(CaptureError::Io {
+                    path: state_path,
+                    what: "read local state",
+                    source,
+                });
+            }
         };
         if let Some(s) = &stored
             && s.version != STATE_VERSION
         {
             return Err(CaptureError::BadState {
                 path: state_path,
-                reason: format!("version {} is not the supported version {STATE_VERSION}", s.version),
+                reason: format!(
+                    "version {} is not the supported version {STATE_VERSION}",
+                    s.version
+                ),
             });
         }
         // Level-0 files newer than the state were written just before a crash and never uploaded (uploads
@@ -289,7 +346,9 @@ impl Capture {
             (Some(h), false) => WalPosition::start(h),
             (None, _) => return Ok(Some(Discontinuity::WalReset)),
         };
-        let Some(h) = header else { return Ok(Some(Discontinuity::WalReset)) };
+        let Some(h) = header else {
+            return Ok(Some(Discontinuity::WalReset));
+        };
         if !holds {
             // The WAL was reset. Continuity still holds when the database file alone equals the captured
             // state, and every frame now in the WAL came after it (the WAL was checkpointed and restarted,
@@ -319,11 +378,14 @@ impl Capture {
     }
 
     /// Captures newly committed transactions into a level-0 file, or writes a full image after `rebase`.
-    pub fn sync(&mut self, rebase: Option<Discontinuity>) -> Result<Option<Captured>, CaptureError> {
-        if rebase.is_none() {
-            if let Some(reason) = self.check_identity()? {
-                return self.snapshot(reason).map(Some);
-            }
+    pub fn sync(
+        &mut self,
+        rebase: Option<Discontinuity>,
+    ) -> Result<Option<Captured>, CaptureError> {
+        if rebase.is_none()
+            && let Some(reason) = self.check_identity()?
+        {
+            return self.snapshot(reason).map(Some);
         }
         if let Some(reason) = rebase {
             return self.snapshot(reason).map(Some);
@@ -332,7 +394,10 @@ impl Capture {
         let Some(header) = self.read_wal_header(&mut wal)? else {
             return Ok(None);
         };
-        let mut from = self.state.wal.unwrap_or_else(|| WalPosition::start(&header));
+        let mut from = self
+            .state
+            .wal
+            .unwrap_or_else(|| WalPosition::start(&header));
         if (from.salt1, from.salt2) != header.salts() {
             // SQLite restarts the WAL by adding one to salt-1. While hearth holds its pin, a restart can only
             // happen once every frame was copied back, and hearth had read them all before its own
@@ -343,7 +408,8 @@ impl Capture {
                 return self.snapshot(Discontinuity::DatabaseChanged).map(Some);
             }
         }
-        let scan = wal::scan(&mut wal, &header, from, MAX_FILE_WAL_BYTES).map_err(|source| self.wal_error(source))?;
+        let scan = wal::scan(&mut wal, &header, from, MAX_FILE_WAL_BYTES)
+            .map_err(|source| self.wal_error(source))?;
         if scan.is_empty() {
             self.state.wal = Some(from);
             return Ok(None);
@@ -352,11 +418,20 @@ impl Capture {
     }
 
     /// Writes the pages of `scan` as the next level-0 file.
-    fn write_delta(&mut self, wal: &mut File, header: &WalHeader, scan: wal::Scan) -> Result<Captured, CaptureError> {
+    fn write_delta(
+        &mut self,
+        wal: &mut File,
+        header: &WalHeader,
+        scan: wal::Scan,
+    ) -> Result<Captured, CaptureError> {
         let page_size = header.page_size;
         let txid = self.state.txid + 1;
         let pre_apply = Checksum(self.state.checksum);
-        let mut pages: BTreeMap<u32, PageSource> = scan.pages.iter().map(|(&p, &o)| (p, PageSource::Wal(o))).collect();
+        let mut pages: BTreeMap<u32, PageSource> = scan
+            .pages
+            .iter()
+            .map(|(&p, &o)| (p, PageSource::Wal(o)))
+            .collect();
         // Pages the database grew by without writing them to the WAL come from the database file.
         for pgno in (self.state.commit + 1)..=scan.commit {
             pages.entry(pgno).or_insert(PageSource::Db);
@@ -409,11 +484,20 @@ impl Capture {
         };
         let (wal_pages, commit, to) = match &header {
             Some(h) => {
-                let scan = wal::scan(&mut wal, h, WalPosition::start(h), u64::MAX).map_err(|source| self.wal_error(source))?;
-                let commit = if scan.is_empty() { (self.db_len()? / u64::from(page_size)) as u32 } else { scan.commit };
+                let scan = wal::scan(&mut wal, h, WalPosition::start(h), u64::MAX)
+                    .map_err(|source| self.wal_error(source))?;
+                let commit = if scan.is_empty() {
+                    (self.db_len()? / u64::from(page_size)) as u32
+                } else {
+                    scan.commit
+                };
                 (scan.pages, commit, Some(scan.to))
             }
-            None => (BTreeMap::new(), (self.db_len()? / u64::from(page_size)) as u32, None),
+            None => (
+                BTreeMap::new(),
+                (self.db_len()? / u64::from(page_size)) as u32,
+                None,
+            ),
         };
         let txid = self.state.txid + 1;
         let timestamp_ms = now_ms();
@@ -425,7 +509,11 @@ impl Capture {
             max_txid: txid,
             timestamp_ms,
             // The previous image's checksum: applying this full image on top of it yields the new one.
-            pre_apply_checksum: if txid == 1 { Checksum(0) } else { Checksum(self.state.checksum) },
+            pre_apply_checksum: if txid == 1 {
+                Checksum(0)
+            } else {
+                Checksum(self.state.checksum)
+            },
             wal_offset: 0,
             wal_size: 0,
             wal_salt1: 0,
@@ -436,12 +524,23 @@ impl Capture {
         let lock = ltx::lock_pgno(page_size);
         let pages: BTreeMap<u32, PageSource> = (1..=commit)
             .filter(|&p| p != lock)
-            .map(|p| (p, wal_pages.get(&p).map_or(PageSource::Db, |&o| PageSource::Wal(o))))
+            .map(|p| {
+                (
+                    p,
+                    wal_pages
+                        .get(&p)
+                        .map_or(PageSource::Db, |&o| PageSource::Wal(o)),
+                )
+            })
             .collect();
         self.page_sums = vec![Checksum(0); commit as usize];
         let pre_apply = header_ltx.pre_apply_checksum;
-        let header_ltx = Header { pre_apply_checksum: Checksum(0), ..header_ltx };
-        let (captured, post_apply) = self.write_file(&mut wal, header_ltx, pre_apply, &pages, 0, Some(reason))?;
+        let header_ltx = Header {
+            pre_apply_checksum: Checksum(0),
+            ..header_ltx
+        };
+        let (captured, post_apply) =
+            self.write_file(&mut wal, header_ltx, pre_apply, &pages, 0, Some(reason))?;
         self.state.commit = commit;
         self.state.page_size = page_size;
         self.state.wal = to;
@@ -460,7 +559,10 @@ impl Capture {
     pub fn checkpoint(&mut self) -> Result<(CheckpointResult, Vec<Captured>), CaptureError> {
         let mut captured = Vec::new();
         captured.extend(self.sync(None)?);
-        let sql = |source| CaptureError::Sqlite { path: self.path.clone(), source };
+        let sql = |source| CaptureError::Sqlite {
+            path: self.path.clone(),
+            source,
+        };
         self.barrier.execute_batch("BEGIN IMMEDIATE").map_err(sql)?;
         let result = (|| {
             // Nobody else can commit now; capture what was committed between the first sync and the barrier.
@@ -471,13 +573,26 @@ impl Capture {
             let r = self
                 .conn
                 .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
-                    Ok(CheckpointResult { busy: r.get::<_, i64>(0)? != 0, wal_frames: r.get(1)?, checkpointed: r.get(2)? })
+                    Ok(CheckpointResult {
+                        busy: r.get::<_, i64>(0)? != 0,
+                        wal_frames: r.get(1)?,
+                        checkpointed: r.get(2)?,
+                    })
                 })
-                .map_err(|source| CaptureError::Sqlite { path: self.path.clone(), source });
+                .map_err(|source| CaptureError::Sqlite {
+                    path: self.path.clone(),
+                    source,
+                });
             self.pin()?;
             r
         })();
-        let rollback = self.barrier.execute_batch("ROLLBACK").map_err(|source| CaptureError::Sqlite { path: self.path.clone(), source });
+        let rollback =
+            self.barrier
+                .execute_batch("ROLLBACK")
+                .map_err(|source| CaptureError::Sqlite {
+                    path: self.path.clone(),
+                    source,
+                });
         let r = result?;
         rollback?;
         Ok((r, captured))
@@ -505,14 +620,18 @@ impl Capture {
         let post_apply = self.image_checksum();
         let header = Header {
             flags: ltx::HEADER_FLAG_NO_CHECKSUM,
-            hearth: Some(ltx::HearthChecksums { pre_apply, post_apply }),
+            hearth: Some(ltx::HearthChecksums {
+                pre_apply,
+                post_apply,
+            }),
             ..header
         };
         let txid = header.min_txid;
         let (tmp, mut enc) = self.create_file(txid, header)?;
         for (&pgno, source) in pages {
             self.read_page(wal, *source, pgno, &mut buf)?;
-            enc.write_page(pgno, &buf).map_err(|source| self.ltx_error(source))?;
+            enc.write_page(pgno, &buf)
+                .map_err(|source| self.ltx_error(source))?;
         }
         let captured = self.finish_file(tmp, enc, Checksum(0), txid, transactions, rebase)?;
         Ok((captured, post_apply))
@@ -549,9 +668,14 @@ impl Capture {
         if self.pinned {
             return Ok(());
         }
-        let sql = |source| CaptureError::Sqlite { path: self.path.clone(), source };
+        let sql = |source| CaptureError::Sqlite {
+            path: self.path.clone(),
+            source,
+        };
         self.conn.execute_batch("BEGIN").map_err(sql)?;
-        self.conn.query_row("SELECT COUNT(1) FROM _hearth_seq", [], |_| Ok(())).map_err(sql)?;
+        self.conn
+            .query_row("SELECT COUNT(1) FROM _hearth_seq", [], |_| Ok(()))
+            .map_err(sql)?;
         self.pinned = true;
         Ok(())
     }
@@ -560,7 +684,10 @@ impl Capture {
         if self.pinned {
             self.conn
                 .execute_batch("ROLLBACK")
-                .map_err(|source| CaptureError::Sqlite { path: self.path.clone(), source })?;
+                .map_err(|source| CaptureError::Sqlite {
+                    path: self.path.clone(),
+                    source,
+                })?;
             self.pinned = false;
         }
         Ok(())
@@ -582,18 +709,27 @@ impl Capture {
     fn check_identity(&mut self) -> Result<Option<Discontinuity>, CaptureError> {
         let on_disk = match fs::metadata(&self.path) {
             Ok(m) => (m.dev(), m.ino()),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Some(Discontinuity::DatabaseReplaced)),
-            Err(source) => return Err(CaptureError::Io { path: self.path.clone(), what: "stat the database", source }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Ok(Some(Discontinuity::DatabaseReplaced));
+            }
+            Err(source) => {
+                return Err(CaptureError::Io {
+                    path: self.path.clone(),
+                    what: "stat the database",
+                    source,
+                });
+            }
         };
         let held = self.identity()?;
         Ok((on_disk != held).then_some(Discontinuity::DatabaseReplaced))
     }
 
     fn identity(&self) -> Result<(u64, u64), CaptureError> {
-        let m = self
-            .db_file
-            .metadata()
-            .map_err(|source| CaptureError::Io { path: self.path.clone(), what: "stat the database", source })?;
+        let m = self.db_file.metadata().map_err(|source| CaptureError::Io {
+            path: self.path.clone(),
+            what: "stat the database",
+            source,
+        })?;
         Ok((m.dev(), m.ino()))
     }
 
@@ -601,21 +737,31 @@ impl Capture {
         self.db_file
             .metadata()
             .map(|m| m.len())
-            .map_err(|source| CaptureError::Io { path: self.path.clone(), what: "stat the database", source })
+            .map_err(|source| CaptureError::Io {
+                path: self.path.clone(),
+                what: "stat the database",
+                source,
+            })
     }
 
     fn db_page_size(&self) -> Result<u32, CaptureError> {
         let size: i64 = self
             .conn
             .query_row("PRAGMA page_size", [], |r| r.get(0))
-            .map_err(|source| CaptureError::Sqlite { path: self.path.clone(), source })?;
+            .map_err(|source| CaptureError::Sqlite {
+                path: self.path.clone(),
+                source,
+            })?;
         Ok(size as u32)
     }
 
     fn open_wal(&self) -> Result<File, CaptureError> {
         // The WAL is a separate file: opening and closing it does not touch the locks on the database file.
-        File::open(&self.wal_path)
-            .map_err(|source| CaptureError::Io { path: self.wal_path.clone(), what: "open the WAL", source })
+        File::open(&self.wal_path).map_err(|source| CaptureError::Io {
+            path: self.wal_path.clone(),
+            what: "open the WAL",
+            source,
+        })
     }
 
     fn read_wal_header(&self, wal: &mut File) -> Result<Option<WalHeader>, CaptureError> {
@@ -626,8 +772,13 @@ impl Capture {
     fn file_checksum(&self, page_size: u32) -> Result<Checksum, CaptureError> {
         let mut file = &self.db_file;
         file.seek(SeekFrom::Start(0))
-            .map_err(|source| CaptureError::Io { path: self.path.clone(), what: "read the database", source })?;
-        ltx::checksum_database(io::BufReader::new(file), page_size).map_err(|source| self.ltx_error(source))
+            .map_err(|source| CaptureError::Io {
+                path: self.path.clone(),
+                what: "read the database",
+                source,
+            })?;
+        ltx::checksum_database(io::BufReader::new(file), page_size)
+            .map_err(|source| self.ltx_error(source))
     }
 
     /// Recomputes the page checksums of the image "database file + committed WAL frames".
@@ -666,13 +817,23 @@ impl Capture {
         Ok(())
     }
 
-    fn read_page(&self, wal: &mut File, source: PageSource, pgno: u32, buf: &mut [u8]) -> Result<(), CaptureError> {
+    fn read_page(
+        &self,
+        wal: &mut File,
+        source: PageSource,
+        pgno: u32,
+        buf: &mut [u8],
+    ) -> Result<(), CaptureError> {
         match source {
-            PageSource::Wal(offset) => wal::read_page(wal, offset, buf).map_err(|source| self.wal_error(source)),
+            PageSource::Wal(offset) => {
+                wal::read_page(wal, offset, buf).map_err(|source| self.wal_error(source))
+            }
             PageSource::Db => {
                 let offset = u64::from(pgno - 1) * buf.len() as u64;
                 let mut file = &self.db_file;
-                let read = file.seek(SeekFrom::Start(offset)).and_then(|_| file.read_exact(buf));
+                let read = file
+                    .seek(SeekFrom::Start(offset))
+                    .and_then(|_| file.read_exact(buf));
                 match read {
                     Ok(()) => Ok(()),
                     // A page past the end of the file that the WAL does not hold either reads as zeros,
@@ -681,17 +842,29 @@ impl Capture {
                         buf.fill(0);
                         Ok(())
                     }
-                    Err(source) => Err(CaptureError::Io { path: self.path.clone(), what: "read a database page", source }),
+                    Err(source) => Err(CaptureError::Io {
+                        path: self.path.clone(),
+                        what: "read a database page",
+                        source,
+                    }),
                 }
             }
         }
     }
 
-    fn create_file(&self, txid: u64, header: Header) -> Result<(PathBuf, Encoder<io::BufWriter<File>>), CaptureError> {
+    fn create_file(
+        &self,
+        txid: u64,
+        header: Header,
+    ) -> Result<(PathBuf, Encoder<io::BufWriter<File>>), CaptureError> {
         let tmp = self.local_file(txid).with_extension("ltx.tmp");
-        let file = File::create(&tmp)
-            .map_err(|source| CaptureError::Io { path: tmp.clone(), what: "create a level-0 file", source })?;
-        let enc = Encoder::new(io::BufWriter::new(file), header).map_err(|source| self.ltx_error(source))?;
+        let file = File::create(&tmp).map_err(|source| CaptureError::Io {
+            path: tmp.clone(),
+            what: "create a level-0 file",
+            source,
+        })?;
+        let enc = Encoder::new(io::BufWriter::new(file), header)
+            .map_err(|source| self.ltx_error(source))?;
         Ok((tmp, enc))
     }
 
@@ -704,21 +877,38 @@ impl Capture {
         transactions: u64,
         rebase: Option<Discontinuity>,
     ) -> Result<Captured, CaptureError> {
-        let finished = enc.finish(post_apply).map_err(|source| self.ltx_error(source))?;
+        let finished = enc
+            .finish(post_apply)
+            .map_err(|source| self.ltx_error(source))?;
         let io = |what| {
             let path = tmp.clone();
             move |source| CaptureError::Io { path, what, source }
         };
-        let file = finished.writer.into_inner().map_err(|e| io("flush a level-0 file")(e.into_error()))?;
+        let file = finished
+            .writer
+            .into_inner()
+            .map_err(|e| io("flush a level-0 file")(e.into_error()))?;
         file.sync_all().map_err(io("fsync a level-0 file"))?;
         let path = self.local_file(txid);
         fs::rename(&tmp, &path).map_err(io("rename a level-0 file"))?;
         sync_dir(&self.meta.join("ltx/0")).map_err(io("fsync the level-0 directory"))?;
-        Ok(Captured { txid, path, size: finished.size, pages: finished.page_count, transactions, rebase })
+        Ok(Captured {
+            txid,
+            path,
+            size: finished.size,
+            pages: finished.page_count,
+            transactions,
+            rebase,
+        })
     }
 
     /// Makes `txid` the captured position, durably: the level-0 file is already on disk.
-    fn commit_state(&mut self, txid: u64, checksum: Checksum, timestamp_ms: i64) -> Result<(), CaptureError> {
+    fn commit_state(
+        &mut self,
+        txid: u64,
+        checksum: Checksum,
+        timestamp_ms: i64,
+    ) -> Result<(), CaptureError> {
         self.state.txid = txid;
         self.state.checksum = checksum.0;
         self.state.timestamp_ms = timestamp_ms;
@@ -726,8 +916,11 @@ impl Capture {
             path: self.meta.join("state.json"),
             reason: e.to_string(),
         })?;
-        write_atomic(&self.meta.join("state.json"), &bytes)
-            .map_err(|source| CaptureError::Io { path: self.meta.clone(), what: "save local state", source })
+        write_atomic(&self.meta.join("state.json"), &bytes).map_err(|source| CaptureError::Io {
+            path: self.meta.clone(),
+            what: "save local state",
+            source,
+        })
     }
 
     /// Local level-0 files by TXID.
@@ -736,11 +929,17 @@ impl Capture {
     }
 
     fn wal_error(&self, source: wal::WalError) -> CaptureError {
-        CaptureError::Wal { path: self.wal_path.clone(), source }
+        CaptureError::Wal {
+            path: self.wal_path.clone(),
+            source,
+        }
     }
 
     fn ltx_error(&self, source: ltx::LtxError) -> CaptureError {
-        CaptureError::Ltx { path: self.path.clone(), source }
+        CaptureError::Ltx {
+            path: self.path.clone(),
+            source,
+        }
     }
 }
 
@@ -751,10 +950,20 @@ pub fn list_local_files(meta: &Path) -> Result<Vec<(u64, PathBuf)>, CaptureError
     let entries = match fs::read_dir(&dir) {
         Ok(e) => e,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(files),
-        Err(source) => return Err(CaptureError::Io { path: dir, what: "list level-0 files", source }),
+        Err(source) => {
+            return Err(CaptureError::Io {
+                path: dir,
+                what: "list level-0 files",
+                source,
+            });
+        }
     };
     for entry in entries {
-        let entry = entry.map_err(|source| CaptureError::Io { path: dir.clone(), what: "list level-0 files", source })?;
+        let entry = entry.map_err(|source| CaptureError::Io {
+            path: dir.clone(),
+            what: "list level-0 files",
+            source,
+        })?;
         if let Some(name) = entry.file_name().to_str()
             && let Ok((min, max)) = ltx::parse_filename(name)
             && min == max
@@ -775,7 +984,9 @@ enum PageSource {
 fn open_connection(path: &Path, busy_timeout: Duration) -> rusqlite::Result<Connection> {
     let conn = Connection::open_with_flags(
         path,
-        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_URI,
+        OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX
+            | OpenFlags::SQLITE_OPEN_URI,
     )?;
     conn.busy_timeout(busy_timeout)?;
     Ok(conn)
@@ -799,7 +1010,10 @@ fn persist_wal(conn: &Connection) -> rusqlite::Result<()> {
     if rc == rusqlite::ffi::SQLITE_OK {
         Ok(())
     } else {
-        Err(rusqlite::Error::SqliteFailure(rusqlite::ffi::Error::new(rc), Some("set SQLITE_FCNTL_PERSIST_WAL".into())))
+        Err(rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rc),
+            Some("set SQLITE_FCNTL_PERSIST_WAL".into()),
+        ))
     }
 }
 
@@ -829,5 +1043,7 @@ pub fn sync_dir(dir: &Path) -> io::Result<()> {
 }
 
 fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
 }

@@ -39,7 +39,11 @@ impl Layout {
 
     /// The key of one LTX file.
     pub fn ltx_key(self, level: u8, min_txid: u64, max_txid: u64) -> String {
-        format!("{}{}", self.level_prefix(level), format_filename(min_txid, max_txid))
+        format!(
+            "{}{}",
+            self.level_prefix(level),
+            format_filename(min_txid, max_txid)
+        )
     }
 
     /// Parses a key below a level prefix back into its TXID range; `None` for anything that is not an LTX file.
@@ -66,16 +70,37 @@ mod tests {
 
     #[test]
     fn keys_match_litestream() {
-        assert_eq!(Layout::File.ltx_key(0, 1, 5), "ltx/0/0000000000000001-0000000000000005.ltx");
-        assert_eq!(Layout::File.ltx_key(9, 1, 255), "ltx/9/0000000000000001-00000000000000ff.ltx");
-        assert_eq!(Layout::S3.ltx_key(9, 1, 255), "0009/0000000000000001-00000000000000ff.ltx");
-        assert_eq!(Layout::S3.ltx_key(1, 16, 16), "0001/0000000000000010-0000000000000010.ltx");
+        assert_eq!(
+            Layout::File.ltx_key(0, 1, 5),
+            "ltx/0/0000000000000001-0000000000000005.ltx"
+        );
+        assert_eq!(
+            Layout::File.ltx_key(9, 1, 255),
+            "ltx/9/0000000000000001-00000000000000ff.ltx"
+        );
+        assert_eq!(
+            Layout::S3.ltx_key(9, 1, 255),
+            "0009/0000000000000001-00000000000000ff.ltx"
+        );
+        assert_eq!(
+            Layout::S3.ltx_key(1, 16, 16),
+            "0001/0000000000000010-0000000000000010.ltx"
+        );
     }
 
     #[test]
     fn parses_keys_of_its_own_level_only() {
-        assert_eq!(Layout::S3.parse_key(0, "0000/0000000000000001-0000000000000002.ltx"), Some((1, 2)));
-        assert_eq!(Layout::S3.parse_key(1, "0000/0000000000000001-0000000000000002.ltx"), None);
-        assert_eq!(Layout::File.parse_key(0, "ltx/0/0000000000000001-0000000000000002.ltx.tmp"), None);
+        assert_eq!(
+            Layout::S3.parse_key(0, "0000/0000000000000001-0000000000000002.ltx"),
+            Some((1, 2))
+        );
+        assert_eq!(
+            Layout::S3.parse_key(1, "0000/0000000000000001-0000000000000002.ltx"),
+            None
+        );
+        assert_eq!(
+            Layout::File.parse_key(0, "ltx/0/0000000000000001-0000000000000002.ltx.tmp"),
+            None
+        );
     }
 }

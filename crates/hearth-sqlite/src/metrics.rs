@@ -71,27 +71,67 @@ impl Metrics {
             "Unix time of the last successful upload to the replica",
             m.last_upload_timestamp_seconds.clone(),
         );
-        r.register("uploaded_txid", "Highest TXID uploaded to the replica", m.uploaded_txid.clone());
-        r.register("captured_txid", "Highest TXID captured from the WAL", m.captured_txid.clone());
-        r.register("wal_bytes", "Size of the database's WAL file", m.wal_bytes.clone());
-        r.register("checkpoints", "Checkpoints run by hearth, by result", m.checkpoints.clone());
-        r.register("rebases", "Full images written because continuity was lost, by reason", m.rebases.clone());
-        r.register("errors", "Errors by stage (capture, checkpoint, upload, maintenance)", m.errors.clone());
-        r.register("store_requests", "Object-store requests by operation", m.store_requests.clone());
-        r.register("store_bytes", "Object-store bytes by direction (put = sent, get = received)", m.store_bytes.clone());
+        r.register(
+            "uploaded_txid",
+            "Highest TXID uploaded to the replica",
+            m.uploaded_txid.clone(),
+        );
+        r.register(
+            "captured_txid",
+            "Highest TXID captured from the WAL",
+            m.captured_txid.clone(),
+        );
+        r.register(
+            "wal_bytes",
+            "Size of the database's WAL file",
+            m.wal_bytes.clone(),
+        );
+        r.register(
+            "checkpoints",
+            "Checkpoints run by hearth, by result",
+            m.checkpoints.clone(),
+        );
+        r.register(
+            "rebases",
+            "Full images written because continuity was lost, by reason",
+            m.rebases.clone(),
+        );
+        r.register(
+            "errors",
+            "Errors by stage (capture, checkpoint, upload, maintenance)",
+            m.errors.clone(),
+        );
+        r.register(
+            "store_requests",
+            "Object-store requests by operation",
+            m.store_requests.clone(),
+        );
+        r.register(
+            "store_bytes",
+            "Object-store bytes by direction (put = sent, get = received)",
+            m.store_bytes.clone(),
+        );
         m
     }
 
     pub(crate) fn db(db: &std::path::Path) -> DbLabels {
-        DbLabels { db: db.display().to_string() }
+        DbLabels {
+            db: db.display().to_string(),
+        }
     }
 
     pub(crate) fn replica(db: &std::path::Path, replica: &str) -> ReplicaLabels {
-        ReplicaLabels { db: db.display().to_string(), replica: replica.to_string() }
+        ReplicaLabels {
+            db: db.display().to_string(),
+            replica: replica.to_string(),
+        }
     }
 
     pub(crate) fn reason(db: &std::path::Path, reason: &str) -> ReasonLabels {
-        ReasonLabels { db: db.display().to_string(), reason: reason.to_string() }
+        ReasonLabels {
+            db: db.display().to_string(),
+            reason: reason.to_string(),
+        }
     }
 
     /// Adds the growth of a store's counters since `before` to the request and byte counters.
@@ -102,7 +142,11 @@ impl Metrics {
         before: &hearth_store::StoreStats,
         now: &hearth_store::StoreStats,
     ) {
-        let label = |op: &str| OpLabels { db: db.display().to_string(), replica: replica.to_string(), op: op.to_string() };
+        let label = |op: &str| OpLabels {
+            db: db.display().to_string(),
+            replica: replica.to_string(),
+            op: op.to_string(),
+        };
         let pairs = [
             ("put", now.puts.saturating_sub(before.puts)),
             ("get", now.gets.saturating_sub(before.gets)),
@@ -121,7 +165,9 @@ impl Metrics {
             self.store_bytes.get_or_create(&label("put")).inc_by(sent);
         }
         if received > 0 {
-            self.store_bytes.get_or_create(&label("get")).inc_by(received);
+            self.store_bytes
+                .get_or_create(&label("get"))
+                .inc_by(received);
         }
     }
 }

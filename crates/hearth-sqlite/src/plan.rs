@@ -25,13 +25,19 @@ pub enum PlanError {
     #[error("the replica holds no LTX files")]
     Empty,
     /// The replica holds files, but none at or before the target.
-    #[error("the replica holds no transaction at or before the requested point (its first file starts at TXID {first:#x})")]
+    #[error(
+        "the replica holds no transaction at or before the requested point (its first file starts at TXID {first:#x})"
+    )]
     NotAvailable { first: u64 },
     /// The chain of files does not start at a full snapshot or at TXID 1.
-    #[error("the replica has no snapshot to start from: its earliest file starts at TXID {first:#x}, not 1")]
+    #[error(
+        "the replica has no snapshot to start from: its earliest file starts at TXID {first:#x}, not 1"
+    )]
     NoStart { first: u64 },
     /// There is a hole in the chain of files.
-    #[error("the replica's files are not contiguous: they reach TXID {have:#x}, but the next file starts at TXID {next:#x}")]
+    #[error(
+        "the replica's files are not contiguous: they reach TXID {have:#x}, but the next file starts at TXID {next:#x}"
+    )]
     Gap { have: u64, next: u64 },
     /// A TXID target beyond what the replica holds.
     #[error("the replica reaches TXID {have:#x}, not the requested TXID {want:#x}")]
@@ -45,7 +51,11 @@ pub enum PlanError {
 /// higher levels on ties so that fewer, larger files are read. Unlike Litestream it also refuses a gap
 /// before a timestamp or TXID target, never only at the end.
 pub fn restore_plan(files: &[FileInfo], target: Target) -> Result<Vec<FileInfo>, PlanError> {
-    let first = files.iter().map(|f| f.min_txid).min().ok_or(PlanError::Empty)?;
+    let first = files
+        .iter()
+        .map(|f| f.min_txid)
+        .min()
+        .ok_or(PlanError::Empty)?;
     let eligible = |f: &FileInfo| match target {
         Target::Latest => true,
         Target::Txid(txid) => f.max_txid <= txid,
@@ -68,7 +78,12 @@ pub fn restore_plan(files: &[FileInfo], target: Target) -> Result<Vec<FileInfo>,
             .filter(|f| f.min_txid <= reached + 1 && f.max_txid > reached)
             // A file that starts before `reached + 1` overlaps pages we already have; that is fine because
             // LTX files carry whole pages and later versions win, but it must not start before TXID 1's chain.
-            .max_by(|a, b| a.max_txid.cmp(&b.max_txid).then(b.min_txid.cmp(&a.min_txid)).then(a.level.cmp(&b.level)));
+            .max_by(|a, b| {
+                a.max_txid
+                    .cmp(&b.max_txid)
+                    .then(b.min_txid.cmp(&a.min_txid))
+                    .then(a.level.cmp(&b.level))
+            });
         match next {
             Some(f) => {
                 reached = f.max_txid;
@@ -79,14 +94,16 @@ pub fn restore_plan(files: &[FileInfo], target: Target) -> Result<Vec<FileInfo>,
     }
 
     if plan.is_empty() {
-        return Err(if files.iter().any(|f| eligible(f)) {
+        return Err(if files.iter().any(&eligible) {
             PlanError::NoStart { first }
         } else {
             PlanError::NotAvailable { first }
         });
     }
     if plan[0].min_txid != 1 {
-        return Err(PlanError::NoStart { first: plan[0].min_txid });
+        return Err(PlanError::NoStart {
+            first: plan[0].min_txid,
+        });
     }
     // Any eligible file that starts beyond what the chain reached means a hole in the replica.
     if let Some(next) = files
@@ -95,12 +112,18 @@ pub fn restore_plan(files: &[FileInfo], target: Target) -> Result<Vec<FileInfo>,
         .map(|f| f.min_txid)
         .min()
     {
-        return Err(PlanError::Gap { have: reached, next });
+        return Err(PlanError::Gap {
+            have: reached,
+            next,
+        });
     }
     if let Target::Txid(want) = target
         && reached < want
     {
-        return Err(PlanError::TxidBeyondEnd { have: reached, want });
+        return Err(PlanError::TxidBeyondEnd {
+            have: reached,
+            want,
+        });
     }
     Ok(plan)
 }
@@ -120,7 +143,11 @@ pub struct CompactionPolicy {
 impl Default for CompactionPolicy {
     fn default() -> Self {
         CompactionPolicy {
-            levels: vec![Duration::from_secs(30), Duration::from_secs(300), Duration::from_secs(3600)],
+            levels: vec![
+                Duration::from_secs(30),
+                Duration::from_secs(300),
+                Duration::from_secs(3600),
+            ],
             snapshot_interval: Duration::from_secs(24 * 3600),
             snapshot_retention: Duration::from_secs(24 * 3600),
             l0_retention: Duration::from_secs(300),
@@ -133,7 +160,12 @@ impl Default for CompactionPolicy {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Maintenance {
     /// Merge `inputs` (contiguous, in order) into one file at `level` covering `min_txid..=max_txid`.
-    Compact { level: u8, inputs: Vec<FileInfo>, min_txid: u64, max_txid: u64 },
+    Compact {
+        level: u8,
+        inputs: Vec<FileInfo>,
+        min_txid: u64,
+        max_txid: u64,
+    },
     /// Delete files that no restore within the retention window needs.
     Delete { files: Vec<FileInfo> },
 }
@@ -171,7 +203,14 @@ pub fn next_maintenance(
     clock: &CompactionClock,
     now: SystemTime,
 ) -> Option<Maintenance> {
-    let max_at = |level: u8| files.iter().filter(|f| f.level == level).map(|f| f.max_txid).max().unwrap_or(0);
+    let max_at = |level: u8| {
+        files
+            .iter()
+            .filter(|f| f.level == level)
+            .map(|f| f.max_txid)
+            .max()
+            .unwrap_or(0)
+    };
     let top = files.iter().map(|f| f.max_txid).max().unwrap_or(0);
 
     for (i, interval) in policy.levels.iter().enumerate() {
@@ -188,7 +227,11 @@ pub fn next_maintenance(
         inputs.sort_by_key(|f| f.min_txid);
         // Only a contiguous run that continues this level's chain can be merged.
         let mut run = Vec::new();
-        let mut reached = if covered == 0 { inputs.first().map_or(0, |f| f.min_txid - 1) } else { covered };
+        let mut reached = if covered == 0 {
+            inputs.first().map_or(0, |f| f.min_txid - 1)
+        } else {
+            covered
+        };
         for f in inputs {
             if f.min_txid > reached + 1 {
                 break;
@@ -200,21 +243,36 @@ pub fn next_maintenance(
         }
         if let (Some(first), Some(last)) = (run.first(), run.last()) {
             let (min_txid, max_txid) = (first.min_txid, last.max_txid);
-            return Some(Maintenance::Compact { level, inputs: run, min_txid, max_txid });
+            return Some(Maintenance::Compact {
+                level,
+                inputs: run,
+                min_txid,
+                max_txid,
+            });
         }
     }
 
-    let newest_snapshot = files.iter().filter(|f| f.level == SNAPSHOT_LEVEL).max_by_key(|f| f.max_txid);
+    let newest_snapshot = files
+        .iter()
+        .filter(|f| f.level == SNAPSHOT_LEVEL)
+        .max_by_key(|f| f.max_txid);
     let snapshot_due = match newest_snapshot {
         None => top > 0 && clock.due(SNAPSHOT_LEVEL, policy.snapshot_interval, now),
         Some(s) => {
             s.max_txid < top
-                && now.duration_since(s.timestamp).map_or(false, |d| d >= policy.snapshot_interval)
+                && now
+                    .duration_since(s.timestamp)
+                    .is_ok_and(|d| d >= policy.snapshot_interval)
                 && clock.due(SNAPSHOT_LEVEL, policy.snapshot_interval, now)
         }
     };
     if snapshot_due && let Ok(inputs) = restore_plan(files, Target::Latest) {
-        return Some(Maintenance::Compact { level: SNAPSHOT_LEVEL, inputs, min_txid: 1, max_txid: top });
+        return Some(Maintenance::Compact {
+            level: SNAPSHOT_LEVEL,
+            inputs,
+            min_txid: 1,
+            max_txid: top,
+        });
     }
 
     if policy.retention_enabled {
@@ -234,7 +292,8 @@ pub fn retention(files: &[FileInfo], policy: &CompactionPolicy, now: SystemTime)
     };
     let needed = |f: &FileInfo| latest.iter().any(|p| p == f);
     let age = |f: &FileInfo| now.duration_since(f.timestamp).unwrap_or_default();
-    let mut snapshots: Vec<&FileInfo> = files.iter().filter(|f| f.level == SNAPSHOT_LEVEL).collect();
+    let mut snapshots: Vec<&FileInfo> =
+        files.iter().filter(|f| f.level == SNAPSHOT_LEVEL).collect();
     snapshots.sort_by_key(|f| f.max_txid);
     // The oldest snapshot still inside the retention window; everything a restore from it needs stays.
     let oldest_kept = snapshots
@@ -243,7 +302,12 @@ pub fn retention(files: &[FileInfo], policy: &CompactionPolicy, now: SystemTime)
         .or(snapshots.last())
         .map(|s| s.max_txid);
 
-    let level1_max = files.iter().filter(|f| f.level == 1).map(|f| f.max_txid).max().unwrap_or(0);
+    let level1_max = files
+        .iter()
+        .filter(|f| f.level == 1)
+        .map(|f| f.max_txid)
+        .max()
+        .unwrap_or(0);
     files
         .iter()
         .filter(|f| !needed(f))
@@ -269,20 +333,43 @@ mod tests {
     }
 
     fn f(level: u8, min: u64, max: u64, secs: u64) -> FileInfo {
-        FileInfo { level, min_txid: min, max_txid: max, size: 100, timestamp: at(secs) }
+        FileInfo {
+            level,
+            min_txid: min,
+            max_txid: max,
+            size: 100,
+            timestamp: at(secs),
+        }
     }
 
     fn ranges(plan: &[FileInfo]) -> Vec<(u8, u64, u64)> {
-        plan.iter().map(|f| (f.level, f.min_txid, f.max_txid)).collect()
+        plan.iter()
+            .map(|f| (f.level, f.min_txid, f.max_txid))
+            .collect()
     }
 
     #[test]
     fn restore_plans() {
         let l0 = |n: u64| f(0, n, n, n);
-        type Case = (&'static str, Vec<FileInfo>, Target, Result<Vec<(u8, u64, u64)>, PlanError>);
+        type Case = (
+            &'static str,
+            Vec<FileInfo>,
+            Target,
+            Result<Vec<(u8, u64, u64)>, PlanError>,
+        );
         let cases: Vec<Case> = vec![
-            ("empty replica", vec![], Target::Latest, Err(PlanError::Empty)),
-            ("level 0 chain", vec![l0(1), l0(2), l0(3)], Target::Latest, Ok(vec![(0, 1, 1), (0, 2, 2), (0, 3, 3)])),
+            (
+                "empty replica",
+                vec![],
+                Target::Latest,
+                Err(PlanError::Empty),
+            ),
+            (
+                "level 0 chain",
+                vec![l0(1), l0(2), l0(3)],
+                Target::Latest,
+                Ok(vec![(0, 1, 1), (0, 2, 2), (0, 3, 3)]),
+            ),
             (
                 "prefers the compacted file",
                 vec![l0(1), l0(2), l0(3), f(1, 1, 3, 3), l0(4)],
@@ -301,9 +388,24 @@ mod tests {
                 Target::Txid(2),
                 Ok(vec![(0, 1, 1), (0, 2, 2)]),
             ),
-            ("gap", vec![l0(1), l0(2), l0(4)], Target::Latest, Err(PlanError::Gap { have: 2, next: 4 })),
-            ("no start", vec![l0(2), l0(3)], Target::Latest, Err(PlanError::NoStart { first: 2 })),
-            ("timestamp", vec![l0(1), l0(2), l0(3)], Target::Timestamp(at(2)), Ok(vec![(0, 1, 1), (0, 2, 2)])),
+            (
+                "gap",
+                vec![l0(1), l0(2), l0(4)],
+                Target::Latest,
+                Err(PlanError::Gap { have: 2, next: 4 }),
+            ),
+            (
+                "no start",
+                vec![l0(2), l0(3)],
+                Target::Latest,
+                Err(PlanError::NoStart { first: 2 }),
+            ),
+            (
+                "timestamp",
+                vec![l0(1), l0(2), l0(3)],
+                Target::Timestamp(at(2)),
+                Ok(vec![(0, 1, 1), (0, 2, 2)]),
+            ),
             (
                 "timestamp before everything",
                 vec![l0(5), l0(6)],
@@ -335,7 +437,18 @@ mod tests {
         let files = vec![f(0, 1, 1, 1), f(0, 2, 2, 2), f(0, 3, 3, 3)];
         let mut clock = CompactionClock::default();
         let m = next_maintenance(&files, &policy, &clock, at(10)).unwrap();
-        assert!(matches!(m, Maintenance::Compact { level: 1, min_txid: 1, max_txid: 3, .. }), "{m:?}");
+        assert!(
+            matches!(
+                m,
+                Maintenance::Compact {
+                    level: 1,
+                    min_txid: 1,
+                    max_txid: 3,
+                    ..
+                }
+            ),
+            "{m:?}"
+        );
 
         // Once level 1 covers level 0 and was just compacted, and snapshots were just taken, nothing is due.
         let mut after = files.clone();
@@ -348,14 +461,42 @@ mod tests {
 
         // Level 2 gets its turn when its interval has passed.
         let m = next_maintenance(&after, &policy, &clock, at(10 + 300)).unwrap();
-        assert!(matches!(m, Maintenance::Compact { level: 2, min_txid: 1, max_txid: 3, .. }), "{m:?}");
+        assert!(
+            matches!(
+                m,
+                Maintenance::Compact {
+                    level: 2,
+                    min_txid: 1,
+                    max_txid: 3,
+                    ..
+                }
+            ),
+            "{m:?}"
+        );
     }
 
     #[test]
     fn compaction_stops_at_a_gap() {
         let files = vec![f(1, 1, 3, 3), f(0, 4, 4, 4), f(0, 6, 6, 6)];
-        let m = next_maintenance(&files, &CompactionPolicy::default(), &CompactionClock::default(), at(10)).unwrap();
-        assert!(matches!(m, Maintenance::Compact { level: 1, min_txid: 4, max_txid: 4, .. }), "{m:?}");
+        let m = next_maintenance(
+            &files,
+            &CompactionPolicy::default(),
+            &CompactionClock::default(),
+            at(10),
+        )
+        .unwrap();
+        assert!(
+            matches!(
+                m,
+                Maintenance::Compact {
+                    level: 1,
+                    min_txid: 4,
+                    max_txid: 4,
+                    ..
+                }
+            ),
+            "{m:?}"
+        );
     }
 
     #[test]
@@ -367,7 +508,12 @@ mod tests {
         let files = vec![f(0, 1, 1, 1), f(0, 2, 2, 2)];
         let m = next_maintenance(&files, &CompactionPolicy::default(), &clock, at(5)).unwrap();
         match m {
-            Maintenance::Compact { level, inputs, min_txid, max_txid } => {
+            Maintenance::Compact {
+                level,
+                inputs,
+                min_txid,
+                max_txid,
+            } => {
                 assert_eq!((level, min_txid, max_txid), (SNAPSHOT_LEVEL, 1, 2));
                 assert_eq!(inputs.len(), 2);
             }
@@ -391,7 +537,10 @@ mod tests {
         let deleted = ranges(&retention(&files, &policy, at(2 * day + 100)));
         // The old snapshot and the files it alone needed go; the newest snapshot, the level-0 file that a
         // level-1 file covers for longer than the L0 retention goes; the newest level-0 file stays.
-        assert_eq!(deleted, vec![(9, 1, 10), (1, 1, 10), (1, 11, 20), (0, 21, 21)]);
+        assert_eq!(
+            deleted,
+            vec![(9, 1, 10), (1, 1, 10), (1, 11, 20), (0, 21, 21)]
+        );
 
         // A replica with a gap is never pruned.
         let broken = vec![f(0, 1, 1, 1), f(0, 3, 3, 3), f(1, 1, 1, 1)];

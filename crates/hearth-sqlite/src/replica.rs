@@ -25,7 +25,11 @@ pub enum ReplicaError {
     #[error("replica {replica}: {source}")]
     Store { replica: String, source: StoreError },
     #[error("replica {replica}: LTX file {key} is damaged: {source}")]
-    Ltx { replica: String, key: String, source: ltx::LtxError },
+    Ltx {
+        replica: String,
+        key: String,
+        source: ltx::LtxError,
+    },
     #[error(
         "replica {replica} is being written by another replicator ({holder}); two writers on one replica path \
          make it unrestorable. Stop the other one, or give this database another replica path"
@@ -36,9 +40,17 @@ pub enum ReplicaError {
          history with it. Replicating would put this database's contents on top of the replica's history. \
          Restore from the replica first (`hearth sqlite restore`), or pass --force to start a new image on top"
     )]
-    NotEmpty { replica: String, files: usize, max_txid: u64 },
+    NotEmpty {
+        replica: String,
+        files: usize,
+        max_txid: u64,
+    },
     #[error("replica {replica}: {what}: {source}")]
-    Io { replica: String, what: &'static str, source: std::io::Error },
+    Io {
+        replica: String,
+        what: &'static str,
+        source: std::io::Error,
+    },
 }
 
 impl ReplicaError {
@@ -98,7 +110,10 @@ impl Replica {
         meta: &Path,
         policy: CompactionPolicy,
     ) -> Result<Replica, ReplicaError> {
-        let store = Store::open(location).map_err(|source| ReplicaError::Store { replica: name.to_string(), source })?;
+        let store = Store::open(location).map_err(|source| ReplicaError::Store {
+            replica: name.to_string(),
+            source,
+        })?;
         let layout = Layout::for_location(location);
         let mut replica = Replica {
             name: name.to_string(),
@@ -115,7 +130,9 @@ impl Replica {
             conditional: None,
             last_upload: None,
         };
-        replica.files = list_files(&replica.store, layout).await.map_err(|e| replica.store_error(e))?;
+        replica.files = list_files(&replica.store, layout)
+            .await
+            .map_err(|e| replica.store_error(e))?;
         replica.uploaded = std::fs::read(&replica.pos_path)
             .ok()
             .and_then(|b| serde_json::from_slice::<ReplicaPosition>(&b).ok())
@@ -159,7 +176,11 @@ impl Replica {
     pub fn check_fresh_start(&self, local_txid: u64) -> Result<(), ReplicaError> {
         let max_txid = self.max_txid();
         if local_txid == 0 && max_txid > 0 {
-            return Err(ReplicaError::NotEmpty { replica: self.name.clone(), files: self.files.len(), max_txid });
+            return Err(ReplicaError::NotEmpty {
+                replica: self.name.clone(),
+                files: self.files.len(),
+                max_txid,
+            });
         }
         Ok(())
     }
@@ -172,7 +193,11 @@ impl Replica {
         }
         let key = format!("{HEARTH_PREFIX}/lease.json");
         if self.conditional.is_none() {
-            let probe = self.store.probe_conditional_writes().await.map_err(|e| self.store_error(e))?;
+            let probe = self
+                .store
+                .probe_conditional_writes()
+                .await
+                .map_err(|e| self.store_error(e))?;
             if !probe {
                 tracing::warn!(
                     replica = %self.name,
@@ -194,7 +219,10 @@ impl Replica {
         {
             return Err(ReplicaError::LeaseHeld {
                 replica: self.name.clone(),
-                holder: format!("{} pid {} until {} ms", lease.hostname, lease.pid, lease.expires_ms),
+                holder: format!(
+                    "{} pid {} until {} ms",
+                    lease.hostname, lease.pid, lease.expires_ms
+                ),
             });
         }
         let expires = now + LEASE_TTL;
@@ -208,13 +236,26 @@ impl Replica {
         let body = Bytes::from(serde_json::to_vec(&lease).unwrap_or_default());
         let conditional = self.conditional == Some(true);
         let head = if conditional && current.is_some() {
-            Some(self.store.head(&key).await.map_err(|e| self.store_error(e))?)
+            Some(
+                self.store
+                    .head(&key)
+                    .await
+                    .map_err(|e| self.store_error(e))?,
+            )
         } else {
             None
         };
         let outcome = match (conditional, head.as_ref().and_then(|h| h.etag.clone())) {
-            (true, Some(etag)) => self.store.put_if_match(&key, &etag, body, PutOptions::default()).await,
-            (true, None) => self.store.put_if_absent(&key, body, PutOptions::default()).await,
+            (true, Some(etag)) => {
+                self.store
+                    .put_if_match(&key, &etag, body, PutOptions::default())
+                    .await
+            }
+            (true, None) => {
+                self.store
+                    .put_if_absent(&key, body, PutOptions::default())
+                    .await
+            }
             (false, _) => self.store.put(&key, body, PutOptions::default()).await,
         }
         .map_err(|e| self.store_error(e))?;
@@ -232,7 +273,11 @@ impl Replica {
         }
         if !conditional {
             // Without conditional writes, read the lease back: a second writer that wrote after us shows here.
-            let back = self.store.get(&key).await.map_err(|e| self.store_error(e))?;
+            let back = self
+                .store
+                .get(&key)
+                .await
+                .map_err(|e| self.store_error(e))?;
             let back: Option<Lease> = serde_json::from_slice(&back).ok();
             if let Some(other) = back.filter(|l| l.holder != self.holder) {
                 return Err(ReplicaError::LeaseHeld {
@@ -257,7 +302,11 @@ impl Replica {
     }
 
     /// Uploads local level-0 files after the replica's position, up to `upto`, one object each.
-    pub async fn upload(&mut self, local: &[(u64, PathBuf)], upto: u64) -> Result<usize, ReplicaError> {
+    pub async fn upload(
+        &mut self,
+        local: &[(u64, PathBuf)],
+        upto: u64,
+    ) -> Result<usize, ReplicaError> {
         let mut count = 0;
         for (txid, path) in local {
             if *txid <= self.uploaded || *txid > upto {
@@ -266,7 +315,11 @@ impl Replica {
             self.ensure_lease().await?;
             let data = tokio::fs::read(path)
                 .await
-                .map_err(|source| ReplicaError::Io { replica: self.name.clone(), what: "read a level-0 file", source })?;
+                .map_err(|source| ReplicaError::Io {
+                    replica: self.name.clone(),
+                    what: "read a level-0 file",
+                    source,
+                })?;
             let header = ltx::peek_header(&data).map_err(|source| ReplicaError::Ltx {
                 replica: self.name.clone(),
                 key: path.display().to_string(),
@@ -276,10 +329,22 @@ impl Replica {
             let key = self.layout.ltx_key(0, *txid, *txid);
             let size = data.len() as u64;
             self.store
-                .put(&key, Bytes::from(data), PutOptions { timestamp: Some(timestamp) })
+                .put(
+                    &key,
+                    Bytes::from(data),
+                    PutOptions {
+                        timestamp: Some(timestamp),
+                    },
+                )
                 .await
                 .map_err(|e| self.store_error(e))?;
-            self.files.push(FileInfo { level: 0, min_txid: *txid, max_txid: *txid, size, timestamp });
+            self.files.push(FileInfo {
+                level: 0,
+                min_txid: *txid,
+                max_txid: *txid,
+                size,
+                timestamp,
+            });
             self.uploaded = *txid;
             self.last_upload = Some(SystemTime::now());
             count += 1;
@@ -296,7 +361,12 @@ impl Replica {
         while let Some(step) = plan::next_maintenance(&self.files, &self.policy, &self.clock, now) {
             self.ensure_lease().await?;
             match &step {
-                Maintenance::Compact { level, inputs, min_txid, max_txid } => {
+                Maintenance::Compact {
+                    level,
+                    inputs,
+                    min_txid,
+                    max_txid,
+                } => {
                     self.compact(*level, inputs, *min_txid, *max_txid).await?;
                     self.clock.mark(*level, now);
                 }
@@ -320,50 +390,90 @@ impl Replica {
         Ok(done)
     }
 
-    async fn compact(&mut self, level: u8, inputs: &[FileInfo], min_txid: u64, max_txid: u64) -> Result<(), ReplicaError> {
+    async fn compact(
+        &mut self,
+        level: u8,
+        inputs: &[FileInfo],
+        min_txid: u64,
+        max_txid: u64,
+    ) -> Result<(), ReplicaError> {
         // Inputs are read whole into memory: level 1-3 files hold a few minutes of changes. Snapshots hold the
         // whole database; streaming them is future work (see ARCHITECTURE.md).
         let mut blobs = Vec::with_capacity(inputs.len());
         for f in inputs {
             let key = self.layout.ltx_key(f.level, f.min_txid, f.max_txid);
-            blobs.push((key.clone(), self.store.get(&key).await.map_err(|e| self.store_error(e))?));
+            blobs.push((
+                key.clone(),
+                self.store
+                    .get(&key)
+                    .await
+                    .map_err(|e| self.store_error(e))?,
+            ));
         }
         let mut decoders = Vec::with_capacity(blobs.len());
         for (key, blob) in &blobs {
-            decoders.push(Decoder::new(Cursor::new(blob.clone())).map_err(|source| ReplicaError::Ltx {
-                replica: self.name.clone(),
-                key: key.clone(),
-                source,
+            decoders.push(Decoder::new(Cursor::new(blob.clone())).map_err(|source| {
+                ReplicaError::Ltx {
+                    replica: self.name.clone(),
+                    key: key.clone(),
+                    source,
+                }
             })?);
         }
         let out_key = self.layout.ltx_key(level, min_txid, max_txid);
-        let finished = ltx::compact(decoders, Vec::new(), CompactOptions::default()).map_err(|source| ReplicaError::Ltx {
-            replica: self.name.clone(),
-            key: out_key.clone(),
-            source,
-        })?;
-        let timestamp = UNIX_EPOCH + Duration::from_millis(finished.header.timestamp_ms.max(0) as u64);
+        let finished =
+            ltx::compact(decoders, Vec::new(), CompactOptions::default()).map_err(|source| {
+                ReplicaError::Ltx {
+                    replica: self.name.clone(),
+                    key: out_key.clone(),
+                    source,
+                }
+            })?;
+        let timestamp =
+            UNIX_EPOCH + Duration::from_millis(finished.header.timestamp_ms.max(0) as u64);
         let size = finished.size;
         self.store
-            .put(&out_key, Bytes::from(finished.writer), PutOptions { timestamp: Some(timestamp) })
+            .put(
+                &out_key,
+                Bytes::from(finished.writer),
+                PutOptions {
+                    timestamp: Some(timestamp),
+                },
+            )
             .await
             .map_err(|e| self.store_error(e))?;
-        self.files.push(FileInfo { level, min_txid, max_txid, size, timestamp });
+        self.files.push(FileInfo {
+            level,
+            min_txid,
+            max_txid,
+            size,
+            timestamp,
+        });
         Ok(())
     }
 
     fn save_position(&self) -> Result<(), ReplicaError> {
-        let io = |source| ReplicaError::Io { replica: self.name.clone(), what: "save the replica position", source };
+        let io = |source| ReplicaError::Io {
+            replica: self.name.clone(),
+            what: "save the replica position",
+            source,
+        };
         if let Some(dir) = self.pos_path.parent() {
             std::fs::create_dir_all(dir).map_err(io)?;
         }
-        let position = ReplicaPosition { txid: self.uploaded, uploaded_at_ms: self.last_upload.map(ms) };
+        let position = ReplicaPosition {
+            txid: self.uploaded,
+            uploaded_at_ms: self.last_upload.map(ms),
+        };
         let body = serde_json::to_vec(&position).unwrap_or_default();
         write_atomic(&self.pos_path, &body).map_err(io)
     }
 
     fn store_error(&self, source: StoreError) -> ReplicaError {
-        ReplicaError::Store { replica: self.name.clone(), source }
+        ReplicaError::Store {
+            replica: self.name.clone(),
+            source,
+        }
     }
 }
 
@@ -373,7 +483,13 @@ pub async fn list_files(store: &Store, layout: Layout) -> Result<Vec<FileInfo>, 
     for level in 0..=SNAPSHOT_LEVEL {
         for object in store.list(&layout.level_prefix(level)).await? {
             if let Some((min_txid, max_txid)) = layout.parse_key(level, &object.key) {
-                files.push(FileInfo { level, min_txid, max_txid, size: object.size, timestamp: object.timestamp });
+                files.push(FileInfo {
+                    level,
+                    min_txid,
+                    max_txid,
+                    size: object.size,
+                    timestamp: object.timestamp,
+                });
             }
         }
     }
@@ -391,15 +507,25 @@ pub struct ReplicaPosition {
 
 /// Where the position of replica `name` is kept in a meta directory.
 pub fn position_path(meta: &Path, name: &str) -> PathBuf {
-    meta.join("replicas").join(format!("{}.json", sanitize(name)))
+    meta.join("replicas")
+        .join(format!("{}.json", sanitize(name)))
 }
 
 fn sanitize(name: &str) -> String {
-    name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect()
+    name.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
 }
 
 fn ms(t: SystemTime) -> i64 {
-    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
 }
 
 fn random_id() -> String {
@@ -407,11 +533,17 @@ fn random_id() -> String {
     // RandomState is seeded from the OS per process; mixing in time and pid makes ids unique across hosts
     // without another dependency.
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos()));
+    h.write_u128(
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
     h.write_u32(std::process::id());
     format!("{:016x}", h.finish())
 }
 
 fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_default()
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
 }

@@ -73,7 +73,11 @@ pub struct FlushReport {
 impl FlushReport {
     /// Transactions captured but not on every replica when replication stopped.
     pub fn unflushed(&self) -> u64 {
-        self.replicas.iter().map(|(_, t)| self.captured.saturating_sub(*t)).max().unwrap_or(0)
+        self.replicas
+            .iter()
+            .map(|(_, t)| self.captured.saturating_sub(*t))
+            .max()
+            .unwrap_or(0)
     }
 }
 
@@ -118,10 +122,12 @@ pub async fn replicate_db(
             _ = shutdown.changed() => return Ok(FlushReport { db: db.path.clone(), captured: 0, replicas: Vec::new(), rebases: Vec::new() }),
         }
     }
-    let (mut capture, discontinuity) = tokio::task::block_in_place(|| Capture::open(&db.path, db.busy_timeout))?;
+    let (mut capture, discontinuity) =
+        tokio::task::block_in_place(|| Capture::open(&db.path, db.busy_timeout))?;
     let mut replicas = Vec::new();
     for r in &db.replicas {
-        replicas.push(Replica::open(&r.name, &r.location, capture.meta(), opts.policy.clone()).await?);
+        replicas
+            .push(Replica::open(&r.name, &r.location, capture.meta(), opts.policy.clone()).await?);
     }
     let mut rebase = discontinuity.clone();
     if discontinuity == Some(Discontinuity::NoHistory) {
@@ -134,7 +140,11 @@ pub async fn replicate_db(
             }
         }
         // Continue the longest TXID sequence so restores of earlier points keep working.
-        if let Some(top) = replicas.iter().max_by_key(|r| r.max_txid()).filter(|r| r.max_txid() > 0) {
+        if let Some(top) = replicas
+            .iter()
+            .max_by_key(|r| r.max_txid())
+            .filter(|r| r.max_txid() > 0)
+        {
             let checksum = last_post_apply(top).await.unwrap_or(0);
             capture.continue_after(top.max_txid(), checksum);
         }
@@ -177,7 +187,10 @@ pub async fn replicate_db(
             Ok(Some(c)) => {
                 log_captured(&db.path, &c);
                 if let Some(reason) = &c.rebase {
-                    metrics.rebases.get_or_create(&Metrics::reason(&db.path, &reason.to_string())).inc();
+                    metrics
+                        .rebases
+                        .get_or_create(&Metrics::reason(&db.path, &reason.to_string()))
+                        .inc();
                     rebases.push(reason.to_string());
                 }
                 last_change = Instant::now();
@@ -185,17 +198,27 @@ pub async fn replicate_db(
             }
             Ok(None) => {}
             Err(e) if e.is_retryable() => {
-                metrics.errors.get_or_create(&Metrics::reason(&db.path, "capture")).inc();
+                metrics
+                    .errors
+                    .get_or_create(&Metrics::reason(&db.path, "capture"))
+                    .inc();
                 tracing::warn!(db = %db.path.display(), error = %e, "capture failed; retrying");
             }
             Err(e) => return Err(e.into()),
         }
-        metrics.captured_txid.get_or_create(&Metrics::db(&db.path)).set(capture.state().txid as i64);
-        metrics.wal_bytes.get_or_create(&Metrics::db(&db.path)).set(capture.wal_size() as i64);
+        metrics
+            .captured_txid
+            .get_or_create(&Metrics::db(&db.path))
+            .set(capture.state().txid as i64);
+        metrics
+            .wal_bytes
+            .get_or_create(&Metrics::db(&db.path))
+            .set(capture.wal_size() as i64);
 
         let page_size = u64::from(capture.state().page_size.max(512));
         let wal_pages = capture.wal_size() / (page_size + 24);
-        let idle_checkpoint = changed_since_checkpoint && last_change.elapsed() >= db.checkpoint_interval;
+        let idle_checkpoint =
+            changed_since_checkpoint && last_change.elapsed() >= db.checkpoint_interval;
         if wal_pages >= u64::from(db.min_checkpoint_page_count) || idle_checkpoint {
             match tokio::task::block_in_place(|| capture.checkpoint()) {
                 Ok((result, files)) => {
@@ -204,12 +227,18 @@ pub async fn replicate_db(
                     }
                     tracing::debug!(db = %db.path.display(), ?result, "checkpoint");
                     let outcome = if result.busy { "busy" } else { "ok" };
-                    metrics.checkpoints.get_or_create(&Metrics::reason(&db.path, outcome)).inc();
+                    metrics
+                        .checkpoints
+                        .get_or_create(&Metrics::reason(&db.path, outcome))
+                        .inc();
                     changed_since_checkpoint = false;
                     last_checkpoint = Instant::now();
                 }
                 Err(e) => {
-                    metrics.checkpoints.get_or_create(&Metrics::reason(&db.path, "error")).inc();
+                    metrics
+                        .checkpoints
+                        .get_or_create(&Metrics::reason(&db.path, "error"))
+                        .inc();
                     tracing::warn!(db = %db.path.display(), error = %e, "checkpoint failed; will retry");
                 }
             }
@@ -219,7 +248,10 @@ pub async fn replicate_db(
         let local = list_local_files(capture.meta())?;
         let upto = capture.state().txid;
         for (i, r) in replicas.iter_mut().enumerate() {
-            let interval = db.replicas.get(i).map_or(Duration::from_secs(1), |c| c.sync_interval);
+            let interval = db
+                .replicas
+                .get(i)
+                .map_or(Duration::from_secs(1), |c| c.sync_interval);
             if r.uploaded() >= upto || last_upload[i].elapsed() < interval {
                 continue;
             }
@@ -227,7 +259,10 @@ pub async fn replicate_db(
             match r.upload(&local, upto).await {
                 Ok(_) => {}
                 Err(e) if e.is_retryable() => {
-                    metrics.errors.get_or_create(&Metrics::reason(&db.path, "upload")).inc();
+                    metrics
+                        .errors
+                        .get_or_create(&Metrics::reason(&db.path, "upload"))
+                        .inc();
                     tracing::warn!(replica = %r.name, error = %e, "upload failed; retrying");
                 }
                 Err(e) => return Err(e.into()),
@@ -239,7 +274,10 @@ pub async fn replicate_db(
                     }
                 }
                 Err(e) if e.is_retryable() => {
-                    metrics.errors.get_or_create(&Metrics::reason(&db.path, "maintenance")).inc();
+                    metrics
+                        .errors
+                        .get_or_create(&Metrics::reason(&db.path, "maintenance"))
+                        .inc();
                     tracing::warn!(replica = %r.name, error = %e, "maintenance failed; retrying");
                 }
                 Err(e) => return Err(e.into()),
@@ -265,7 +303,9 @@ pub async fn replicate_db(
     match tokio::time::timeout_at(deadline.into(), flush).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => tracing::error!(db = %db.path.display(), error = %e, "final flush failed"),
-        Err(_) => tracing::error!(db = %db.path.display(), budget = ?opts.shutdown_budget, "final flush did not finish within the shutdown budget"),
+        Err(_) => {
+            tracing::error!(db = %db.path.display(), budget = ?opts.shutdown_budget, "final flush did not finish within the shutdown budget")
+        }
     }
     for r in &mut replicas {
         r.release_lease().await;
@@ -273,7 +313,10 @@ pub async fn replicate_db(
     let report = FlushReport {
         db: db.path.clone(),
         captured: capture.state().txid,
-        replicas: replicas.iter().map(|r| (r.name.clone(), r.uploaded())).collect(),
+        replicas: replicas
+            .iter()
+            .map(|r| (r.name.clone(), r.uploaded()))
+            .collect(),
         rebases,
     };
     if report.unflushed() > 0 {
@@ -284,10 +327,22 @@ pub async fn replicate_db(
 
 /// The post-apply checksum that the newest file on a replica declares (hearth-written files only).
 async fn last_post_apply(replica: &Replica) -> Option<u64> {
-    let newest = replica.files().iter().max_by_key(|f| (f.max_txid, f.level))?;
-    let key = replica.layout().ltx_key(newest.level, newest.min_txid, newest.max_txid);
-    let head = replica.store().get_range(&key, 0..(crate::ltx::HEADER_SIZE as u64)).await.ok()?;
-    crate::ltx::peek_header(&head).ok()?.hearth.map(|h| h.post_apply.0)
+    let newest = replica
+        .files()
+        .iter()
+        .max_by_key(|f| (f.max_txid, f.level))?;
+    let key = replica
+        .layout()
+        .ltx_key(newest.level, newest.min_txid, newest.max_txid);
+    let head = replica
+        .store()
+        .get_range(&key, 0..(crate::ltx::HEADER_SIZE as u64))
+        .await
+        .ok()?;
+    crate::ltx::peek_header(&head)
+        .ok()?
+        .hearth
+        .map(|h| h.post_apply.0)
 }
 
 /// Updates the per-replica metrics: uploaded TXID, last upload, lag and store requests.
@@ -302,16 +357,27 @@ fn report_replicas(
     let now = SystemTime::now();
     for (r, before) in replicas.iter().zip(store_stats.iter_mut()) {
         let labels = Metrics::replica(db, &r.name);
-        metrics.uploaded_txid.get_or_create(&labels).set(r.uploaded() as i64);
+        metrics
+            .uploaded_txid
+            .get_or_create(&labels)
+            .set(r.uploaded() as i64);
         if let Some(t) = r.last_upload {
-            let secs = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs_f64();
-            metrics.last_upload_timestamp_seconds.get_or_create(&labels).set(secs);
+            let secs = t
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs_f64();
+            metrics
+                .last_upload_timestamp_seconds
+                .get_or_create(&labels)
+                .set(secs);
         }
         let waiting_since = (r.uploaded() < captured)
             .then(|| local.iter().find(|(t, _)| *t > r.uploaded()))
             .flatten()
             .and_then(|(_, p)| std::fs::metadata(p).ok()?.modified().ok());
-        let lag = waiting_since.map_or(0.0, |t| now.duration_since(t).unwrap_or_default().as_secs_f64());
+        let lag = waiting_since.map_or(0.0, |t| {
+            now.duration_since(t).unwrap_or_default().as_secs_f64()
+        });
         metrics.lag_seconds.get_or_create(&labels).set(lag);
         let stats = r.store().stats();
         metrics.add_store_stats(db, &r.name, before, &stats);
@@ -321,7 +387,9 @@ fn report_replicas(
 
 /// Deletes local level-0 files that every replica holds, keeping the newest.
 fn prune_local(local: &[(u64, PathBuf)], replicas: &[Replica]) {
-    let Some(shipped) = replicas.iter().map(Replica::uploaded).min() else { return };
+    let Some(shipped) = replicas.iter().map(Replica::uploaded).min() else {
+        return;
+    };
     let newest = local.last().map_or(0, |(t, _)| *t);
     for (txid, path) in local {
         if *txid <= shipped && *txid < newest {
@@ -332,8 +400,12 @@ fn prune_local(local: &[(u64, PathBuf)], replicas: &[Replica]) {
 
 fn log_captured(db: &Path, c: &Captured) {
     match &c.rebase {
-        Some(reason) => tracing::info!(db = %db.display(), txid = c.txid, pages = c.pages, %reason, "captured a full image"),
-        None => tracing::debug!(db = %db.display(), txid = c.txid, pages = c.pages, transactions = c.transactions, "captured"),
+        Some(reason) => {
+            tracing::info!(db = %db.display(), txid = c.txid, pages = c.pages, %reason, "captured a full image")
+        }
+        None => {
+            tracing::debug!(db = %db.display(), txid = c.txid, pages = c.pages, transactions = c.transactions, "captured")
+        }
     }
 }
 
@@ -346,7 +418,9 @@ pub fn restore_lock_path(db: &Path) -> PathBuf {
 
 /// Whether a restore of `db` is running right now: its lock file exists and is locked.
 pub fn restore_in_progress(db: &Path) -> bool {
-    let Ok(file) = std::fs::File::open(restore_lock_path(db)) else { return false };
+    let Ok(file) = std::fs::File::open(restore_lock_path(db)) else {
+        return false;
+    };
     // A lock we can take means the restore that made the file is gone (it crashed or finished).
     match file.try_lock_shared() {
         Ok(()) => false,

@@ -71,17 +71,34 @@ pub enum RestoreError {
     #[error("replica {replica}: cannot restore: {source}")]
     Plan { replica: String, source: PlanError },
     #[error("replica {replica}: download {key}: {source}")]
-    Download { replica: String, key: String, source: StoreError },
-    #[error("replica {replica}: LTX file {key} is damaged or does not follow the previous one: {source}")]
-    Ltx { replica: String, key: String, source: ltx::LtxError },
+    Download {
+        replica: String,
+        key: String,
+        source: Box<StoreError>,
+    },
+    #[error(
+        "replica {replica}: LTX file {key} is damaged or does not follow the previous one: {source}"
+    )]
+    Ltx {
+        replica: String,
+        key: String,
+        source: ltx::LtxError,
+    },
     #[error("the restored database failed `PRAGMA integrity_check`: {0}")]
     Integrity(String),
     #[error("{what} {path}: {source}")]
-    Io { path: PathBuf, what: &'static str, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        what: &'static str,
+        source: std::io::Error,
+    },
 }
 
 /// Restores a database from the first usable replica in `replicas` (the best one for `Latest`).
-pub async fn restore(replicas: &[ReplicaConfig], opts: &RestoreOptions) -> Result<RestoreOutcome, RestoreError> {
+pub async fn restore(
+    replicas: &[ReplicaConfig],
+    opts: &RestoreOptions,
+) -> Result<RestoreOutcome, RestoreError> {
     if opts.if_db_not_exists && opts.output.exists() {
         return Ok(RestoreOutcome::DatabaseExists);
     }
@@ -118,15 +135,28 @@ pub async fn restore(replicas: &[ReplicaConfig], opts: &RestoreOptions) -> Resul
         if !failures.is_empty() {
             return Err(RestoreError::AllUnreachable(failures));
         }
-        return Err(RestoreError::Empty(reachable.iter().map(|(r, ..)| r.name.clone()).collect()));
+        return Err(RestoreError::Empty(
+            reachable.iter().map(|(r, ..)| r.name.clone()).collect(),
+        ));
     }
     // Prefer the replica that reaches furthest; among equals, the first configured.
-    reachable.sort_by_key(|(_, _, _, files)| std::cmp::Reverse(files.iter().map(|f| f.max_txid).max().unwrap_or(0)));
+    reachable.sort_by_key(|(_, _, _, files)| {
+        std::cmp::Reverse(files.iter().map(|f| f.max_txid).max().unwrap_or(0))
+    });
     let mut last_err = None;
     for (r, store, layout, files) in &reachable {
         match plan::restore_plan(files, opts.target) {
-            Ok(plan) => return apply_plan(&r.name, store, *layout, &plan, opts).await.map(RestoreOutcome::Restored),
-            Err(source) => last_err = Some(RestoreError::Plan { replica: r.name.clone(), source }),
+            Ok(plan) => {
+                return apply_plan(&r.name, store, *layout, &plan, opts)
+                    .await
+                    .map(RestoreOutcome::Restored);
+            }
+            Err(source) => {
+                last_err = Some(RestoreError::Plan {
+                    replica: r.name.clone(),
+                    source,
+                })
+            }
         }
     }
     Err(last_err.unwrap_or_else(|| RestoreError::Empty(Vec::new())))
@@ -178,14 +208,21 @@ async fn apply_plan_locked(
         .open(&tmp)
         .map_err(io("create", &tmp))?;
 
-    let keys: Vec<String> = plan.iter().map(|f| layout.ltx_key(f.level, f.min_txid, f.max_txid)).collect();
+    let keys: Vec<String> = plan
+        .iter()
+        .map(|f| layout.ltx_key(f.level, f.min_txid, f.max_txid))
+        .collect();
     let parallelism = opts.parallelism.max(1);
     // Downloads run ahead of the apply by at most `parallelism` files, so memory stays bounded.
     let mut downloads = futures::stream::iter(keys.clone())
         .map(|key| async move {
-            let data: Bytes = with_retry(&RetryPolicy::default(), || store.get(&key)).await.map_err(|source| {
-                RestoreError::Download { replica: replica.to_string(), key: key.clone(), source }
-            })?;
+            let data: Bytes = with_retry(&RetryPolicy::default(), || store.get(&key))
+                .await
+                .map_err(|source| RestoreError::Download {
+                    replica: replica.to_string(),
+                    key: key.clone(),
+                    source: Box::new(source),
+                })?;
             Ok::<_, RestoreError>((key, data))
         })
         .buffered(parallelism);
@@ -197,7 +234,11 @@ async fn apply_plan_locked(
     let result: Result<(), RestoreError> = async {
         while let Some((key, data)) = downloads.try_next().await? {
             bytes += data.len() as u64;
-            let ltx_err = |source| RestoreError::Ltx { replica: replica.to_string(), key: key.clone(), source };
+            let ltx_err = |source| RestoreError::Ltx {
+                replica: replica.to_string(),
+                key: key.clone(),
+                source,
+            };
             let dec = Decoder::new(Cursor::new(data.clone())).map_err(ltx_err)?;
             let header = *dec.header();
             let declares = header.declared_pre_apply().is_some();
@@ -205,8 +246,13 @@ async fn apply_plan_locked(
                 verified = false;
             }
             // Carry the checksum through files that declare one; a checksum-free file (Litestream's) breaks it.
-            let carry = if declares && !header.is_snapshot() { current } else { None };
-            let applied = tokio::task::block_in_place(|| ltx::apply(dec, &mut image, carry)).map_err(ltx_err)?;
+            let carry = if declares && !header.is_snapshot() {
+                current
+            } else {
+                None
+            };
+            let applied = tokio::task::block_in_place(|| ltx::apply(dec, &mut image, carry))
+                .map_err(ltx_err)?;
             current = if declares { applied.checksum } else { None };
             txid = header.max_txid;
         }
@@ -222,9 +268,16 @@ async fn apply_plan_locked(
     // Prove the end state: the checksum of the whole file must equal the last recorded post-apply checksum.
     let page_size = page_size_of(&mut image).map_err(io("read", &tmp))?;
     image.seek(SeekFrom::Start(0)).map_err(io("read", &tmp))?;
-    let whole = ltx::checksum_database(std::io::BufReader::new(&image), page_size)
-        .map_err(|source| RestoreError::Ltx { replica: replica.to_string(), key: "restored image".into(), source })?;
-    if verified && let Some(expected) = current
+    let whole =
+        ltx::checksum_database(std::io::BufReader::new(&image), page_size).map_err(|source| {
+            RestoreError::Ltx {
+                replica: replica.to_string(),
+                key: "restored image".into(),
+                source,
+            }
+        })?;
+    if verified
+        && let Some(expected) = current
         && expected != whole
     {
         drop(image);
@@ -232,7 +285,10 @@ async fn apply_plan_locked(
         return Err(RestoreError::Ltx {
             replica: replica.to_string(),
             key: keys.last().cloned().unwrap_or_default(),
-            source: ltx::LtxError::PostApplyChecksumMismatch { stored: expected, computed: whole },
+            source: ltx::LtxError::PostApplyChecksumMismatch {
+                stored: expected,
+                computed: whole,
+            },
         });
     }
     image.sync_all().map_err(io("fsync", &tmp))?;
@@ -243,7 +299,9 @@ async fn apply_plan_locked(
 
     // Stale -wal/-shm files beside the output belong to another database image; set them aside, never delete.
     let mut set_aside = Vec::new();
-    let stamp = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let stamp = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
     for suffix in ["-wal", "-shm"] {
         let mut p = output.as_os_str().to_owned();
         p.push(suffix);
@@ -261,17 +319,33 @@ async fn apply_plan_locked(
     if let Some(dir) = output.parent().filter(|d| !d.as_os_str().is_empty()) {
         sync_dir(dir).map_err(io("fsync", dir))?;
     }
-    record_restored_state(output, txid, whole, page_size, replica).map_err(io("record the restored position for", output))?;
-    Ok(Restored { replica: replica.to_string(), txid, files: plan.len(), bytes, checksum_verified: verified, set_aside })
+    record_restored_state(output, txid, whole, page_size, replica)
+        .map_err(io("record the restored position for", output))?;
+    Ok(Restored {
+        replica: replica.to_string(),
+        txid,
+        files: plan.len(),
+        bytes,
+        checksum_verified: verified,
+        set_aside,
+    })
 }
 
 /// Writes the local state of a restored database so that replication continues the replica's TXID sequence
 /// instead of uploading the whole database again (Litestream #781, #393).
-fn record_restored_state(output: &Path, txid: u64, checksum: Checksum, page_size: u32, replica: &str) -> std::io::Result<()> {
+fn record_restored_state(
+    output: &Path,
+    txid: u64,
+    checksum: Checksum,
+    page_size: u32,
+    replica: &str,
+) -> std::io::Result<()> {
     let meta = meta_dir(output);
     // An old meta directory describes another history of this path; keep it aside for inspection.
     if meta.exists() {
-        let stamp = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let stamp = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
         let mut aside = meta.as_os_str().to_owned();
         aside.push(format!(".old-{stamp}"));
         fs::rename(&meta, PathBuf::from(aside))?;
@@ -288,11 +362,22 @@ fn record_restored_state(output: &Path, txid: u64, checksum: Checksum, page_size
         wal: None,
         dev: m.dev(),
         ino: m.ino(),
-        timestamp_ms: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64),
+        timestamp_ms: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64),
     };
-    write_atomic(&meta.join("state.json"), &serde_json::to_vec_pretty(&state).map_err(std::io::Error::other)?)?;
-    let position = crate::replica::ReplicaPosition { txid, uploaded_at_ms: None };
-    write_atomic(&crate::replica::position_path(&meta, replica), &serde_json::to_vec(&position).map_err(std::io::Error::other)?)
+    write_atomic(
+        &meta.join("state.json"),
+        &serde_json::to_vec_pretty(&state).map_err(std::io::Error::other)?,
+    )?;
+    let position = crate::replica::ReplicaPosition {
+        txid,
+        uploaded_at_ms: None,
+    };
+    write_atomic(
+        &crate::replica::position_path(&meta, replica),
+        &serde_json::to_vec(&position).map_err(std::io::Error::other)?,
+    )
 }
 
 fn page_size_of(file: &mut File) -> std::io::Result<u32> {
@@ -305,10 +390,12 @@ fn page_size_of(file: &mut File) -> std::io::Result<u32> {
 }
 
 fn integrity_check(path: &Path) -> Result<(), RestoreError> {
-    let conn = rusqlite::Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+    let conn =
+        rusqlite::Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .map_err(|e| RestoreError::Integrity(e.to_string()))?;
+    let result: String = conn
+        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
         .map_err(|e| RestoreError::Integrity(e.to_string()))?;
-    let result: String =
-        conn.query_row("PRAGMA integrity_check", [], |r| r.get(0)).map_err(|e| RestoreError::Integrity(e.to_string()))?;
     drop(conn);
     // Opening a WAL-mode image may leave hearth's own -wal/-shm beside the temporary file.
     for suffix in ["-wal", "-shm"] {
@@ -316,7 +403,11 @@ fn integrity_check(path: &Path) -> Result<(), RestoreError> {
         p.push(suffix);
         let _ = fs::remove_file(PathBuf::from(p));
     }
-    if result == "ok" { Ok(()) } else { Err(RestoreError::Integrity(result)) }
+    if result == "ok" {
+        Ok(())
+    } else {
+        Err(RestoreError::Integrity(result))
+    }
 }
 
 fn temp_path(output: &Path) -> PathBuf {

@@ -32,23 +32,32 @@ pub struct ReplicaStatus {
 /// Reads the status of `db` from its meta directory.
 pub fn status(db: &Path, replicas: &[ReplicaConfig], now: SystemTime) -> DbStatus {
     let meta = meta_dir(db);
-    let state: Option<LocalState> =
-        std::fs::read(meta.join("state.json")).ok().and_then(|b| serde_json::from_slice(&b).ok());
+    let state: Option<LocalState> = std::fs::read(meta.join("state.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok());
     let local = list_local_files(&meta).unwrap_or_default();
     let txid = state.as_ref().map_or(0, |s| s.txid);
     let replicas = replicas
         .iter()
         .map(|r| {
-            let pos: Option<ReplicaPosition> =
-                std::fs::read(position_path(&meta, &r.name)).ok().and_then(|b| serde_json::from_slice(&b).ok());
+            let pos: Option<ReplicaPosition> = std::fs::read(position_path(&meta, &r.name))
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok());
             let uploaded_txid = pos.as_ref().map_or(0, |p| p.txid);
             // The oldest local file the replica lacks tells how long data has been waiting for it.
             let waiting_since = local
                 .iter()
                 .find(|(t, _)| *t > uploaded_txid && *t <= txid)
                 .and_then(|(_, p)| std::fs::metadata(p).ok()?.modified().ok());
-            let lag_seconds = waiting_since.map_or(0.0, |t| now.duration_since(t).unwrap_or_default().as_secs_f64());
-            ReplicaStatus { name: r.name.clone(), uploaded_txid, last_upload_ms: pos.and_then(|p| p.uploaded_at_ms), lag_seconds }
+            let lag_seconds = waiting_since.map_or(0.0, |t| {
+                now.duration_since(t).unwrap_or_default().as_secs_f64()
+            });
+            ReplicaStatus {
+                name: r.name.clone(),
+                uploaded_txid,
+                last_upload_ms: pos.and_then(|p| p.uploaded_at_ms),
+                lag_seconds,
+            }
         })
         .collect();
     let mut wal = db.as_os_str().to_owned();
@@ -64,5 +73,6 @@ pub fn status(db: &Path, replicas: &[ReplicaConfig], now: SystemTime) -> DbStatu
 
 /// Milliseconds since the epoch.
 pub fn epoch_ms(t: SystemTime) -> i64 {
-    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
 }

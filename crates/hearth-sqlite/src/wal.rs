@@ -50,7 +50,8 @@ impl WalHeader {
         if bytes.len() < WAL_HEADER_SIZE as usize {
             return Err(WalError::ShortHeader(bytes.len()));
         }
-        let word = |i: usize| u32::from_be_bytes([bytes[i], bytes[i + 1], bytes[i + 2], bytes[i + 3]]);
+        let word =
+            |i: usize| u32::from_be_bytes([bytes[i], bytes[i + 1], bytes[i + 2], bytes[i + 3]]);
         let header = WalHeader {
             magic: word(0),
             format_version: word(4),
@@ -200,12 +201,18 @@ pub fn scan<R: Read + Seek>(
         if !read_full(wal, &mut frame)? {
             break;
         }
-        let word = |i: usize| u32::from_be_bytes([frame[i], frame[i + 1], frame[i + 2], frame[i + 3]]);
-        let (pgno, commit, salt1, salt2, c1, c2) = (word(0), word(4), word(8), word(12), word(16), word(20));
+        let word =
+            |i: usize| u32::from_be_bytes([frame[i], frame[i + 1], frame[i + 2], frame[i + 3]]);
+        let (pgno, commit, salt1, salt2, c1, c2) =
+            (word(0), word(4), word(8), word(12), word(16), word(20));
         if salt1 != header.salt1 || salt2 != header.salt2 || pgno == 0 {
             break;
         }
-        let next = checksum(big_endian, checksum(big_endian, sum, &frame[..8]), &frame[24..]);
+        let next = checksum(
+            big_endian,
+            checksum(big_endian, sum, &frame[..8]),
+            &frame[24..],
+        );
         if next != (c1, c2) {
             break;
         }
@@ -244,7 +251,11 @@ pub fn read_header<R: Read + Seek>(wal: &mut R) -> Result<Option<WalHeader>, Wal
 /// Checks that `pos` still lies on the checksum chain of the WAL: the frame that ends at `pos.offset`
 /// carries `pos`'s checksum and salts. This tells a WAL that was only appended to from one that was
 /// restarted or overwritten since `pos` was taken.
-pub fn position_holds<R: Read + Seek>(wal: &mut R, header: &WalHeader, pos: &WalPosition) -> Result<bool, WalError> {
+pub fn position_holds<R: Read + Seek>(
+    wal: &mut R,
+    header: &WalHeader,
+    pos: &WalPosition,
+) -> Result<bool, WalError> {
     if (pos.salt1, pos.salt2) != header.salts() {
         return Ok(false);
     }
@@ -252,7 +263,9 @@ pub fn position_holds<R: Read + Seek>(wal: &mut R, header: &WalHeader, pos: &Wal
         return Ok((pos.checksum1, pos.checksum2) == header.checksum());
     }
     let frame_size = header.frame_size();
-    if pos.offset < WAL_HEADER_SIZE + frame_size || (pos.offset - WAL_HEADER_SIZE) % frame_size != 0 {
+    if pos.offset < WAL_HEADER_SIZE + frame_size
+        || !(pos.offset - WAL_HEADER_SIZE).is_multiple_of(frame_size)
+    {
         return Ok(false);
     }
     let mut frame_header = [0u8; FRAME_HEADER_SIZE as usize];
@@ -261,13 +274,25 @@ pub fn position_holds<R: Read + Seek>(wal: &mut R, header: &WalHeader, pos: &Wal
         return Ok(false);
     }
     let word = |i: usize| {
-        u32::from_be_bytes([frame_header[i], frame_header[i + 1], frame_header[i + 2], frame_header[i + 3]])
+        u32::from_be_bytes([
+            frame_header[i],
+            frame_header[i + 1],
+            frame_header[i + 2],
+            frame_header[i + 3],
+        ])
     };
-    Ok(word(8) == pos.salt1 && word(12) == pos.salt2 && word(16) == pos.checksum1 && word(20) == pos.checksum2)
+    Ok(word(8) == pos.salt1
+        && word(12) == pos.salt2
+        && word(16) == pos.checksum1
+        && word(20) == pos.checksum2)
 }
 
 /// Reads one page's data at `offset` of the WAL.
-pub fn read_page<R: Read + Seek>(wal: &mut R, offset: u64, page: &mut [u8]) -> Result<(), WalError> {
+pub fn read_page<R: Read + Seek>(
+    wal: &mut R,
+    offset: u64,
+    page: &mut [u8],
+) -> Result<(), WalError> {
     wal.seek(SeekFrom::Start(offset))?;
     wal.read_exact(page)?;
     Ok(())
@@ -306,7 +331,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let conn = wal_db(dir.path());
         for i in 0..5 {
-            conn.execute("INSERT INTO t VALUES (randomblob(?1))", [100 * (i + 1)]).unwrap();
+            conn.execute("INSERT INTO t VALUES (randomblob(?1))", [100 * (i + 1)])
+                .unwrap();
         }
         let mut wal = File::open(dir.path().join("db-wal")).unwrap();
         let header = read_header(&mut wal).unwrap().unwrap();
@@ -314,7 +340,10 @@ mod tests {
         let scan = scan(&mut wal, &header, WalPosition::start(&header), u64::MAX).unwrap();
         // One transaction for CREATE TABLE and five inserts.
         assert_eq!(scan.transactions, 6);
-        assert_eq!(scan.to.offset, std::fs::metadata(dir.path().join("db-wal")).unwrap().len());
+        assert_eq!(
+            scan.to.offset,
+            std::fs::metadata(dir.path().join("db-wal")).unwrap().len()
+        );
         assert!(scan.pages.contains_key(&1));
         assert!(scan.commit >= 2);
         assert!(position_holds(&mut wal, &header, &scan.to).unwrap());
@@ -331,18 +360,35 @@ mod tests {
     fn stops_at_a_torn_or_corrupt_frame_and_never_returns_half_a_transaction() {
         let dir = tempfile::tempdir().unwrap();
         let conn = wal_db(dir.path());
-        conn.execute("INSERT INTO t VALUES (randomblob(10))", []).unwrap();
-        conn.execute("INSERT INTO t VALUES (randomblob(10))", []).unwrap();
+        conn.execute("INSERT INTO t VALUES (randomblob(10))", [])
+            .unwrap();
+        conn.execute("INSERT INTO t VALUES (randomblob(10))", [])
+            .unwrap();
         // Read while the connection is open: closing the last connection checkpoints and deletes the WAL.
         let bytes = std::fs::read(dir.path().join("db-wal")).unwrap();
         drop(conn);
         let header = WalHeader::parse(&bytes).unwrap();
-        let full = scan(&mut io::Cursor::new(&bytes), &header, WalPosition::start(&header), u64::MAX).unwrap();
+        let full = scan(
+            &mut io::Cursor::new(&bytes),
+            &header,
+            WalPosition::start(&header),
+            u64::MAX,
+        )
+        .unwrap();
         assert_eq!(full.transactions, 3);
 
-        let cases: Vec<(&str, Box<dyn Fn(&mut Vec<u8>)>, u64)> = vec![
-            ("torn last frame", Box::new(|b: &mut Vec<u8>| b.truncate(b.len() - 100)), 2),
-            ("flipped byte in last page", Box::new(|b: &mut Vec<u8>| *b.last_mut().unwrap() ^= 1), 2),
+        type Damage = Box<dyn Fn(&mut Vec<u8>)>;
+        let cases: Vec<(&str, Damage, u64)> = vec![
+            (
+                "torn last frame",
+                Box::new(|b: &mut Vec<u8>| b.truncate(b.len() - 100)),
+                2,
+            ),
+            (
+                "flipped byte in last page",
+                Box::new(|b: &mut Vec<u8>| *b.last_mut().unwrap() ^= 1),
+                2,
+            ),
             (
                 "wrong salt on the first frame",
                 Box::new(|b: &mut Vec<u8>| b[32 + 8] ^= 1),
@@ -352,7 +398,13 @@ mod tests {
         for (name, damage, expected) in cases {
             let mut damaged = bytes.clone();
             damage(&mut damaged);
-            let got = scan(&mut io::Cursor::new(&damaged), &header, WalPosition::start(&header), u64::MAX).unwrap();
+            let got = scan(
+                &mut io::Cursor::new(&damaged),
+                &header,
+                WalPosition::start(&header),
+                u64::MAX,
+            )
+            .unwrap();
             assert_eq!(got.transactions, expected, "{name}");
             assert!(got.to.offset <= full.to.offset, "{name}");
         }
@@ -367,12 +419,25 @@ mod tests {
         assert!(WalHeader::parse(&bytes).is_ok());
         let mut bad_magic = bytes.clone();
         bad_magic[0] = 0;
-        assert!(matches!(WalHeader::parse(&bad_magic), Err(WalError::BadMagic(_))));
+        assert!(matches!(
+            WalHeader::parse(&bad_magic),
+            Err(WalError::BadMagic(_))
+        ));
         let mut bad_sum = bytes.clone();
         bad_sum[17] ^= 1;
-        assert!(matches!(WalHeader::parse(&bad_sum), Err(WalError::BadHeaderChecksum)));
-        assert!(matches!(WalHeader::parse(&bytes[..10]), Err(WalError::ShortHeader(10))));
-        assert!(read_header(&mut io::Cursor::new(Vec::new())).unwrap().is_none());
+        assert!(matches!(
+            WalHeader::parse(&bad_sum),
+            Err(WalError::BadHeaderChecksum)
+        ));
+        assert!(matches!(
+            WalHeader::parse(&bytes[..10]),
+            Err(WalError::ShortHeader(10))
+        ));
+        assert!(
+            read_header(&mut io::Cursor::new(Vec::new()))
+                .unwrap()
+                .is_none()
+        );
     }
 
     #[test]
@@ -382,13 +447,19 @@ mod tests {
         conn.execute("INSERT INTO t VALUES (1)", []).unwrap();
         let mut wal = File::open(dir.path().join("db-wal")).unwrap();
         let header = read_header(&mut wal).unwrap().unwrap();
-        let end = scan(&mut wal, &header, WalPosition::start(&header), u64::MAX).unwrap().to;
-        conn.query_row("PRAGMA wal_checkpoint(RESTART)", [], |_| Ok(())).unwrap();
+        let end = scan(&mut wal, &header, WalPosition::start(&header), u64::MAX)
+            .unwrap()
+            .to;
+        conn.query_row("PRAGMA wal_checkpoint(RESTART)", [], |_| Ok(()))
+            .unwrap();
         conn.execute("INSERT INTO t VALUES (2)", []).unwrap();
         let restarted = read_header(&mut wal).unwrap().unwrap();
         assert_ne!(restarted.salts(), header.salts());
         assert!(!position_holds(&mut wal, &restarted, &end).unwrap());
         let fresh = scan(&mut wal, &restarted, end, u64::MAX).unwrap();
-        assert!(fresh.is_empty(), "a position from another generation continues nothing");
+        assert!(
+            fresh.is_empty(),
+            "a position from another generation continues nothing"
+        );
     }
 }

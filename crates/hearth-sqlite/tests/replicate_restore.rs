@@ -1,6 +1,9 @@
 //! End-to-end: replicate a live SQLite database to a file replica, then restore it with hearth and with the
 //! real Litestream 0.5.17, and compare contents; plus the safety refusals around a replica's history.
 
+// Test helpers outside #[test] bodies unwrap too: a failed step should fail the test loudly.
+#![allow(clippy::unwrap_used)]
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -24,14 +27,20 @@ fn db_config(db: &Path, replica_dir: &Path) -> DbConfig {
 }
 
 fn options() -> ReplicateOptions {
-    ReplicateOptions { force: false, shutdown_budget: Duration::from_secs(4), policy: CompactionPolicy::default(), metrics: Default::default() }
+    ReplicateOptions {
+        force: false,
+        shutdown_budget: Duration::from_secs(4),
+        policy: CompactionPolicy::default(),
+        metrics: Default::default(),
+    }
 }
 
 fn open_writer(db: &Path) -> Connection {
     let conn = Connection::open(db).unwrap();
     conn.busy_timeout(Duration::from_secs(5)).unwrap();
     conn.pragma_update(None, "journal_mode", "wal").unwrap();
-    conn.execute_batch("CREATE TABLE IF NOT EXISTS t (id INTEGER PRIMARY KEY, v BLOB)").unwrap();
+    conn.execute_batch("CREATE TABLE IF NOT EXISTS t (id INTEGER PRIMARY KEY, v BLOB)")
+        .unwrap();
     conn
 }
 
@@ -39,10 +48,17 @@ fn open_writer(db: &Path) -> Connection {
 fn contents(db: &Path) -> Vec<(i64, Vec<u8>)> {
     let conn = Connection::open(db).unwrap();
     let mut stmt = conn.prepare("SELECT id, v FROM t ORDER BY id").unwrap();
-    stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).unwrap().map(Result::unwrap).collect()
+    stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect()
 }
 
-async fn replicate_while<F: FnOnce()>(cfg: DbConfig, opts: ReplicateOptions, work: F) -> hearth_sqlite::replicate::FlushReport {
+async fn replicate_while<F: FnOnce()>(
+    cfg: DbConfig,
+    opts: ReplicateOptions,
+    work: F,
+) -> hearth_sqlite::replicate::FlushReport {
     let (tx, rx) = watch::channel(false);
     let task = tokio::spawn(replicate_db(cfg, opts, rx));
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -53,14 +69,27 @@ async fn replicate_while<F: FnOnce()>(cfg: DbConfig, opts: ReplicateOptions, wor
 }
 
 fn restore_opts(output: PathBuf, target: Target) -> RestoreOptions {
-    RestoreOptions { target, output, if_db_not_exists: false, if_replica_exists: false, parallelism: 4 }
+    RestoreOptions {
+        target,
+        output,
+        if_db_not_exists: false,
+        if_replica_exists: false,
+        parallelism: 4,
+    }
 }
 
 fn litestream() -> PathBuf {
-    let path = std::env::var_os("HEARTH_LITESTREAM").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/hearth/litestream-venv/bin/litestream")
-    });
-    assert!(path.exists(), "Litestream 0.5.17 not found at {}: run scripts/install-deps", path.display());
+    let path = std::env::var_os("HEARTH_LITESTREAM")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var("HOME").unwrap())
+                .join(".cache/hearth/litestream-venv/bin/litestream")
+        });
+    assert!(
+        path.exists(),
+        "Litestream 0.5.17 not found at {}: run scripts/install-deps",
+        path.display()
+    );
     path
 }
 
@@ -70,13 +99,19 @@ async fn replicated_database_restores_with_hearth_and_litestream() {
     let db = dir.path().join("app.db");
     let replica_dir = dir.path().join("replica");
     let writer = open_writer(&db);
-    writer.execute("INSERT INTO t (v) VALUES (randomblob(3000))", []).unwrap();
+    writer
+        .execute("INSERT INTO t (v) VALUES (randomblob(3000))", [])
+        .unwrap();
 
     let report = replicate_while(db_config(&db, &replica_dir), options(), || {
         for _ in 0..200 {
-            writer.execute("INSERT INTO t (v) VALUES (randomblob(500))", []).unwrap();
+            writer
+                .execute("INSERT INTO t (v) VALUES (randomblob(500))", [])
+                .unwrap();
         }
-        writer.execute("DELETE FROM t WHERE id % 7 = 0", []).unwrap();
+        writer
+            .execute("DELETE FROM t WHERE id % 7 = 0", [])
+            .unwrap();
     })
     .await;
     assert_eq!(report.unflushed(), 0, "{report:?}");
@@ -84,8 +119,15 @@ async fn replicated_database_restores_with_hearth_and_litestream() {
     let want = contents(&db);
 
     let out = dir.path().join("restored.db");
-    let outcome = restore(&db_config(&db, &replica_dir).replicas, &restore_opts(out.clone(), Target::Latest)).await.unwrap();
-    let RestoreOutcome::Restored(restored) = outcome else { panic!("{outcome:?}") };
+    let outcome = restore(
+        &db_config(&db, &replica_dir).replicas,
+        &restore_opts(out.clone(), Target::Latest),
+    )
+    .await
+    .unwrap();
+    let RestoreOutcome::Restored(restored) = outcome else {
+        panic!("{outcome:?}")
+    };
     assert!(restored.checksum_verified);
     assert_eq!(restored.txid, report.captured);
     assert_eq!(contents(&out), want);
@@ -103,7 +145,12 @@ async fn replicated_database_restores_with_hearth_and_litestream() {
 
     // A point in time: TXID 1 holds only the first row.
     let first = dir.path().join("first.db");
-    restore(&db_config(&db, &replica_dir).replicas, &restore_opts(first.clone(), Target::Txid(1))).await.unwrap();
+    restore(
+        &db_config(&db, &replica_dir).replicas,
+        &restore_opts(first.clone(), Target::Txid(1)),
+    )
+    .await
+    .unwrap();
     assert_eq!(contents(&first).len(), 1);
 }
 
@@ -114,24 +161,39 @@ async fn restart_continues_and_app_checkpoint_while_stopped_is_rebased() {
     let replica_dir = dir.path().join("replica");
     let writer = open_writer(&db);
     let first = replicate_while(db_config(&db, &replica_dir), options(), || {
-        writer.execute("INSERT INTO t (v) VALUES (x'01')", []).unwrap();
+        writer
+            .execute("INSERT INTO t (v) VALUES (x'01')", [])
+            .unwrap();
     })
     .await;
 
     // While hearth is stopped, the app writes and truncates the WAL into the database.
-    writer.execute("INSERT INTO t (v) VALUES (x'02')", []).unwrap();
-    writer.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())).unwrap();
-    writer.execute("INSERT INTO t (v) VALUES (x'03')", []).unwrap();
+    writer
+        .execute("INSERT INTO t (v) VALUES (x'02')", [])
+        .unwrap();
+    writer
+        .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+        .unwrap();
+    writer
+        .execute("INSERT INTO t (v) VALUES (x'03')", [])
+        .unwrap();
 
     let second = replicate_while(db_config(&db, &replica_dir), options(), || {
-        writer.execute("INSERT INTO t (v) VALUES (x'04')", []).unwrap();
+        writer
+            .execute("INSERT INTO t (v) VALUES (x'04')", [])
+            .unwrap();
     })
     .await;
     assert!(second.captured > first.captured);
     assert_eq!(second.unflushed(), 0);
 
     let out = dir.path().join("restored.db");
-    restore(&db_config(&db, &replica_dir).replicas, &restore_opts(out.clone(), Target::Latest)).await.unwrap();
+    restore(
+        &db_config(&db, &replica_dir).replicas,
+        &restore_opts(out.clone(), Target::Latest),
+    )
+    .await
+    .unwrap();
     assert_eq!(contents(&out), contents(&db));
 }
 
@@ -142,7 +204,9 @@ async fn a_fresh_database_is_refused_over_a_non_empty_replica() {
     let db = dir.path().join("app.db");
     let writer = open_writer(&db);
     replicate_while(db_config(&db, &replica_dir), options(), || {
-        writer.execute("INSERT INTO t (v) VALUES (x'01')", []).unwrap();
+        writer
+            .execute("INSERT INTO t (v) VALUES (x'01')", [])
+            .unwrap();
     })
     .await;
 
@@ -150,11 +214,18 @@ async fn a_fresh_database_is_refused_over_a_non_empty_replica() {
     let other = dir.path().join("other.db");
     open_writer(&other);
     let (_tx, rx) = watch::channel(false);
-    let err = replicate_db(db_config(&other, &replica_dir), options(), rx).await.unwrap_err();
+    let err = replicate_db(db_config(&other, &replica_dir), options(), rx)
+        .await
+        .unwrap_err();
     let msg = err.to_string();
     assert!(msg.contains("no history"), "{msg}");
     let out = dir.path().join("restored.db");
-    restore(&db_config(&db, &replica_dir).replicas, &restore_opts(out.clone(), Target::Latest)).await.unwrap();
+    restore(
+        &db_config(&db, &replica_dir).replicas,
+        &restore_opts(out.clone(), Target::Latest),
+    )
+    .await
+    .unwrap();
     assert_eq!(contents(&out), contents(&db));
 }
 
@@ -168,18 +239,30 @@ async fn restore_tells_an_empty_replica_from_an_unreachable_one() {
     let err = restore(&cfg.replicas, &opts).await.unwrap_err();
     assert!(err.to_string().contains("no backup found"), "{err}");
     opts.if_replica_exists = true;
-    assert_eq!(restore(&cfg.replicas, &opts).await.unwrap(), RestoreOutcome::NoReplica);
-    assert!(!db.exists(), "nothing is written when there is nothing to restore");
+    assert_eq!(
+        restore(&cfg.replicas, &opts).await.unwrap(),
+        RestoreOutcome::NoReplica
+    );
+    assert!(
+        !db.exists(),
+        "nothing is written when there is nothing to restore"
+    );
 
     // An unreachable S3 store is an error even with -if-replica-exists.
-    let s3 = replica_from_url("s3://bucket/db?endpoint=http://127.0.0.1:9&region=us-east-1", &|k: &str| match k {
-        "AWS_ACCESS_KEY_ID" => Some("x".into()),
-        "AWS_SECRET_ACCESS_KEY" => Some("y".into()),
-        _ => None,
-    })
+    let s3 = replica_from_url(
+        "s3://bucket/db?endpoint=http://127.0.0.1:9&region=us-east-1",
+        &|k: &str| match k {
+            "AWS_ACCESS_KEY_ID" => Some("x".into()),
+            "AWS_SECRET_ACCESS_KEY" => Some("y".into()),
+            _ => None,
+        },
+    )
     .unwrap();
     let err = restore(&[s3], &opts).await.unwrap_err();
-    assert!(err.to_string().contains("no replica could be read"), "{err}");
+    assert!(
+        err.to_string().contains("no replica could be read"),
+        "{err}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -188,7 +271,9 @@ async fn a_second_replicator_on_the_same_replica_path_is_refused() {
     let replica_dir = dir.path().join("replica");
     let db = dir.path().join("app.db");
     let writer = open_writer(&db);
-    writer.execute("INSERT INTO t (v) VALUES (x'01')", []).unwrap();
+    writer
+        .execute("INSERT INTO t (v) VALUES (x'01')", [])
+        .unwrap();
 
     let (stop_a, rx_a) = watch::channel(false);
     let a = tokio::spawn(replicate_db(db_config(&db, &replica_dir), options(), rx_a));
@@ -196,18 +281,32 @@ async fn a_second_replicator_on_the_same_replica_path_is_refused() {
 
     // A rolling deploy: the new allocation restores the replica and starts replicating its copy.
     let copy = dir.path().join("copy.db");
-    restore(&db_config(&db, &replica_dir).replicas, &restore_opts(copy.clone(), Target::Latest)).await.unwrap();
+    restore(
+        &db_config(&db, &replica_dir).replicas,
+        &restore_opts(copy.clone(), Target::Latest),
+    )
+    .await
+    .unwrap();
     let (_stop_b, rx_b) = watch::channel(false);
-    let err = replicate_db(db_config(&copy, &replica_dir), options(), rx_b).await.unwrap_err();
+    let err = replicate_db(db_config(&copy, &replica_dir), options(), rx_b)
+        .await
+        .unwrap_err();
     assert!(err.to_string().contains("another replicator"), "{err}");
 
-    writer.execute("INSERT INTO t (v) VALUES (x'02')", []).unwrap();
+    writer
+        .execute("INSERT INTO t (v) VALUES (x'02')", [])
+        .unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
     stop_a.send(true).unwrap();
     let report = a.await.unwrap().unwrap();
     assert_eq!(report.unflushed(), 0);
     let out = dir.path().join("restored.db");
-    restore(&db_config(&db, &replica_dir).replicas, &restore_opts(out.clone(), Target::Latest)).await.unwrap();
+    restore(
+        &db_config(&db, &replica_dir).replicas,
+        &restore_opts(out.clone(), Target::Latest),
+    )
+    .await
+    .unwrap();
     assert_eq!(contents(&out), contents(&db));
 }
 
@@ -218,30 +317,49 @@ async fn a_restored_database_continues_the_replica_history() {
     let db = dir.path().join("app.db");
     let writer = open_writer(&db);
     let first = replicate_while(db_config(&db, &replica_dir), options(), || {
-        writer.execute("INSERT INTO t (v) VALUES (x'01')", []).unwrap();
+        writer
+            .execute("INSERT INTO t (v) VALUES (x'01')", [])
+            .unwrap();
     })
     .await;
 
     // A new node: restore, then replicate the restored copy and write to it.
     let node2 = dir.path().join("node2.db");
-    restore(&db_config(&node2, &replica_dir).replicas, &restore_opts(node2.clone(), Target::Latest)).await.unwrap();
+    restore(
+        &db_config(&node2, &replica_dir).replicas,
+        &restore_opts(node2.clone(), Target::Latest),
+    )
+    .await
+    .unwrap();
     let writer2 = open_writer(&node2);
     let second = replicate_while(db_config(&node2, &replica_dir), options(), || {
-        writer2.execute("INSERT INTO t (v) VALUES (x'02')", []).unwrap();
+        writer2
+            .execute("INSERT INTO t (v) VALUES (x'02')", [])
+            .unwrap();
     })
     .await;
     assert!(second.captured > first.captured, "{first:?} {second:?}");
-    let files = std::fs::read_dir(replica_dir.join("ltx/0")).unwrap().count();
+    let files = std::fs::read_dir(replica_dir.join("ltx/0"))
+        .unwrap()
+        .count();
     // Continuing the history adds small level-0 files; it does not upload the whole database again from TXID 1.
     assert!(files >= 3, "{files}");
     let out = dir.path().join("restored.db");
-    restore(&db_config(&db, &replica_dir).replicas, &restore_opts(out.clone(), Target::Latest)).await.unwrap();
+    restore(
+        &db_config(&db, &replica_dir).replicas,
+        &restore_opts(out.clone(), Target::Latest),
+    )
+    .await
+    .unwrap();
     assert_eq!(contents(&out), contents(&node2));
     // The old point in time is still there.
     let old = dir.path().join("old.db");
-    restore(&db_config(&db, &replica_dir).replicas, &restore_opts(old.clone(), Target::Txid(first.captured)))
-        .await
-        .unwrap();
+    restore(
+        &db_config(&db, &replica_dir).replicas,
+        &restore_opts(old.clone(), Target::Txid(first.captured)),
+    )
+    .await
+    .unwrap();
     assert_eq!(contents(&old).len(), 1);
 }
 
@@ -254,13 +372,18 @@ async fn damaged_or_missing_replica_objects_fail_the_restore_by_name() {
     let (tx, rx) = watch::channel(false);
     let task = tokio::spawn(replicate_db(db_config(&db, &replica_dir), options(), rx));
     for i in 0..6 {
-        writer.execute("INSERT INTO t (v) VALUES (zeroblob(?1))", [i]).unwrap();
+        writer
+            .execute("INSERT INTO t (v) VALUES (zeroblob(?1))", [i])
+            .unwrap();
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     tx.send(true).unwrap();
     task.await.unwrap().unwrap();
     let l0 = replica_dir.join("ltx/0");
-    let mut names: Vec<String> = std::fs::read_dir(&l0).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    let mut names: Vec<String> = std::fs::read_dir(&l0)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
     names.sort();
     assert!(names.len() >= 3, "{names:?}");
     // The second-newest level-0 file: no compacted file covers it yet, so every restore needs it.
@@ -274,13 +397,26 @@ async fn damaged_or_missing_replica_objects_fail_the_restore_by_name() {
     damaged[mid] ^= 0xff;
     std::fs::write(&victim, &damaged).unwrap();
     let out = dir.path().join("out.db");
-    let err = restore(&db_config(&db, &replica_dir).replicas, &restore_opts(out.clone(), Target::Latest)).await.unwrap_err();
+    let err = restore(
+        &db_config(&db, &replica_dir).replicas,
+        &restore_opts(out.clone(), Target::Latest),
+    )
+    .await
+    .unwrap_err();
     assert!(err.to_string().contains(name.as_str()), "{err}");
-    assert!(!out.exists(), "a failed restore leaves nothing at the output path");
+    assert!(
+        !out.exists(),
+        "a failed restore leaves nothing at the output path"
+    );
 
     // The same file missing: a gap, named by TXID.
     std::fs::remove_file(&victim).unwrap();
-    let err = restore(&db_config(&db, &replica_dir).replicas, &restore_opts(out.clone(), Target::Latest)).await.unwrap_err();
+    let err = restore(
+        &db_config(&db, &replica_dir).replicas,
+        &restore_opts(out.clone(), Target::Latest),
+    )
+    .await
+    .unwrap_err();
     assert!(err.to_string().contains("not contiguous"), "{err}");
     assert!(!out.exists());
 }
@@ -291,11 +427,17 @@ async fn hearth_restores_a_replica_written_by_litestream() {
     let db = dir.path().join("app.db");
     let replica_dir = dir.path().join("replica");
     let writer = open_writer(&db);
-    writer.execute("INSERT INTO t (v) VALUES (randomblob(5000))", []).unwrap();
+    writer
+        .execute("INSERT INTO t (v) VALUES (randomblob(5000))", [])
+        .unwrap();
     let config = dir.path().join("litestream.yml");
     std::fs::write(
         &config,
-        format!("dbs:\n  - path: {}\n    replica:\n      url: file://{}\n      sync-interval: 100ms\n", db.display(), replica_dir.display()),
+        format!(
+            "dbs:\n  - path: {}\n    replica:\n      url: file://{}\n      sync-interval: 100ms\n",
+            db.display(),
+            replica_dir.display()
+        ),
     )
     .unwrap();
     let mut child = std::process::Command::new(litestream())
@@ -306,15 +448,30 @@ async fn hearth_restores_a_replica_written_by_litestream() {
         .unwrap();
     tokio::time::sleep(Duration::from_millis(1500)).await;
     for i in 0..50 {
-        writer.execute("INSERT INTO t (v) VALUES (zeroblob(?1))", [i]).unwrap();
+        writer
+            .execute("INSERT INTO t (v) VALUES (zeroblob(?1))", [i])
+            .unwrap();
     }
     tokio::time::sleep(Duration::from_millis(2500)).await;
-    std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
     child.wait().unwrap();
 
     let out = dir.path().join("restored.db");
-    let outcome = restore(&db_config(&db, &replica_dir).replicas, &restore_opts(out.clone(), Target::Latest)).await.unwrap();
-    let RestoreOutcome::Restored(r) = outcome else { panic!("{outcome:?}") };
-    assert!(!r.checksum_verified, "Litestream records no checksum; hearth must not claim a verified end state");
+    let outcome = restore(
+        &db_config(&db, &replica_dir).replicas,
+        &restore_opts(out.clone(), Target::Latest),
+    )
+    .await
+    .unwrap();
+    let RestoreOutcome::Restored(r) = outcome else {
+        panic!("{outcome:?}")
+    };
+    assert!(
+        !r.checksum_verified,
+        "Litestream records no checksum; hearth must not claim a verified end state"
+    );
     assert_eq!(contents(&out), contents(&db));
 }

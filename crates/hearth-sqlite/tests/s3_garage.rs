@@ -1,5 +1,8 @@
 //! Replication against a real S3 store (Garage 2.5.0), both ways with the real Litestream 0.5.17.
 
+// Test helpers outside #[test] bodies unwrap too: a failed step should fail the test loudly.
+#![allow(clippy::unwrap_used)]
+
 use std::path::Path;
 use std::time::Duration;
 
@@ -26,14 +29,18 @@ fn open_writer(db: &Path) -> Connection {
     let conn = Connection::open(db).unwrap();
     conn.busy_timeout(Duration::from_secs(5)).unwrap();
     conn.pragma_update(None, "journal_mode", "wal").unwrap();
-    conn.execute_batch("CREATE TABLE IF NOT EXISTS t (id INTEGER PRIMARY KEY, v BLOB)").unwrap();
+    conn.execute_batch("CREATE TABLE IF NOT EXISTS t (id INTEGER PRIMARY KEY, v BLOB)")
+        .unwrap();
     conn
 }
 
 fn contents(db: &Path) -> Vec<(i64, Vec<u8>)> {
     let conn = Connection::open(db).unwrap();
     let mut stmt = conn.prepare("SELECT id, v FROM t ORDER BY id").unwrap();
-    stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).unwrap().map(Result::unwrap).collect()
+    stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect()
 }
 
 fn restore_opts(output: &Path) -> RestoreOptions {
@@ -54,16 +61,25 @@ async fn hearth_writes_garage_and_both_tools_restore() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("app.db");
     let writer = open_writer(&db);
-    writer.execute("INSERT INTO t (v) VALUES (randomblob(20000))", []).unwrap();
+    writer
+        .execute("INSERT INTO t (v) VALUES (randomblob(20000))", [])
+        .unwrap();
 
     let mut cfg = DbConfig::new(db.clone(), vec![replica(garage, &url, &garage.secret)]);
     cfg.monitor_interval = Duration::from_millis(50);
     cfg.replicas[0].sync_interval = Duration::from_millis(50);
-    let opts = ReplicateOptions { force: false, shutdown_budget: Duration::from_secs(4), policy: CompactionPolicy::default(), metrics: Default::default() };
+    let opts = ReplicateOptions {
+        force: false,
+        shutdown_budget: Duration::from_secs(4),
+        policy: CompactionPolicy::default(),
+        metrics: Default::default(),
+    };
     let (tx, rx) = watch::channel(false);
     let task = tokio::spawn(replicate_db(cfg.clone(), opts, rx));
     for i in 0..100 {
-        writer.execute("INSERT INTO t (v) VALUES (randomblob(?1))", [i * 10]).unwrap();
+        writer
+            .execute("INSERT INTO t (v) VALUES (randomblob(?1))", [i * 10])
+            .unwrap();
         if i % 25 == 0 {
             tokio::time::sleep(Duration::from_millis(150)).await;
         }
@@ -75,7 +91,10 @@ async fn hearth_writes_garage_and_both_tools_restore() {
 
     let out = dir.path().join("hearth.db");
     let outcome = restore(&cfg.replicas, &restore_opts(&out)).await.unwrap();
-    assert!(matches!(outcome, RestoreOutcome::Restored(ref r) if r.checksum_verified), "{outcome:?}");
+    assert!(
+        matches!(outcome, RestoreOutcome::Restored(ref r) if r.checksum_verified),
+        "{outcome:?}"
+    );
     assert_eq!(contents(&out), contents(&db));
 
     let ls_out = dir.path().join("litestream.db");
@@ -87,7 +106,11 @@ async fn hearth_writes_garage_and_both_tools_restore() {
         .env("LITESTREAM_SECRET_ACCESS_KEY", &garage.secret)
         .output()
         .unwrap();
-    assert!(output.status.success(), "litestream restore failed: {}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "litestream restore failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     assert_eq!(contents(&ls_out), contents(&db));
 }
 
@@ -99,7 +122,9 @@ async fn hearth_restores_what_litestream_wrote_to_garage() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("app.db");
     let writer = open_writer(&db);
-    writer.execute("INSERT INTO t (v) VALUES (randomblob(20000))", []).unwrap();
+    writer
+        .execute("INSERT INTO t (v) VALUES (randomblob(20000))", [])
+        .unwrap();
     let config = dir.path().join("litestream.yml");
     std::fs::write(
         &config,
@@ -121,15 +146,28 @@ async fn hearth_restores_what_litestream_wrote_to_garage() {
         .unwrap();
     tokio::time::sleep(Duration::from_millis(1500)).await;
     for i in 0..50 {
-        writer.execute("INSERT INTO t (v) VALUES (randomblob(?1))", [i]).unwrap();
+        writer
+            .execute("INSERT INTO t (v) VALUES (randomblob(?1))", [i])
+            .unwrap();
     }
     tokio::time::sleep(Duration::from_millis(2500)).await;
-    std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
     child.wait().unwrap();
 
     let out = dir.path().join("restored.db");
-    let outcome = restore(&[replica(garage, &url, &garage.secret)], &restore_opts(&out)).await.unwrap();
-    assert!(matches!(outcome, RestoreOutcome::Restored(ref r) if !r.checksum_verified), "{outcome:?}");
+    let outcome = restore(
+        &[replica(garage, &url, &garage.secret)],
+        &restore_opts(&out),
+    )
+    .await
+    .unwrap();
+    assert!(
+        matches!(outcome, RestoreOutcome::Restored(ref r) if !r.checksum_verified),
+        "{outcome:?}"
+    );
     assert_eq!(contents(&out), contents(&db));
 }
 
@@ -146,12 +184,19 @@ async fn bad_credentials_and_missing_buckets_are_errors_not_empty_replicas() {
     let err = restore(&[wrong], &opts).await.unwrap_err().to_string();
     assert!(err.contains("access denied"), "{err}");
 
-    let missing = replica(garage, &garage.s3_url("no-such-bucket-here", "db"), &garage.secret);
+    let missing = replica(
+        garage,
+        &garage.s3_url("no-such-bucket-here", "db"),
+        &garage.secret,
+    );
     let err = restore(&[missing], &opts).await.unwrap_err().to_string();
     assert!(err.contains("bucket does not exist"), "{err}");
     assert!(!out.exists());
 
     // A reachable, truly empty replica is the one case -if-replica-exists accepts quietly.
     let empty = replica(garage, &garage.s3_url(&bucket, "db"), &garage.secret);
-    assert_eq!(restore(&[empty], &opts).await.unwrap(), RestoreOutcome::NoReplica);
+    assert_eq!(
+        restore(&[empty], &opts).await.unwrap(),
+        RestoreOutcome::NoReplica
+    );
 }

@@ -16,7 +16,10 @@ pub fn main(args: Vec<String>) -> ExitCode {
             return ExitCode::from(e.exit_code);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("Error: start the async runtime: {e}");

@@ -125,7 +125,10 @@ pub fn exit(result: Result<ExitCode, Failure>) -> ExitCode {
 
 pub fn main(args: SqliteArgs) -> ExitCode {
     crate::init_logging(None);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: start the async runtime: {e}");
@@ -136,7 +139,11 @@ pub fn main(args: SqliteArgs) -> ExitCode {
         match args.command {
             SqliteCommand::Replicate { source, force } => replicate_cmd(&source, force, None).await,
             SqliteCommand::Restore(r) => restore_cmd(&r).await,
-            SqliteCommand::Run { source, force, command } => replicate_cmd(&source, force, Some(command)).await,
+            SqliteCommand::Run {
+                source,
+                force,
+                command,
+            } => replicate_cmd(&source, force, Some(command)).await,
             SqliteCommand::Status { source, json } => status_cmd(&source, json),
         }
     }))
@@ -150,11 +157,16 @@ fn env(name: &str) -> Option<String> {
 pub fn load_config(source: &Source) -> Result<Config, Failure> {
     let config = if let Some((db, urls)) = source.db_and_urls.split_first() {
         if source.config.is_some() {
-            return Err(Failure::Usage(anyhow!("give either -config or a database path with replica URLs, not both")));
+            return Err(Failure::Usage(anyhow!(
+                "give either -config or a database path with replica URLs, not both"
+            )));
         }
         Config::from_command_line(db, urls, &env)
     } else {
-        let path = source.config.clone().unwrap_or_else(|| default_config_path(&env));
+        let path = source
+            .config
+            .clone()
+            .unwrap_or_else(|| default_config_path(&env));
         Config::load(&path, !source.no_expand_env)
     };
     let config = config.map_err(config_failure)?;
@@ -168,10 +180,16 @@ fn config_failure(e: ConfigError) -> Failure {
     Failure::Usage(anyhow::Error::new(e).context("load the configuration"))
 }
 
-pub async fn replicate_cmd(source: &Source, force: bool, command: Option<Vec<String>>) -> Result<ExitCode, Failure> {
+pub async fn replicate_cmd(
+    source: &Source,
+    force: bool,
+    command: Option<Vec<String>>,
+) -> Result<ExitCode, Failure> {
     let config = load_config(source)?;
     if config.dbs.is_empty() {
-        return Err(Failure::Usage(anyhow!("the configuration lists no databases (dbs:)")));
+        return Err(Failure::Usage(anyhow!(
+            "the configuration lists no databases (dbs:)"
+        )));
     }
     let command = command.or_else(|| config.exec.as_ref().map(|e| shell_words(e)));
     if command.is_some() {
@@ -188,7 +206,9 @@ pub async fn replicate_cmd(source: &Source, force: bool, command: Option<Vec<Str
                 if_replica_exists: true,
                 parallelism: 8,
             };
-            let outcome = restore(&db.replicas, &opts).await.with_context(|| format!("restore {}", db.path.display()))?;
+            let outcome = restore(&db.replicas, &opts)
+                .await
+                .with_context(|| format!("restore {}", db.path.display()))?;
             report_restore(&db.path, &outcome);
         }
     }
@@ -199,7 +219,9 @@ pub async fn replicate_cmd(source: &Source, force: bool, command: Option<Vec<Str
 
     let mut child = match &command {
         Some(argv) => {
-            let (program, args) = argv.split_first().ok_or_else(|| Failure::Usage(anyhow!("empty command to run")))?;
+            let (program, args) = argv
+                .split_first()
+                .ok_or_else(|| Failure::Usage(anyhow!("empty command to run")))?;
             Some(
                 tokio::process::Command::new(program)
                     .args(args)
@@ -262,10 +284,16 @@ mod libc_signal {
 }
 
 fn signal(kind: tokio::signal::unix::SignalKind) -> Result<tokio::signal::unix::Signal, Failure> {
-    tokio::signal::unix::signal(kind).context("install signal handlers").map_err(Failure::Runtime)
+    tokio::signal::unix::signal(kind)
+        .context("install signal handlers")
+        .map_err(Failure::Runtime)
 }
 
-fn forward_or_stop(child: &mut Option<tokio::process::Child>, sig: i32, stop: &watch::Sender<bool>) {
+fn forward_or_stop(
+    child: &mut Option<tokio::process::Child>,
+    sig: i32,
+    stop: &watch::Sender<bool>,
+) {
     match child.as_ref().and_then(|c| c.id()) {
         Some(pid) => {
             // Forward the signal; replication keeps running until the child has exited.
@@ -281,14 +309,18 @@ fn forward_or_stop(child: &mut Option<tokio::process::Child>, sig: i32, stop: &w
 /// point here, so this calls kill(2) directly.
 #[allow(unsafe_code)]
 fn send_signal(pid: u32, sig: i32) {
-    let Ok(pid) = libc::pid_t::try_from(pid) else { return };
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return;
+    };
     // SAFETY: kill(2) takes plain integers and has no memory effects; the pid is our own child's.
     unsafe {
         libc::kill(pid, sig);
     }
 }
 
-async fn wait_child(child: &mut Option<tokio::process::Child>) -> std::io::Result<std::process::ExitStatus> {
+async fn wait_child(
+    child: &mut Option<tokio::process::Child>,
+) -> std::io::Result<std::process::ExitStatus> {
     match child {
         Some(c) => c.wait().await,
         None => std::future::pending().await,
@@ -326,7 +358,9 @@ pub fn shell_words(s: &str) -> Vec<String> {
 
 pub async fn restore_cmd(args: &RestoreArgs) -> Result<ExitCode, Failure> {
     if args.txid.is_some() && args.timestamp.is_some() {
-        return Err(Failure::Usage(anyhow!("give either -txid or -timestamp, not both")));
+        return Err(Failure::Usage(anyhow!(
+            "give either -txid or -timestamp, not both"
+        )));
     }
     let target = match (args.txid, args.timestamp) {
         (Some(t), _) => Target::Txid(t),
@@ -335,19 +369,29 @@ pub async fn restore_cmd(args: &RestoreArgs) -> Result<ExitCode, Failure> {
     };
     let is_url = args.target.contains("://");
     let (replicas, default_output) = if is_url {
-        let r = hearth_sqlite::config::replica_from_url(&args.target, &env).map_err(config_failure)?;
+        let r =
+            hearth_sqlite::config::replica_from_url(&args.target, &env).map_err(config_failure)?;
         (vec![r], None)
     } else {
-        let source = Source { config: args.config.clone(), no_expand_env: args.no_expand_env, db_and_urls: Vec::new() };
+        let source = Source {
+            config: args.config.clone(),
+            no_expand_env: args.no_expand_env,
+            db_and_urls: Vec::new(),
+        };
         let config = load_config(&source)?;
         let path = hearth_sqlite::config::expand_path(&args.target, &env);
         let db = config.db(&path).ok_or_else(|| {
-            Failure::Usage(anyhow!("database {} is not in the configuration; list it under dbs: or give a replica URL", path.display()))
+            Failure::Usage(anyhow!(
+                "database {} is not in the configuration; list it under dbs: or give a replica URL",
+                path.display()
+            ))
         })?;
         (db.replicas.clone(), Some(db.path.clone()))
     };
     let output = args.output.clone().or(default_output).ok_or_else(|| {
-        Failure::Usage(anyhow!("restoring from a URL needs an output path: add -o PATH"))
+        Failure::Usage(anyhow!(
+            "restoring from a URL needs an output path: add -o PATH"
+        ))
     })?;
     let opts = RestoreOptions {
         target,
@@ -362,7 +406,9 @@ pub async fn restore_cmd(args: &RestoreArgs) -> Result<ExitCode, Failure> {
             output.display()
         )));
     }
-    let outcome = restore(&replicas, &opts).await.with_context(|| format!("restore {}", output.display()))?;
+    let outcome = restore(&replicas, &opts)
+        .await
+        .with_context(|| format!("restore {}", output.display()))?;
     report_restore(&output, &outcome);
     Ok(ExitCode::SUCCESS)
 }
@@ -387,26 +433,48 @@ fn report_restore(output: &Path, outcome: &RestoreOutcome) {
                 eprintln!("hearth: set aside stale {}", aside.display());
             }
         }
-        RestoreOutcome::DatabaseExists => eprintln!("hearth: {} exists; nothing restored", output.display()),
-        RestoreOutcome::NoReplica => eprintln!("hearth: no backup exists yet for {}; nothing restored", output.display()),
+        RestoreOutcome::DatabaseExists => {
+            eprintln!("hearth: {} exists; nothing restored", output.display())
+        }
+        RestoreOutcome::NoReplica => eprintln!(
+            "hearth: no backup exists yet for {}; nothing restored",
+            output.display()
+        ),
     }
 }
 
 fn status_cmd(source: &Source, json: bool) -> Result<ExitCode, Failure> {
     let config = load_config(source)?;
     let now = SystemTime::now();
-    let statuses: Vec<DbStatus> = config.dbs.iter().map(|db| status(&db.path, &db.replicas, now)).collect();
+    let statuses: Vec<DbStatus> = config
+        .dbs
+        .iter()
+        .map(|db| status(&db.path, &db.replicas, now))
+        .collect();
     if json {
-        println!("{}", serde_json::to_string_pretty(&statuses).context("encode status")?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&statuses).context("encode status")?
+        );
         return Ok(ExitCode::SUCCESS);
     }
-    println!("{:<40} {:<12} {:>10} {:>10} {:>10}  LAST UPLOAD", "DATABASE", "REPLICA", "CAPTURED", "UPLOADED", "LAG");
+    println!(
+        "{:<40} {:<12} {:>10} {:>10} {:>10}  LAST UPLOAD",
+        "DATABASE", "REPLICA", "CAPTURED", "UPLOADED", "LAG"
+    );
     for s in &statuses {
         if s.replicas.is_empty() {
-            println!("{:<40} {:<12} {:>10}", s.path.display(), "-", format!("{:#x}", s.txid));
+            println!(
+                "{:<40} {:<12} {:>10}",
+                s.path.display(),
+                "-",
+                format!("{:#x}", s.txid)
+            );
         }
         for r in &s.replicas {
-            let last = r.last_upload_ms.map_or("never".to_string(), |ms| format!("{:.1}s ago", (now_ms(now) - ms) as f64 / 1000.0));
+            let last = r.last_upload_ms.map_or("never".to_string(), |ms| {
+                format!("{:.1}s ago", (now_ms(now) - ms) as f64 / 1000.0)
+            });
             println!(
                 "{:<40} {:<12} {:>10} {:>10} {:>9.1}s  {}",
                 s.path.display(),
@@ -422,16 +490,17 @@ fn status_cmd(source: &Source, json: bool) -> Result<ExitCode, Failure> {
 }
 
 fn now_ms(t: SystemTime) -> i64 {
-    t.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
 }
 
 fn parse_hex_txid(s: &str) -> Result<u64, String> {
     let digits = s.trim_start_matches("0x");
-    u64::from_str_radix(digits, 16).map_err(|_| format!("`{s}` is not a hexadecimal TXID (e.g. 000000000000002a)"))
+    u64::from_str_radix(digits, 16)
+        .map_err(|_| format!("`{s}` is not a hexadecimal TXID (e.g. 000000000000002a)"))
 }
 
 fn parse_timestamp(s: &str) -> Result<SystemTime, String> {
     crate::litestream_args::parse_go_rfc3339(s)
         .ok_or_else(|| format!("`{s}` is not an RFC 3339 time such as 2026-11-23T19:00:00Z"))
 }
-

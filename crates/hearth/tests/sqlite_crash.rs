@@ -3,6 +3,9 @@
 //!
 //! `HEARTH_CRASH_CYCLES` sets the number of kill cycles (default 100; use more in a slow run by hand).
 
+// Test helpers outside #[test] bodies unwrap too: a failed step should fail the test loudly.
+#![allow(clippy::unwrap_used)]
+
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -58,19 +61,35 @@ fn check_prefix(restored: &Path, committed: i64) -> i64 {
         .map(Result::unwrap)
         .collect();
     for (i, (id, v)) in rows.iter().enumerate() {
-        assert_eq!(*id, i as i64 + 1, "row {i} of the restore is not the next committed row");
-        assert_eq!(v, &value(*id), "row {id} has other content than was committed");
+        assert_eq!(
+            *id,
+            i as i64 + 1,
+            "row {i} of the restore is not the next committed row"
+        );
+        assert_eq!(
+            v,
+            &value(*id),
+            "row {id} has other content than was committed"
+        );
     }
     let k = rows.len() as i64;
-    assert!(k <= committed, "restore holds {k} rows but only {committed} were committed");
-    let check: String = conn.query_row("PRAGMA integrity_check", [], |r| r.get(0)).unwrap();
+    assert!(
+        k <= committed,
+        "restore holds {k} rows but only {committed} were committed"
+    );
+    let check: String = conn
+        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+        .unwrap();
     assert_eq!(check, "ok");
     k
 }
 
 #[test]
 fn kill_9_at_random_points_leaves_a_restorable_committed_prefix() {
-    let cycles: u32 = std::env::var("HEARTH_CRASH_CYCLES").ok().and_then(|v| v.parse().ok()).unwrap_or(100);
+    let cycles: u32 = std::env::var("HEARTH_CRASH_CYCLES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100);
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("app.db");
     let replica = dir.path().join("replica");
@@ -78,7 +97,8 @@ fn kill_9_at_random_points_leaves_a_restorable_committed_prefix() {
     {
         let conn = Connection::open(&db).unwrap();
         conn.pragma_update(None, "journal_mode", "wal").unwrap();
-        conn.execute_batch("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT NOT NULL)").unwrap();
+        conn.execute_batch("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT NOT NULL)")
+            .unwrap();
     }
 
     // The writer: one row per transaction, counting what is committed.
@@ -92,7 +112,11 @@ fn kill_9_at_random_points_leaves_a_restorable_committed_prefix() {
             let mut id = 0;
             while !stop.load(Ordering::Relaxed) {
                 id += 1;
-                conn.execute("INSERT INTO t (id, v) VALUES (?1, ?2)", rusqlite::params![id, value(id)]).unwrap();
+                conn.execute(
+                    "INSERT INTO t (id, v) VALUES (?1, ?2)",
+                    rusqlite::params![id, value(id)],
+                )
+                .unwrap();
                 committed.store(id, Ordering::SeqCst);
                 std::thread::sleep(Duration::from_micros(500));
             }
@@ -145,6 +169,13 @@ fn kill_9_at_random_points_leaves_a_restorable_committed_prefix() {
         .status()
         .unwrap();
     assert!(status.success());
-    assert_eq!(check_prefix(&out, total), total, "the final restore must hold every committed row");
-    assert!(best > 0, "no intermediate restore saw any row: the test did not exercise replication");
+    assert_eq!(
+        check_prefix(&out, total),
+        total,
+        "the final restore must hold every committed row"
+    );
+    assert!(
+        best > 0,
+        "no intermediate restore saw any row: the test did not exercise replication"
+    );
 }
