@@ -3,6 +3,7 @@
 mod jobspec;
 mod litestream;
 mod litestream_args;
+mod metrics;
 mod sqlite;
 
 use std::process::ExitCode;

@@ -212,8 +212,21 @@ pub async fn replicate_cmd(
             report_restore(&db.path, &outcome);
         }
     }
-    let opts = ReplicateOptions::from_config(&config, force);
+    let mut opts = ReplicateOptions::from_config(&config, force);
     let (stop_tx, stop_rx) = watch::channel(false);
+    // The metrics server lives exactly as long as this command: it stops after replication has flushed.
+    let _metrics_server = match &config.addr {
+        Some(addr) => {
+            let mut registry = prometheus_client::registry::Registry::default();
+            opts.metrics = hearth_sqlite::metrics::Metrics::register(&mut registry);
+            Some(
+                crate::metrics::serve(addr, registry)
+                    .await
+                    .map_err(Failure::Usage)?,
+            )
+        }
+        None => None,
+    };
     let replication = replicate_all(&config, &opts, stop_rx);
     tokio::pin!(replication);
 
@@ -243,7 +256,11 @@ pub async fn replicate_cmd(
             _ = sigterm.recv() => forward_or_stop(&mut child, libc_signal::TERM, &stop_tx),
             _ = sigint.recv() => forward_or_stop(&mut child, libc_signal::INT, &stop_tx),
             status = wait_child(&mut child) => {
-                child_code = Some(status.map_or(1, |s| s.code().unwrap_or(1)));
+                // A child killed by a signal exits as a shell reports it: 128 + the signal number.
+                child_code = Some(status.map_or(1, |s| {
+                    use std::os::unix::process::ExitStatusExt;
+                    s.code().or_else(|| s.signal().map(|sig| 128 + sig)).unwrap_or(1)
+                }));
                 child = None;
                 let _ = stop_tx.send(true);
             }
