@@ -475,3 +475,117 @@ async fn hearth_restores_a_replica_written_by_litestream() {
     );
     assert_eq!(contents(&out), contents(&db));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn lost_continuity_is_detected_with_its_reason_and_rebased() {
+    type Disturb = Box<dyn Fn(&Path)>;
+    let cases: Vec<(&str, Disturb, &str)> = vec![
+        (
+            "the app checkpoints with TRUNCATE while hearth is stopped",
+            Box::new(|db: &Path| {
+                let c = open_writer(db);
+                c.execute("INSERT INTO t (v) VALUES (x'aa')", []).unwrap();
+                c.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+                    .unwrap();
+            }),
+            "WAL was checkpointed",
+        ),
+        (
+            "the WAL is deleted while hearth is stopped",
+            Box::new(|db: &Path| {
+                let c = open_writer(db);
+                c.execute("INSERT INTO t (v) VALUES (x'bb')", []).unwrap();
+                // Closing the last connection checkpoints and deletes the WAL, as an app shutting down does.
+                drop(c);
+                assert!(!hearth_sqlite::capture::wal_path(db).exists());
+            }),
+            "WAL was checkpointed",
+        ),
+        (
+            "the database file is replaced",
+            Box::new(|db: &Path| {
+                let other = db.with_file_name("other.db");
+                let c = open_writer(&other);
+                c.execute("INSERT INTO t (v) VALUES (x'cc')", []).unwrap();
+                c.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+                    .unwrap();
+                drop(c);
+                std::fs::rename(&other, db).unwrap();
+                let _ = std::fs::remove_file(hearth_sqlite::capture::wal_path(db));
+            }),
+            "database file was replaced",
+        ),
+    ];
+    for (name, disturb, reason) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("app.db");
+        let replica_dir = dir.path().join("replica");
+        let writer = open_writer(&db);
+        let first = replicate_while(db_config(&db, &replica_dir), options(), || {
+            writer
+                .execute("INSERT INTO t (v) VALUES (x'01')", [])
+                .unwrap();
+        })
+        .await;
+        drop(writer);
+        disturb(&db);
+        let second = replicate_while(db_config(&db, &replica_dir), options(), || {}).await;
+        assert!(
+            second.rebases.iter().any(|r| r.contains(reason)),
+            "{name}: expected a rebase because {reason}, got {:?}",
+            second.rebases
+        );
+        assert!(second.captured > first.captured, "{name}");
+        let out = dir.path().join("restored.db");
+        restore(
+            &db_config(&db, &replica_dir).replicas,
+            &restore_opts(out.clone(), Target::Latest),
+        )
+        .await
+        .unwrap();
+        assert_eq!(contents(&out), contents(&db), "{name}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn checkpoints_under_load_keep_every_transaction() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("app.db");
+    let replica_dir = dir.path().join("replica");
+    let writer = open_writer(&db);
+    let mut cfg = db_config(&db, &replica_dir);
+    cfg.min_checkpoint_page_count = 20;
+    let report = replicate_while(cfg, options(), || {
+        for i in 0..400 {
+            writer
+                .execute("INSERT INTO t (v) VALUES (randomblob(?1))", [200 + i])
+                .unwrap();
+            if i % 50 == 0 {
+                std::thread::sleep(Duration::from_millis(120));
+            }
+        }
+    })
+    .await;
+    assert!(
+        report
+            .rebases
+            .iter()
+            .all(|r| r.contains("no local history")),
+        "{:?}",
+        report.rebases
+    );
+    // hearth's checkpoints moved pages into the database file, so the WAL was restarted at least once.
+    let db_size = std::fs::metadata(&db).unwrap().len();
+    assert!(
+        db_size > 100 * 1024,
+        "database file is only {db_size} bytes: no checkpoint ran"
+    );
+    let out = dir.path().join("restored.db");
+    restore(
+        &db_config(&db, &replica_dir).replicas,
+        &restore_opts(out.clone(), Target::Latest),
+    )
+    .await
+    .unwrap();
+    assert_eq!(contents(&out), contents(&db));
+}
