@@ -8,5 +8,6 @@ pub mod plan;
 pub mod replica;
 pub mod replicate;
 pub mod restore;
+pub mod seal;
 pub mod status;
 pub mod wal;

@@ -15,6 +15,7 @@ use crate::capture::write_atomic;
 use crate::layout::{FileInfo, HEARTH_PREFIX, Layout, SNAPSHOT_LEVEL};
 use crate::ltx::{self, CompactOptions, Decoder};
 use crate::plan::{self, CompactionClock, CompactionPolicy, Maintenance};
+use crate::seal::{SealError, Sealer};
 
 /// How long a writer's lease lasts without renewal.
 pub const LEASE_TTL: Duration = Duration::from_secs(30);
@@ -51,6 +52,8 @@ pub enum ReplicaError {
         what: &'static str,
         source: std::io::Error,
     },
+    #[error("replica {replica}: {source}")]
+    Seal { replica: String, source: SealError },
 }
 
 impl ReplicaError {
@@ -99,6 +102,7 @@ pub struct Replica {
     lease_etag: Option<String>,
     lease_expires: SystemTime,
     conditional: Option<bool>,
+    sealer: Sealer,
     pub last_upload: Option<SystemTime>,
 }
 
@@ -109,6 +113,7 @@ impl Replica {
         location: &Location,
         meta: &Path,
         policy: CompactionPolicy,
+        sealer: Sealer,
     ) -> Result<Replica, ReplicaError> {
         let store = Store::open(location).map_err(|source| ReplicaError::Store {
             replica: name.to_string(),
@@ -128,6 +133,7 @@ impl Replica {
             lease_etag: None,
             lease_expires: UNIX_EPOCH,
             conditional: None,
+            sealer,
             last_upload: None,
         };
         replica.files = list_files(&replica.store, layout)
@@ -327,6 +333,10 @@ impl Replica {
             })?;
             let timestamp = UNIX_EPOCH + Duration::from_millis(header.timestamp_ms.max(0) as u64);
             let key = self.layout.ltx_key(0, *txid, *txid);
+            let data = self
+                .sealer
+                .seal(data)
+                .map_err(|source| self.seal_error(source))?;
             let size = data.len() as u64;
             self.store
                 .put(
@@ -402,23 +412,17 @@ impl Replica {
         let mut blobs = Vec::with_capacity(inputs.len());
         for f in inputs {
             let key = self.layout.ltx_key(f.level, f.min_txid, f.max_txid);
-            blobs.push((
-                key.clone(),
-                self.store
-                    .get(&key)
-                    .await
-                    .map_err(|e| self.store_error(e))?,
-            ));
+            blobs.push((key, self.read_file(f).await?));
         }
         let mut decoders = Vec::with_capacity(blobs.len());
         for (key, blob) in &blobs {
-            decoders.push(Decoder::new(Cursor::new(blob.clone())).map_err(|source| {
-                ReplicaError::Ltx {
+            decoders.push(
+                Decoder::new(Cursor::new(blob.as_slice())).map_err(|source| ReplicaError::Ltx {
                     replica: self.name.clone(),
                     key: key.clone(),
                     source,
-                }
-            })?);
+                })?,
+            );
         }
         let out_key = self.layout.ltx_key(level, min_txid, max_txid);
         let finished =
@@ -431,11 +435,15 @@ impl Replica {
             })?;
         let timestamp =
             UNIX_EPOCH + Duration::from_millis(finished.header.timestamp_ms.max(0) as u64);
-        let size = finished.size;
+        let sealed = self
+            .sealer
+            .seal(finished.writer)
+            .map_err(|source| self.seal_error(source))?;
+        let size = sealed.len() as u64;
         self.store
             .put(
                 &out_key,
-                Bytes::from(finished.writer),
+                Bytes::from(sealed),
                 PutOptions {
                     timestamp: Some(timestamp),
                 },
@@ -450,6 +458,26 @@ impl Replica {
             timestamp,
         });
         Ok(())
+    }
+
+    /// Reads one LTX file of the replica, decrypted when the replica is encrypted.
+    pub async fn read_file(&self, f: &FileInfo) -> Result<Vec<u8>, ReplicaError> {
+        let key = self.layout.ltx_key(f.level, f.min_txid, f.max_txid);
+        let stored = self
+            .store
+            .get(&key)
+            .await
+            .map_err(|e| self.store_error(e))?;
+        self.sealer
+            .open(&stored)
+            .map_err(|source| self.seal_error(source))
+    }
+
+    fn seal_error(&self, source: SealError) -> ReplicaError {
+        ReplicaError::Seal {
+            replica: self.name.clone(),
+            source,
+        }
     }
 
     fn save_position(&self) -> Result<(), ReplicaError> {

@@ -16,6 +16,7 @@ use crate::config::{Config, DbConfig};
 use crate::metrics::Metrics;
 use crate::plan::CompactionPolicy;
 use crate::replica::{Replica, ReplicaError};
+use crate::seal::{SealError, Sealer};
 
 /// How replication runs, beyond the per-database configuration.
 #[derive(Clone, Debug)]
@@ -126,8 +127,23 @@ pub async fn replicate_db(
         tokio::task::block_in_place(|| Capture::open(&db.path, db.busy_timeout))?;
     let mut replicas = Vec::new();
     for r in &db.replicas {
-        replicas
-            .push(Replica::open(&r.name, &r.location, capture.meta(), opts.policy.clone()).await?);
+        let sealer = Sealer::new(&r.age_recipients, &r.age_identities).map_err(|source| {
+            ReplicaError::Seal {
+                replica: r.name.clone(),
+                source,
+            }
+        })?;
+        if sealer.encrypts() && r.age_identities.is_empty() {
+            // Compaction reads the replica's own files back, so a writer needs the identity too.
+            let source = SealError::NoIdentity;
+            return Err(ReplicaError::Seal {
+                replica: r.name.clone(),
+                source,
+            }
+            .into());
+        }
+        let policy = opts.policy.clone();
+        replicas.push(Replica::open(&r.name, &r.location, capture.meta(), policy, sealer).await?);
     }
     let mut rebase = discontinuity.clone();
     if discontinuity == Some(Discontinuity::NoHistory) {
@@ -331,15 +347,8 @@ async fn last_post_apply(replica: &Replica) -> Option<u64> {
         .files()
         .iter()
         .max_by_key(|f| (f.max_txid, f.level))?;
-    let key = replica
-        .layout()
-        .ltx_key(newest.level, newest.min_txid, newest.max_txid);
-    let head = replica
-        .store()
-        .get_range(&key, 0..(crate::ltx::HEADER_SIZE as u64))
-        .await
-        .ok()?;
-    crate::ltx::peek_header(&head)
+    let file = replica.read_file(newest).await.ok()?;
+    crate::ltx::peek_header(&file)
         .ok()?
         .hearth
         .map(|h| h.post_apply.0)

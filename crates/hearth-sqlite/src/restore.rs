@@ -17,6 +17,7 @@ use crate::layout::{FileInfo, Layout};
 use crate::ltx::{self, Checksum, Decoder};
 use crate::plan::{self, PlanError, Target};
 use crate::replica::list_files;
+use crate::seal::Sealer;
 
 /// What to restore and how.
 #[derive(Clone, Debug)]
@@ -84,6 +85,12 @@ pub enum RestoreError {
         key: String,
         source: ltx::LtxError,
     },
+    #[error("replica {replica}: object {key}: {source}")]
+    Seal {
+        replica: String,
+        key: String,
+        source: crate::seal::SealError,
+    },
     #[error("the restored database failed `PRAGMA integrity_check`: {0}")]
     Integrity(String),
     #[error("{what} {path}: {source}")]
@@ -147,7 +154,7 @@ pub async fn restore(
     for (r, store, layout, files) in &reachable {
         match plan::restore_plan(files, opts.target) {
             Ok(plan) => {
-                return apply_plan(&r.name, store, *layout, &plan, opts)
+                return apply_plan(r, store, *layout, &plan, opts)
                     .await
                     .map(RestoreOutcome::Restored);
             }
@@ -163,7 +170,7 @@ pub async fn restore(
 }
 
 async fn apply_plan(
-    replica: &str,
+    config: &ReplicaConfig,
     store: &Store,
     layout: Layout,
     plan: &[FileInfo],
@@ -181,14 +188,14 @@ async fn apply_plan(
     let lock_path = crate::replicate::restore_lock_path(output);
     let lock = File::create(&lock_path).map_err(io("create the restore lock", &lock_path))?;
     lock.lock().map_err(io("lock", &lock_path))?;
-    let result = apply_plan_locked(replica, store, layout, plan, opts).await;
+    let result = apply_plan_locked(config, store, layout, plan, opts).await;
     let _ = fs::remove_file(&lock_path);
     drop(lock);
     result
 }
 
 async fn apply_plan_locked(
-    replica: &str,
+    config: &ReplicaConfig,
     store: &Store,
     layout: Layout,
     plan: &[FileInfo],
@@ -199,6 +206,15 @@ async fn apply_plan_locked(
         let path = path.to_path_buf();
         move |source| RestoreError::Io { path, what, source }
     };
+    let replica = config.name.as_str();
+    let sealer = Sealer::new(&config.age_recipients, &config.age_identities).map_err(|source| {
+        RestoreError::Seal {
+            replica: replica.to_string(),
+            key: String::new(),
+            source,
+        }
+    })?;
+    let sealer = &sealer;
     let tmp = temp_path(output);
     let mut image = File::options()
         .read(true)
@@ -223,6 +239,11 @@ async fn apply_plan_locked(
                     key: key.clone(),
                     source: Box::new(source),
                 })?;
+            let data = sealer.open(&data).map_err(|source| RestoreError::Seal {
+                replica: replica.to_string(),
+                key: key.clone(),
+                source,
+            })?;
             Ok::<_, RestoreError>((key, data))
         })
         .buffered(parallelism);
@@ -239,7 +260,7 @@ async fn apply_plan_locked(
                 key: key.clone(),
                 source,
             };
-            let dec = Decoder::new(Cursor::new(data.clone())).map_err(ltx_err)?;
+            let dec = Decoder::new(Cursor::new(data.as_slice())).map_err(ltx_err)?;
             let header = *dec.header();
             let declares = header.declared_pre_apply().is_some();
             if !declares {

@@ -589,3 +589,72 @@ async fn checkpoints_under_load_keep_every_transaction() {
     .unwrap();
     assert_eq!(contents(&out), contents(&db));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn encrypted_replicas_hide_the_data_and_need_the_identity_to_restore() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("app.db");
+    let replica_dir = dir.path().join("replica");
+    let key = age::x25519::Identity::generate();
+    let recipient = key.to_public().to_string();
+    let identity = age::secrecy::ExposeSecret::expose_secret(&key.to_string()).to_string();
+    let mut cfg = db_config(&db, &replica_dir);
+    cfg.replicas[0].age_recipients = vec![recipient.clone()];
+    cfg.replicas[0].age_identities = vec![identity];
+
+    let writer = open_writer(&db);
+    writer
+        .execute(
+            "INSERT INTO t (v) VALUES (CAST('a secret row' AS BLOB))",
+            [],
+        )
+        .unwrap();
+    let report = replicate_while(cfg.clone(), options(), || {
+        writer
+            .execute(
+                "INSERT INTO t (v) VALUES (CAST('another secret' AS BLOB))",
+                [],
+            )
+            .unwrap();
+    })
+    .await;
+    assert_eq!(report.unflushed(), 0);
+
+    // No stored object shows LTX or the rows.
+    let mut stack = vec![replica_dir.clone()];
+    let mut objects = 0;
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.extension().is_some_and(|x| x == "ltx") {
+                let bytes = std::fs::read(&p).unwrap();
+                assert!(
+                    bytes.starts_with(b"age-encryption.org/v1"),
+                    "{}",
+                    p.display()
+                );
+                assert!(!bytes.windows(6).any(|w| w == b"secret"), "{}", p.display());
+                objects += 1;
+            }
+        }
+    }
+    assert!(objects >= 2);
+
+    let out = dir.path().join("restored.db");
+    restore(&cfg.replicas, &restore_opts(out.clone(), Target::Latest))
+        .await
+        .unwrap();
+    assert_eq!(contents(&out), contents(&db));
+
+    // Without the identity the restore fails and says why.
+    let mut no_key = cfg.replicas.clone();
+    no_key[0].age_identities.clear();
+    let out2 = dir.path().join("restored2.db");
+    let err = restore(&no_key, &restore_opts(out2.clone(), Target::Latest))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("no age identity"), "{err}");
+    assert!(!out2.exists());
+}
