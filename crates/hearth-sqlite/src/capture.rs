@@ -90,6 +90,9 @@ pub enum Discontinuity {
     WalReset,
     /// The database changed in a way the WAL does not explain.
     DatabaseChanged,
+    /// Commits landed between hearth's barrier and its TRUNCATE checkpoint, which may have copied them into
+    /// the database and erased them from the WAL before hearth read them.
+    TruncateRace,
 }
 
 impl std::fmt::Display for Discontinuity {
@@ -103,6 +106,7 @@ impl std::fmt::Display for Discontinuity {
             Discontinuity::DatabaseChanged => {
                 "the database changed in a way its WAL does not explain"
             }
+            Discontinuity::TruncateRace => "commits landed while hearth truncated the WAL",
         })
     }
 }
@@ -171,6 +175,8 @@ pub struct Capture {
     /// checksum is known without reading old page versions back.
     page_sums: Vec<Checksum>,
     pinned: bool,
+    /// A reason to write a full image at the next sync, found by a checkpoint.
+    pending_rebase: Option<Discontinuity>,
 }
 
 impl Capture {
@@ -245,6 +251,7 @@ impl Capture {
             },
             page_sums: Vec::new(),
             pinned: false,
+            pending_rebase: None,
         };
         capture.bump_seq()?;
         capture.pin()?;
@@ -556,7 +563,10 @@ impl Capture {
     /// hearth never runs RESTART (it blocks writers behind long readers, Litestream #724). TRUNCATE is
     /// left to a later increment; the WAL file is reused after each restart, so its size stays bounded by
     /// the largest burst between two checkpoints.
-    pub fn checkpoint(&mut self) -> Result<(CheckpointResult, Vec<Captured>), CaptureError> {
+    pub fn checkpoint(
+        &mut self,
+        truncate: bool,
+    ) -> Result<(CheckpointResult, Vec<Captured>), CaptureError> {
         let mut captured = Vec::new();
         captured.extend(self.sync(None)?);
         let sql = |source| CaptureError::Sqlite {
@@ -583,8 +593,10 @@ impl Capture {
                     path: self.path.clone(),
                     source,
                 });
+            // For a TRUNCATE afterwards: the commit counter as the barrier leaves it.
+            let version = self.data_version();
             self.pin()?;
-            r
+            r.and_then(|r| Ok((r, version?)))
         })();
         let rollback =
             self.barrier
@@ -593,9 +605,45 @@ impl Capture {
                     path: self.path.clone(),
                     source,
                 });
-        let r = result?;
+        let (r, version) = result?;
         rollback?;
-        Ok((r, captured))
+        if !truncate {
+            return Ok((r, captured));
+        }
+        // TRUNCATE needs the write lock, which the barrier held, so it runs after the barrier and waits at most
+        // the busy timeout for readers and writers. A commit in between may be copied into the database and
+        // erased from the WAL unread; the commit counter tells, and then the next capture is a full image.
+        self.unpin()?;
+        let truncated = self
+            .conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |row| {
+                Ok(CheckpointResult {
+                    busy: row.get::<_, i64>(0)? != 0,
+                    wal_frames: row.get(1)?,
+                    checkpointed: row.get(2)?,
+                })
+            });
+        let after = self.data_version();
+        self.bump_seq()?;
+        self.pin()?;
+        let truncated = truncated.map_err(|source| CaptureError::Sqlite {
+            path: self.path.clone(),
+            source,
+        })?;
+        if !truncated.busy && after? != version {
+            self.pending_rebase = Some(Discontinuity::TruncateRace);
+        }
+        Ok((truncated, captured))
+    }
+
+    /// SQLite's counter of commits by other connections, as seen by hearth's connection.
+    fn data_version(&self) -> Result<i64, CaptureError> {
+        self.conn
+            .query_row("PRAGMA data_version", [], |r| r.get(0))
+            .map_err(|source| CaptureError::Sqlite {
+                path: self.path.clone(),
+                source,
+            })
     }
 
     /// Writes `pages` as the level-0 file `header.min_txid`, in two passes: the first reads every page to

@@ -236,7 +236,8 @@ pub async fn replicate_db(
         let idle_checkpoint =
             changed_since_checkpoint && last_change.elapsed() >= db.checkpoint_interval;
         if wal_pages >= u64::from(db.min_checkpoint_page_count) || idle_checkpoint {
-            match tokio::task::block_in_place(|| capture.checkpoint()) {
+            let truncate = wal_pages >= u64::from(db.truncate_page_n);
+            match tokio::task::block_in_place(|| capture.checkpoint(truncate)) {
                 Ok((result, files)) => {
                     for c in &files {
                         log_captured(&db.path, c);
