@@ -31,6 +31,18 @@ pub struct RestoreOptions {
     pub if_replica_exists: bool,
     /// Downloads in flight at once.
     pub parallelism: usize,
+    /// Told after each applied file; the binary draws a progress bar with it on a terminal.
+    pub progress: Option<Progress>,
+}
+
+/// A progress callback: `(files applied, files in the plan, bytes downloaded)`.
+#[derive(Clone)]
+pub struct Progress(pub std::sync::Arc<dyn Fn(usize, usize, u64) + Send + Sync>);
+
+impl std::fmt::Debug for Progress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Progress")
+    }
 }
 
 /// What a restore did.
@@ -252,6 +264,7 @@ async fn apply_plan_locked(
     let mut verified = true;
     let mut bytes = 0u64;
     let mut txid = 0;
+    let mut applied_files = 0usize;
     let result: Result<(), RestoreError> = async {
         while let Some((key, data)) = downloads.try_next().await? {
             bytes += data.len() as u64;
@@ -275,6 +288,10 @@ async fn apply_plan_locked(
             let applied = tokio::task::block_in_place(|| ltx::apply(dec, &mut image, carry))
                 .map_err(ltx_err)?;
             current = if declares { applied.checksum } else { None };
+            applied_files += 1;
+            if let Some(Progress(report)) = &opts.progress {
+                report(applied_files, plan.len(), bytes);
+            }
             txid = header.max_txid;
         }
         Ok(())

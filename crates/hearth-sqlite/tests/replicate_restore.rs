@@ -75,6 +75,7 @@ fn restore_opts(output: PathBuf, target: Target) -> RestoreOptions {
         if_db_not_exists: false,
         if_replica_exists: false,
         parallelism: 4,
+        progress: None,
     }
 }
 

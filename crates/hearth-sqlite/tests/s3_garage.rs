@@ -50,6 +50,7 @@ fn restore_opts(output: &Path) -> RestoreOptions {
         if_db_not_exists: false,
         if_replica_exists: false,
         parallelism: 4,
+        progress: None,
     }
 }
 

@@ -205,6 +205,7 @@ pub async fn replicate_cmd(
                 if_db_not_exists: true,
                 if_replica_exists: true,
                 parallelism: 8,
+                progress: None,
             };
             let outcome = restore(&db.replicas, &opts)
                 .await
@@ -416,6 +417,7 @@ pub async fn restore_cmd(args: &RestoreArgs) -> Result<ExitCode, Failure> {
         if_db_not_exists: args.if_db_not_exists,
         if_replica_exists: args.if_replica_exists,
         parallelism: args.parallelism,
+        progress: progress_bar(),
     };
     if !args.if_db_not_exists && output.exists() {
         return Err(Failure::Runtime(anyhow!(
@@ -428,6 +430,31 @@ pub async fn restore_cmd(args: &RestoreArgs) -> Result<ExitCode, Failure> {
         .with_context(|| format!("restore {}", output.display()))?;
     report_restore(&output, &outcome);
     Ok(ExitCode::SUCCESS)
+}
+
+/// A progress bar on stderr when it is a terminal; nothing otherwise (logs and CI stay clean).
+fn progress_bar() -> Option<hearth_sqlite::restore::Progress> {
+    use std::io::IsTerminal;
+    if !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} restoring [{bar:30}] {pos}/{len} files, {msg}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    Some(hearth_sqlite::restore::Progress(std::sync::Arc::new(
+        move |done, total, bytes| {
+            bar.set_length(total as u64);
+            bar.set_position(done as u64);
+            bar.set_message(indicatif::HumanBytes(bytes).to_string());
+            if done == total {
+                bar.finish_and_clear();
+            }
+        },
+    )))
 }
 
 fn report_restore(output: &Path, outcome: &RestoreOutcome) {
