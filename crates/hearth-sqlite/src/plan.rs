@@ -257,7 +257,17 @@ pub fn next_maintenance(
         .filter(|f| f.level == SNAPSHOT_LEVEL)
         .max_by_key(|f| f.max_txid);
     let snapshot_due = match newest_snapshot {
-        None => top > 0 && clock.due(SNAPSHOT_LEVEL, policy.snapshot_interval, now),
+        // Without a snapshot the chain starts at TXID 1, which is a full image already; the first snapshot is
+        // due one interval after the oldest file, not at once, so a new replica is not uploaded twice.
+        None => {
+            let oldest = files.iter().map(|f| f.timestamp).min();
+            top > 0
+                && oldest.is_some_and(|t| {
+                    now.duration_since(t)
+                        .is_ok_and(|d| d >= policy.snapshot_interval)
+                })
+                && clock.due(SNAPSHOT_LEVEL, policy.snapshot_interval, now)
+        }
         Some(s) => {
             s.max_txid < top
                 && now
@@ -506,7 +516,17 @@ mod tests {
             clock.mark(level, at(0));
         }
         let files = vec![f(0, 1, 1, 1), f(0, 2, 2, 2)];
-        let m = next_maintenance(&files, &CompactionPolicy::default(), &clock, at(5)).unwrap();
+        // Not at once: TXID 1 is already a full image.
+        assert_eq!(
+            next_maintenance(&files, &CompactionPolicy::default(), &clock, at(5)),
+            None
+        );
+        let day = 24 * 3600;
+        for level in 1..=3 {
+            clock.mark(level, at(day));
+        }
+        let m =
+            next_maintenance(&files, &CompactionPolicy::default(), &clock, at(1 + day)).unwrap();
         match m {
             Maintenance::Compact {
                 level,

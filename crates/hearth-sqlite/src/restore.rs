@@ -280,14 +280,26 @@ async fn apply_plan_locked(
                 verified = false;
             }
             // Carry the checksum through files that declare one; a checksum-free file (Litestream's) breaks it.
-            let carry = if declares && !header.is_snapshot() {
+            // A file that starts inside what is already applied (a compacted file that straddles the snapshot
+            // the plan started from) is still right to apply, since it holds the newest version of every page it
+            // touches, but its pre-apply checksum describes an earlier state; its post-apply checksum holds.
+            let overlaps = !header.is_snapshot() && header.min_txid <= txid;
+            let carry = if declares && !header.is_snapshot() && !overlaps {
                 current
             } else {
                 None
             };
             let applied = tokio::task::block_in_place(|| ltx::apply(dec, &mut image, carry))
                 .map_err(ltx_err)?;
-            current = if declares { applied.checksum } else { None };
+            current = match (declares, overlaps) {
+                (false, _) => None,
+                (true, false) => applied.checksum,
+                (true, true) => applied
+                    .summary
+                    .header
+                    .declared_checksums(&applied.summary.trailer)
+                    .map(|(_, post)| post),
+            };
             applied_files += 1;
             if let Some(Progress(report)) = &opts.progress {
                 report(applied_files, plan.len(), bytes);

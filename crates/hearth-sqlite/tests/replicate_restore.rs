@@ -707,3 +707,45 @@ async fn truncate_checkpoints_shrink_the_wal_and_lose_nothing() {
     .unwrap();
     assert_eq!(contents(&out), contents(&db));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_idle_database_costs_no_store_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("app.db");
+    let replica_dir = dir.path().join("replica");
+    let writer = open_writer(&db);
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = hearth_sqlite::metrics::Metrics::register(&mut registry);
+    let mut opts = options();
+    opts.metrics = metrics.clone();
+    // Fast compaction so that maintenance work, if any were left, would show within the test.
+    opts.policy.levels = vec![Duration::from_millis(100)];
+    opts.policy.l0_retention = Duration::from_millis(100);
+    let (tx, rx) = watch::channel(false);
+    let task = tokio::spawn(replicate_db(db_config(&db, &replica_dir), opts, rx));
+    for i in 0..5 {
+        writer
+            .execute("INSERT INTO t (v) VALUES (zeroblob(?1))", [i])
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let total = || {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        text.lines()
+            .filter(|l| l.starts_with("hearth_sqlite_store_requests_total{"))
+            .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+            .sum::<f64>()
+    };
+    let busy = total();
+    assert!(busy > 0.0, "the writes must have cost requests");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        total(),
+        busy,
+        "requests were made while the database was idle"
+    );
+    tx.send(true).unwrap();
+    task.await.unwrap().unwrap();
+}

@@ -139,14 +139,17 @@ fn kill_9_at_random_points_leaves_a_restorable_committed_prefix() {
         if cycle % 10 == 9 {
             let out = dir.path().join(format!("restore-{cycle}.db"));
             let committed_now = committed.load(Ordering::SeqCst);
-            let status = hearth()
+            let restore = hearth()
                 .args(["sqlite", "restore", "-o"])
                 .arg(&out)
                 .arg(format!("file://{}", replica.display()))
-                .stderr(Stdio::null())
-                .status()
+                .output()
                 .unwrap();
-            assert!(status.success(), "restore failed after cycle {cycle}");
+            assert!(
+                restore.status.success(),
+                "restore failed after cycle {cycle}: {}",
+                String::from_utf8_lossy(&restore.stderr)
+            );
             best = best.max(check_prefix(&out, committed_now));
         }
     }
