@@ -114,9 +114,21 @@ pub async fn replicate_db(
 ) -> Result<FlushReport, ReplicateError> {
     // Wait for the database to exist and for any restore of it to finish (Nomad runs the restore task and
     // the replicate sidecar at the same time).
+    let mut told = false;
     loop {
-        if db.path.exists() && !restore_in_progress(&db.path) {
+        let exists = db.path.exists();
+        let restoring = restore_in_progress(&db.path);
+        if exists && !restoring {
             break;
+        }
+        if !told {
+            let why = if restoring {
+                "a restore of it is running"
+            } else {
+                "it does not exist yet"
+            };
+            tracing::info!(db = %db.path.display(), "waiting for the database: {why}");
+            told = true;
         }
         tokio::select! {
             _ = tokio::time::sleep(db.monitor_interval) => {}
@@ -125,6 +137,7 @@ pub async fn replicate_db(
     }
     let (mut capture, discontinuity) =
         tokio::task::block_in_place(|| Capture::open(&db.path, db.busy_timeout))?;
+    tracing::info!(db = %db.path.display(), txid = capture.state().txid, "replicating");
     let mut replicas = Vec::new();
     for r in &db.replicas {
         let sealer = Sealer::new(&r.age_recipients, &r.age_identities).map_err(|source| {

@@ -330,3 +330,43 @@ fn metrics_are_served_on_the_configured_address() {
         assert!(body.contains(name), "{name} missing from:\n{body}");
     }
 }
+
+#[test]
+fn invoked_as_litestream_it_takes_litestreams_command_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let link = dir.path().join("litestream");
+    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_hearth"), &link).unwrap();
+    let out = Command::new(&link).arg("version").output().unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("hearth"));
+
+    let empty = format!("file://{}/empty-replica", dir.path().display());
+    let target = dir.path().join("app.db");
+    // The Nomad prestart line: an empty (reachable) replica is not an error with -if-replica-exists...
+    let out = Command::new(&link)
+        .args(["restore", "-if-db-not-exists", "-if-replica-exists", "-o"])
+        .arg(&target)
+        .arg(&empty)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!target.exists());
+    // ...but without it, it is, with Litestream's exit code.
+    let out = Command::new(&link)
+        .args(["restore", "-o"])
+        .arg(&target)
+        .arg(&empty)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    // Go-style flags that Litestream rejects are rejected the same way.
+    let out = Command::new(&link)
+        .args(["restore", "-badflag", "x"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+}
