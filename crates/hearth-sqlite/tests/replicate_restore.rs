@@ -11,8 +11,10 @@ use hearth_sqlite::config::{DbConfig, replica_from_url};
 use hearth_sqlite::plan::{CompactionPolicy, Target};
 use hearth_sqlite::replicate::{ReplicateOptions, replicate_db};
 use hearth_sqlite::restore::{RestoreOptions, RestoreOutcome, restore};
-use rusqlite::Connection;
 use tokio::sync::watch;
+
+mod common;
+use common::{contents, litestream_replicate_while, open_writer};
 
 fn no_env(_: &str) -> Option<String> {
     None
@@ -35,25 +37,6 @@ fn options() -> ReplicateOptions {
     }
 }
 
-fn open_writer(db: &Path) -> Connection {
-    let conn = Connection::open(db).unwrap();
-    conn.busy_timeout(Duration::from_secs(5)).unwrap();
-    conn.pragma_update(None, "journal_mode", "wal").unwrap();
-    conn.execute_batch("CREATE TABLE IF NOT EXISTS t (id INTEGER PRIMARY KEY, v BLOB)")
-        .unwrap();
-    conn
-}
-
-/// The user-visible contents of a database: every row of `t`, in order.
-fn contents(db: &Path) -> Vec<(i64, Vec<u8>)> {
-    let conn = Connection::open(db).unwrap();
-    let mut stmt = conn.prepare("SELECT id, v FROM t ORDER BY id").unwrap();
-    stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-        .unwrap()
-        .map(Result::unwrap)
-        .collect()
-}
-
 async fn replicate_while<F: FnOnce()>(
     cfg: DbConfig,
     opts: ReplicateOptions,
@@ -66,6 +49,19 @@ async fn replicate_while<F: FnOnce()>(
     tokio::time::sleep(Duration::from_millis(500)).await;
     tx.send(true).unwrap();
     task.await.unwrap().unwrap()
+}
+
+/// Restores the latest state of `replica_dir` beside `db` and checks it equals `db` by content.
+async fn assert_latest_restore_equals(db: &Path, replica_dir: &Path) {
+    let out = db.with_file_name("latest-restore.db");
+    let _ = std::fs::remove_file(&out);
+    restore(
+        &db_config(db, replica_dir).replicas,
+        &restore_opts(out.clone(), Target::Latest),
+    )
+    .await
+    .unwrap();
+    assert_eq!(contents(&out), contents(db));
 }
 
 fn restore_opts(output: PathBuf, target: Target) -> RestoreOptions {
@@ -188,14 +184,7 @@ async fn restart_continues_and_app_checkpoint_while_stopped_is_rebased() {
     assert!(second.captured > first.captured);
     assert_eq!(second.unflushed(), 0);
 
-    let out = dir.path().join("restored.db");
-    restore(
-        &db_config(&db, &replica_dir).replicas,
-        &restore_opts(out.clone(), Target::Latest),
-    )
-    .await
-    .unwrap();
-    assert_eq!(contents(&out), contents(&db));
+    assert_latest_restore_equals(&db, &replica_dir).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -220,14 +209,7 @@ async fn a_fresh_database_is_refused_over_a_non_empty_replica() {
         .unwrap_err();
     let msg = err.to_string();
     assert!(msg.contains("no history"), "{msg}");
-    let out = dir.path().join("restored.db");
-    restore(
-        &db_config(&db, &replica_dir).replicas,
-        &restore_opts(out.clone(), Target::Latest),
-    )
-    .await
-    .unwrap();
-    assert_eq!(contents(&out), contents(&db));
+    assert_latest_restore_equals(&db, &replica_dir).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -301,14 +283,7 @@ async fn a_second_replicator_on_the_same_replica_path_is_refused() {
     stop_a.send(true).unwrap();
     let report = a.await.unwrap().unwrap();
     assert_eq!(report.unflushed(), 0);
-    let out = dir.path().join("restored.db");
-    restore(
-        &db_config(&db, &replica_dir).replicas,
-        &restore_opts(out.clone(), Target::Latest),
-    )
-    .await
-    .unwrap();
-    assert_eq!(contents(&out), contents(&db));
+    assert_latest_restore_equals(&db, &replica_dir).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -441,24 +416,14 @@ async fn hearth_restores_a_replica_written_by_litestream() {
         ),
     )
     .unwrap();
-    let mut child = std::process::Command::new(litestream())
-        .args(["replicate", "-config"])
-        .arg(&config)
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    for i in 0..50 {
-        writer
-            .execute("INSERT INTO t (v) VALUES (zeroblob(?1))", [i])
-            .unwrap();
-    }
-    tokio::time::sleep(Duration::from_millis(2500)).await;
-    std::process::Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    child.wait().unwrap();
+    litestream_replicate_while(&config, &[], || {
+        for i in 0..50 {
+            writer
+                .execute("INSERT INTO t (v) VALUES (zeroblob(?1))", [i])
+                .unwrap();
+        }
+    })
+    .await;
 
     let out = dir.path().join("restored.db");
     let outcome = restore(
@@ -581,14 +546,7 @@ async fn checkpoints_under_load_keep_every_transaction() {
         db_size > 100 * 1024,
         "database file is only {db_size} bytes: no checkpoint ran"
     );
-    let out = dir.path().join("restored.db");
-    restore(
-        &db_config(&db, &replica_dir).replicas,
-        &restore_opts(out.clone(), Target::Latest),
-    )
-    .await
-    .unwrap();
-    assert_eq!(contents(&out), contents(&db));
+    assert_latest_restore_equals(&db, &replica_dir).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -698,14 +656,7 @@ async fn truncate_checkpoints_shrink_the_wal_and_lose_nothing() {
         smallest_wal < 40 * 4096,
         "the WAL was never truncated: smallest size seen {smallest_wal}"
     );
-    let out = dir.path().join("restored.db");
-    restore(
-        &db_config(&db, &replica_dir).replicas,
-        &restore_opts(out.clone(), Target::Latest),
-    )
-    .await
-    .unwrap();
-    assert_eq!(contents(&out), contents(&db));
+    assert_latest_restore_equals(&db, &replica_dir).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

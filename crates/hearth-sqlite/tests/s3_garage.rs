@@ -11,8 +11,10 @@ use hearth_sqlite::plan::{CompactionPolicy, Target};
 use hearth_sqlite::replicate::{ReplicateOptions, replicate_db};
 use hearth_sqlite::restore::{RestoreOptions, RestoreOutcome, restore};
 use hearth_testkit::Garage;
-use rusqlite::Connection;
 use tokio::sync::watch;
+
+mod common;
+use common::{contents, litestream_replicate_while, open_writer};
 
 fn replica(garage: &Garage, url: &str, secret: &str) -> ReplicaConfig {
     let key = garage.key_id.clone();
@@ -23,24 +25,6 @@ fn replica(garage: &Garage, url: &str, secret: &str) -> ReplicaConfig {
         _ => None,
     })
     .unwrap()
-}
-
-fn open_writer(db: &Path) -> Connection {
-    let conn = Connection::open(db).unwrap();
-    conn.busy_timeout(Duration::from_secs(5)).unwrap();
-    conn.pragma_update(None, "journal_mode", "wal").unwrap();
-    conn.execute_batch("CREATE TABLE IF NOT EXISTS t (id INTEGER PRIMARY KEY, v BLOB)")
-        .unwrap();
-    conn
-}
-
-fn contents(db: &Path) -> Vec<(i64, Vec<u8>)> {
-    let conn = Connection::open(db).unwrap();
-    let mut stmt = conn.prepare("SELECT id, v FROM t ORDER BY id").unwrap();
-    stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-        .unwrap()
-        .map(Result::unwrap)
-        .collect()
 }
 
 fn restore_opts(output: &Path) -> RestoreOptions {
@@ -137,26 +121,18 @@ async fn hearth_restores_what_litestream_wrote_to_garage() {
         ),
     )
     .unwrap();
-    let mut child = hearth_testkit::command(hearth_testkit::litestream_bin().unwrap())
-        .args(["replicate", "-config"])
-        .arg(&config)
-        .env("LITESTREAM_ACCESS_KEY_ID", &garage.key_id)
-        .env("LITESTREAM_SECRET_ACCESS_KEY", &garage.secret)
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    for i in 0..50 {
-        writer
-            .execute("INSERT INTO t (v) VALUES (randomblob(?1))", [i])
-            .unwrap();
-    }
-    tokio::time::sleep(Duration::from_millis(2500)).await;
-    std::process::Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    child.wait().unwrap();
+    let envs = [
+        ("LITESTREAM_ACCESS_KEY_ID", garage.key_id.as_str()),
+        ("LITESTREAM_SECRET_ACCESS_KEY", garage.secret.as_str()),
+    ];
+    litestream_replicate_while(&config, &envs, || {
+        for i in 0..50 {
+            writer
+                .execute("INSERT INTO t (v) VALUES (randomblob(?1))", [i])
+                .unwrap();
+        }
+    })
+    .await;
 
     let out = dir.path().join("restored.db");
     let outcome = restore(
