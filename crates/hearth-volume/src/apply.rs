@@ -1,0 +1,475 @@
+//! Apply: build a manifest's tree beside the live copy from the chunk store, make it durable,
+//! and swap it in with one `renameat2(RENAME_EXCHANGE)`, so the live path always holds one whole
+//! tree. The tree it replaces is kept aside under a hidden name and only deleted later by
+//! [`prune_previous`], and only when it still equals what was applied to it.
+//!
+//! Names used next to a live path `<parent>/<name>` (all in the same directory, so every rename
+//! stays on one filesystem):
+//! - `.<name>.hearth-staging`: the tree being built;
+//! - `.<name>.hearth-staging.building`: present while the staging tree is a partial build of ours;
+//! - `.<name>.hearth-next.manifest` / `.<name>.hearth-live.manifest`: the manifest being
+//!   switched in / the manifest of the live tree;
+//! - `.<name>.hearth-prev.<ns>` (+ `.manifest`): a replaced tree and the manifest it was applied
+//!   from, `<ns>` being nanoseconds since the epoch when it was replaced;
+//! - `.<name>.hearth-diverged.<ns>`: a replaced tree that no longer matched its manifest (changed
+//!   on the standby) or whose history is unknown; never deleted by hearth.
+
+use std::ffi::{OsStr, OsString};
+use std::fs::{self, File, OpenOptions};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use rustix::fs::{AtFlags, CWD, FileType, Mode, RenameFlags, Timespec, Timestamps, UTIME_OMIT};
+
+use crate::capture::{CaptureOptions, UnstablePolicy, capture};
+use crate::error::{IoContext, VolumeError};
+use crate::manifest::{Entry, EntryKind, Manifest, TreeHash};
+use crate::store::ChunkStore;
+
+/// The hidden names that belong to one live path; see the module documentation.
+#[derive(Clone, Debug)]
+pub struct TreeNames {
+    parent: PathBuf,
+    name: OsString,
+}
+
+impl TreeNames {
+    /// The names for `live`, which must have a parent directory and a plain final component.
+    pub fn of(live: &Path) -> Result<Self, VolumeError> {
+        let bad = |reason: &str| VolumeError::BadTarget {
+            path: live.to_owned(),
+            reason: reason.to_owned(),
+        };
+        let name = live
+            .file_name()
+            .ok_or_else(|| bad("the path has no final component"))?;
+        let parent = match live.parent() {
+            Some(p) if p.as_os_str().is_empty() => PathBuf::from("."),
+            Some(p) => p.to_owned(),
+            None => return Err(bad("the path has no parent directory")),
+        };
+        Ok(TreeNames {
+            parent,
+            name: name.to_owned(),
+        })
+    }
+
+    fn hidden(&self, suffix: &str) -> PathBuf {
+        let mut n = OsString::from(".");
+        n.push(&self.name);
+        n.push(".hearth-");
+        n.push(suffix);
+        self.parent.join(n)
+    }
+
+    /// The live path.
+    pub fn live(&self) -> PathBuf {
+        self.parent.join(&self.name)
+    }
+    /// Where the next tree is built.
+    pub fn staging(&self) -> PathBuf {
+        self.hidden("staging")
+    }
+    /// Marks the staging tree as a partial build of ours, safe to discard.
+    pub fn building_marker(&self) -> PathBuf {
+        self.hidden("staging.building")
+    }
+    /// The manifest of the live tree.
+    pub fn live_manifest(&self) -> PathBuf {
+        self.hidden("live.manifest")
+    }
+    /// The manifest about to become live.
+    pub fn next_manifest(&self) -> PathBuf {
+        self.hidden("next.manifest")
+    }
+    /// A replaced tree.
+    pub fn previous(&self, ns: u128) -> PathBuf {
+        self.hidden(&format!("prev.{ns}"))
+    }
+    /// A replaced tree's manifest.
+    pub fn previous_manifest(&self, ns: u128) -> PathBuf {
+        self.hidden(&format!("prev.{ns}.manifest"))
+    }
+    /// A tree kept aside because it diverged or its history is unknown.
+    pub fn diverged(&self, ns: u128) -> PathBuf {
+        self.hidden(&format!("diverged.{ns}"))
+    }
+
+    /// The `<ns>` of every replaced tree still kept under a `prev` name.
+    pub fn list_previous(&self) -> Result<Vec<u128>, VolumeError> {
+        let mut prefix = b".".to_vec();
+        prefix.extend_from_slice(self.name.as_bytes());
+        prefix.extend_from_slice(b".hearth-prev.");
+        let mut out = Vec::new();
+        for item in fs::read_dir(&self.parent).ctx("listing", &self.parent)? {
+            let item = item.ctx("listing", &self.parent)?;
+            let name = item.file_name();
+            let Some(rest) = name.as_bytes().strip_prefix(prefix.as_slice()) else {
+                continue;
+            };
+            if let Some(ns) = std::str::from_utf8(rest).ok().and_then(|s| s.parse().ok()) {
+                out.push(ns);
+            }
+        }
+        out.sort_unstable();
+        Ok(out)
+    }
+}
+
+/// What [`apply`] did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ApplyReport {
+    /// The tree hash of the tree now live.
+    pub tree_hash: TreeHash,
+    /// The live tree was already applied from an identical manifest, so nothing was done.
+    pub unchanged: bool,
+    /// Where the tree it replaced was put, if there was one.
+    pub previous: Option<PathBuf>,
+    /// A leftover staging tree of unknown state that was moved aside (see [`TreeNames::diverged`]).
+    pub set_aside: Option<PathBuf>,
+    /// Whether a partial build left by an interrupted apply was discarded first.
+    pub discarded_partial: bool,
+    /// Regular files written.
+    pub files: u64,
+    /// Bytes of file data written.
+    pub bytes: u64,
+}
+
+fn now_ns() -> u128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0)
+}
+
+fn sync_dir(dir: &Path) -> Result<(), VolumeError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .ctx("syncing directory", dir)
+}
+
+fn exists(path: &Path) -> bool {
+    fs::symlink_metadata(path).is_ok()
+}
+
+/// Makes the tree at `live` equal to `manifest`, reading file contents from `store`.
+///
+/// When the live tree was applied from a manifest with the same tree hash, nothing is done
+/// ([`ApplyReport::unchanged`]). Otherwise every chunk must be in the store (checked before
+/// anything is touched). The tree is built
+/// under [`TreeNames::staging`], flushed with `syncfs`, and swapped with the live tree in one
+/// atomic exchange; the old tree goes to [`TreeNames::previous`]. If this is interrupted at any
+/// point the live path holds either the old or the new tree, whole, and the next call picks up
+/// (discarding a partial build, which costs only local copying since the chunks stay stored).
+pub fn apply(
+    store: &ChunkStore,
+    manifest: &Manifest,
+    live: &Path,
+) -> Result<ApplyReport, VolumeError> {
+    manifest.validate()?;
+    let missing = store.missing(manifest);
+    if !missing.is_empty() {
+        return Err(VolumeError::MissingChunks { ids: missing });
+    }
+    let names = TreeNames::of(live)?;
+    let live = names.live();
+    match fs::symlink_metadata(&live) {
+        Ok(md) if !md.is_dir() => {
+            return Err(VolumeError::BadTarget {
+                path: live,
+                reason: "exists and is not a directory".into(),
+            });
+        }
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(VolumeError::io("inspecting", live, e)),
+    }
+    let staging = names.staging();
+    let marker = names.building_marker();
+    let mut report = ApplyReport {
+        tree_hash: manifest.tree_hash()?,
+        unchanged: false,
+        previous: None,
+        set_aside: None,
+        discarded_partial: false,
+        files: 0,
+        bytes: 0,
+    };
+    // The same tree again (a sync with no change on the primary): rebuilding would rewrite the
+    // whole volume for nothing. Whether the standby changed its copy locally is `verify`'s and
+    // `prune_previous`'s business, not a reason to rewrite it here.
+    if exists(&live)
+        && !exists(&staging)
+        && let Ok(Some(current)) = read_live_manifest(&live)
+        && current.tree_hash()? == report.tree_hash
+    {
+        report.unchanged = true;
+        return Ok(report);
+    }
+    if exists(&staging) {
+        if exists(&marker) {
+            // Our own partial build: nothing in it exists anywhere else only there.
+            fs::remove_dir_all(&staging).ctx("removing partial build", &staging)?;
+            report.discarded_partial = true;
+        } else {
+            // A finished build that was never switched in, or the old live tree after an
+            // exchange whose clean-up was interrupted. It might be the only copy of data the
+            // standby had, so it is kept.
+            let aside = names.diverged(now_ns());
+            fs::rename(&staging, &aside).ctx("moving aside", &staging)?;
+            tracing::warn!(path = %aside.display(), "kept a leftover tree of unknown state aside");
+            report.set_aside = Some(aside);
+        }
+    }
+    File::create(&marker).ctx("creating", &marker)?;
+    fs::create_dir(&staging).ctx("creating", &staging)?;
+    sync_dir(&names.parent)?;
+
+    build(store, manifest, &staging, &mut report)?;
+    let staging_dir = File::open(&staging).ctx("opening", &staging)?;
+    // One syncfs instead of an fsync per file: it flushes every file and directory of the
+    // staging tree (and whatever else is dirty on that filesystem) at a fraction of the cost.
+    rustix::fs::syncfs(&staging_dir).ctx("syncing", &staging)?;
+    drop(staging_dir);
+
+    let next = names.next_manifest();
+    let encoded = manifest.encode()?;
+    {
+        let mut f = File::create(&next).ctx("creating", &next)?;
+        std::io::Write::write_all(&mut f, &encoded).ctx("writing", &next)?;
+        f.sync_all().ctx("syncing", &next)?;
+    }
+    fs::remove_file(&marker).ctx("removing", &marker)?;
+    sync_dir(&names.parent)?;
+
+    if exists(&live) {
+        rustix::fs::renameat_with(CWD, &staging, CWD, &live, RenameFlags::EXCHANGE)
+            .ctx("exchanging the new tree with", &live)?;
+        let ns = now_ns();
+        let prev = names.previous(ns);
+        fs::rename(&staging, &prev).ctx("moving the old tree to", &prev)?;
+        let live_manifest = names.live_manifest();
+        if exists(&live_manifest) {
+            fs::rename(&live_manifest, names.previous_manifest(ns))
+                .ctx("moving aside", &live_manifest)?;
+        }
+        report.previous = Some(prev);
+    } else {
+        rustix::fs::renameat_with(CWD, &staging, CWD, &live, RenameFlags::NOREPLACE)
+            .ctx("moving the new tree to", &live)?;
+    }
+    fs::rename(&next, names.live_manifest()).ctx("renaming", &next)?;
+    sync_dir(&names.parent)?;
+    Ok(report)
+}
+
+/// The manifest of the tree last applied at `live`, if any.
+pub fn read_live_manifest(live: &Path) -> Result<Option<Manifest>, VolumeError> {
+    let path = TreeNames::of(live)?.live_manifest();
+    match fs::read(&path) {
+        Ok(bytes) => Manifest::decode(&bytes).map(Some),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(VolumeError::io("reading", path, e)),
+    }
+}
+
+fn join(root: &Path, rel: &[u8]) -> PathBuf {
+    if rel.is_empty() {
+        root.to_owned()
+    } else {
+        root.join(OsStr::from_bytes(rel))
+    }
+}
+
+fn times(entry: &Entry) -> Timestamps {
+    Timestamps {
+        last_access: Timespec {
+            tv_sec: 0,
+            tv_nsec: UTIME_OMIT,
+        },
+        last_modification: Timespec {
+            tv_sec: entry.mtime_sec,
+            tv_nsec: i64::from(entry.mtime_nsec) as _,
+        },
+    }
+}
+
+/// Owner, mode and xattrs by path, for everything but regular files (which use their
+/// descriptor) and symlinks (which have no mode of their own).
+fn set_path_meta(path: &Path, entry: &Entry, symlink: bool) -> Result<(), VolumeError> {
+    std::os::unix::fs::lchown(path, Some(entry.uid), Some(entry.gid))
+        .ctx("changing owner of", path)?;
+    if !symlink {
+        // After chown, which clears set-uid and set-gid bits.
+        fs::set_permissions(path, fs::Permissions::from_mode(entry.mode))
+            .ctx("changing mode of", path)?;
+    }
+    for x in &entry.xattrs {
+        xattr::set(path, OsStr::from_bytes(&x.name), &x.value).ctx("setting xattr on", path)?;
+    }
+    rustix::fs::utimensat(CWD, path, &times(entry), AtFlags::SYMLINK_NOFOLLOW)
+        .ctx("setting times of", path)
+}
+
+fn build(
+    store: &ChunkStore,
+    manifest: &Manifest,
+    staging: &Path,
+    report: &mut ApplyReport,
+) -> Result<(), VolumeError> {
+    let mut dirs: Vec<&Entry> = Vec::new();
+    for entry in &manifest.entries {
+        let path = join(staging, &entry.path);
+        match &entry.kind {
+            EntryKind::Dir => {
+                if !entry.path.is_empty() {
+                    fs::create_dir(&path).ctx("creating directory", &path)?;
+                }
+                // Directories get their metadata last, deepest first, so creating their
+                // children does not disturb their mtimes.
+                dirs.push(entry);
+            }
+            EntryKind::File { size, chunks } => {
+                let file = OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+                    .open(&path)
+                    .ctx("creating", &path)?;
+                for chunk in chunks {
+                    let data = store.get(&chunk.id)?;
+                    file.write_all_at(&data, chunk.offset)
+                        .ctx("writing", &path)?;
+                    report.bytes += data.len() as u64;
+                }
+                // Extending the length leaves every range no chunk covered as a hole.
+                file.set_len(*size).ctx("sizing", &path)?;
+                std::os::unix::fs::fchown(&file, Some(entry.uid), Some(entry.gid))
+                    .ctx("changing owner of", &path)?;
+                file.set_permissions(fs::Permissions::from_mode(entry.mode))
+                    .ctx("changing mode of", &path)?;
+                for x in &entry.xattrs {
+                    xattr::FileExt::set_xattr(&file, OsStr::from_bytes(&x.name), &x.value)
+                        .ctx("setting xattr on", &path)?;
+                }
+                rustix::fs::futimens(&file, &times(entry)).ctx("setting times of", &path)?;
+                report.files += 1;
+            }
+            EntryKind::Symlink { target } => {
+                std::os::unix::fs::symlink(OsStr::from_bytes(target), &path)
+                    .ctx("creating symlink", &path)?;
+                set_path_meta(&path, entry, true)?;
+            }
+            EntryKind::HardLink { target } => {
+                let original = join(staging, target);
+                fs::hard_link(&original, &path).ctx("creating hard link", &path)?;
+            }
+            EntryKind::Fifo | EntryKind::CharDevice { .. } | EntryKind::BlockDevice { .. } => {
+                let (ft, rdev) = match entry.kind {
+                    EntryKind::CharDevice { rdev } => (FileType::CharacterDevice, rdev),
+                    EntryKind::BlockDevice { rdev } => (FileType::BlockDevice, rdev),
+                    _ => (FileType::Fifo, 0),
+                };
+                rustix::fs::mknodat(CWD, &path, ft, Mode::from_raw_mode(entry.mode), rdev)
+                    .ctx("creating special file", &path)?;
+                set_path_meta(&path, entry, false)?;
+            }
+        }
+    }
+    for entry in dirs.iter().rev() {
+        set_path_meta(&join(staging, &entry.path), entry, false)?;
+    }
+    Ok(())
+}
+
+/// What [`prune_previous`] did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PruneReport {
+    /// Replaced trees deleted because they still equalled the manifest they were applied from.
+    pub removed: Vec<PathBuf>,
+    /// Replaced trees that had changed (or had no manifest) and were renamed to a `diverged`
+    /// name instead of being deleted.
+    pub diverged: Vec<PathBuf>,
+}
+
+/// Pure part of pruning: given the `<ns>` of the replaced trees, which ones are beyond the
+/// newest `keep` and so due for clean-up.
+pub fn select_for_prune(previous: &[u128], keep: usize) -> Vec<u128> {
+    let mut sorted = previous.to_vec();
+    sorted.sort_unstable_by(|a, b| b.cmp(a));
+    sorted.into_iter().skip(keep).collect()
+}
+
+/// Cleans up replaced trees beyond the newest `keep`. Each is captured again and compared with
+/// the manifest it was applied from: only an unchanged tree is deleted. A tree that changed
+/// while it was live holds data the primary never had; it is renamed to a `diverged` name and
+/// reported, never deleted.
+pub fn prune_previous(live: &Path, keep: usize) -> Result<PruneReport, VolumeError> {
+    let names = TreeNames::of(live)?;
+    let mut report = PruneReport::default();
+    for ns in select_for_prune(&names.list_previous()?, keep) {
+        let tree = names.previous(ns);
+        let manifest_path = names.previous_manifest(ns);
+        let recorded = match fs::read(&manifest_path) {
+            Ok(bytes) => Manifest::decode(&bytes).ok(),
+            Err(_) => None,
+        };
+        let unchanged = match &recorded {
+            Some(m) => {
+                let opts = CaptureOptions {
+                    chunking: m.chunking,
+                    max_retries: 0,
+                    unstable: UnstablePolicy::Fail,
+                    allow_devices: true,
+                };
+                match capture(&tree, &opts, None) {
+                    Ok(now) => now.manifest.tree_hash()? == m.tree_hash()?,
+                    Err(_) => false,
+                }
+            }
+            None => false,
+        };
+        if unchanged {
+            fs::remove_dir_all(&tree).ctx("removing", &tree)?;
+            report.removed.push(tree);
+        } else {
+            let aside = names.diverged(ns);
+            fs::rename(&tree, &aside).ctx("moving aside", &tree)?;
+            tracing::warn!(path = %aside.display(), "a replaced tree had changed on the standby; kept aside");
+            report.diverged.push(aside);
+        }
+        if exists(&manifest_path) {
+            fs::remove_file(&manifest_path).ctx("removing", &manifest_path)?;
+        }
+    }
+    sync_dir(&names.parent)?;
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prune_selection_keeps_the_newest() {
+        let cases: Vec<(Vec<u128>, usize, Vec<u128>)> = vec![
+            (vec![], 2, vec![]),
+            (vec![1, 2], 2, vec![]),
+            (vec![3, 1, 2], 1, vec![2, 1]),
+            (vec![5, 9, 7], 0, vec![9, 7, 5]),
+        ];
+        for (have, keep, want) in cases {
+            assert_eq!(select_for_prune(&have, keep), want, "{have:?} keep {keep}");
+        }
+    }
+
+    #[test]
+    fn names_live_beside_the_volume() {
+        let n = TreeNames::of(Path::new("/srv/vol/data")).unwrap();
+        assert_eq!(n.staging(), Path::new("/srv/vol/.data.hearth-staging"));
+        assert_eq!(n.previous(7), Path::new("/srv/vol/.data.hearth-prev.7"));
+        assert!(TreeNames::of(Path::new("/")).is_err());
+    }
+}

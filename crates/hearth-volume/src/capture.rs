@@ -1,0 +1,608 @@
+//! Tree capture: walk a directory (never following symlinks, never leaving its filesystem) into a
+//! [`Manifest`], cutting regular files into content-defined chunks and recording sparse holes.
+//!
+//! Without a filesystem snapshot the view is made consistent by checking: every file is stat'ed
+//! through its open descriptor before and after it is read, and read again when size, mtime or
+//! ctime moved; every directory is stat'ed again after the walk, and the walk is repeated (cheaply,
+//! through the [`CaptureCache`]) when one changed. Files that never hold still are reported.
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::fs::{File, Metadata};
+use std::io::{self, Read, Seek, SeekFrom};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use fastcdc::v2020::StreamCDC;
+use rustix::fs::{Mode, OFlags};
+
+use crate::error::{IoContext, VolumeError};
+use crate::manifest::{ChunkId, ChunkParams, ChunkRef, Entry, EntryKind, Manifest, Xattr};
+
+/// What to do with files that still change after all retries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UnstablePolicy {
+    /// Fail the capture with [`VolumeError::Unstable`] (retryable): the safe default.
+    Fail,
+    /// Keep the last read of such files (which may mix two versions of the file) and list them
+    /// in [`CaptureReport::unstable`]. For busy logs that would otherwise block every sync.
+    Include,
+}
+
+/// How to capture.
+#[derive(Clone, Debug)]
+pub struct CaptureOptions {
+    /// Chunk sizes.
+    pub chunking: ChunkParams,
+    /// How often a changing file is read again, and how often the walk is repeated when
+    /// directories changed under it.
+    pub max_retries: u32,
+    /// What to do with files that never hold still.
+    pub unstable: UnstablePolicy,
+    /// Record character and block devices; when false they fail the capture.
+    pub allow_devices: bool,
+}
+
+impl Default for CaptureOptions {
+    fn default() -> Self {
+        CaptureOptions {
+            chunking: ChunkParams::default(),
+            max_retries: 3,
+            unstable: UnstablePolicy::Fail,
+            allow_devices: false,
+        }
+    }
+}
+
+/// What a capture did besides producing the manifest.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CaptureReport {
+    /// Regular files whose contents were read and chunked.
+    pub files_read: u64,
+    /// Regular files whose chunk list came from the cache without reading.
+    pub files_reused: u64,
+    /// Bytes of file data read.
+    pub bytes_read: u64,
+    /// Files that changed while being read and were read again (relative paths).
+    pub retried: Vec<PathBuf>,
+    /// Files or directories that were still changing after all retries.
+    pub unstable: Vec<PathBuf>,
+    /// Entries left out, with the reason (sockets, mount points of other filesystems).
+    pub skipped: Vec<(PathBuf, &'static str)>,
+    /// How often the walk was repeated because directories changed during it.
+    pub rescans: u32,
+}
+
+/// The result of [`capture`].
+#[derive(Clone, Debug)]
+pub struct Capture {
+    /// The tree.
+    pub manifest: Manifest,
+    /// Identity and chunks of every file read, for the next capture of the same root.
+    pub cache: CaptureCache,
+    /// What happened.
+    pub report: CaptureReport,
+}
+
+/// Chunk lists of files from an earlier capture, keyed by path, so an unchanged file (same
+/// device, inode, size, mtime and ctime) is not read again.
+///
+/// A file whose ctime is within [`CaptureCache::RACY_MARGIN_NS`] of the start of the capture
+/// that recorded it is never reused: it might have changed again within the same timestamp
+/// granularity (the "racy git" problem).
+#[derive(Clone, Debug, Default)]
+pub struct CaptureCache {
+    started_ns: i128,
+    chunking: Option<ChunkParams>,
+    files: HashMap<Vec<u8>, CachedFile>,
+}
+
+#[derive(Clone, Debug)]
+struct CachedFile {
+    stamp: Stamp,
+    xattrs: Vec<Xattr>,
+    chunks: Vec<ChunkRef>,
+}
+
+impl CaptureCache {
+    /// Two seconds: larger than any timestamp granularity of the filesystems we support.
+    pub const RACY_MARGIN_NS: i128 = 2_000_000_000;
+
+    /// Number of files remembered.
+    pub fn len(&self) -> usize {
+        self.files.len()
+    }
+
+    /// Whether nothing is remembered.
+    pub fn is_empty(&self) -> bool {
+        self.files.is_empty()
+    }
+
+    fn lookup(&self, path: &[u8], stamp: &Stamp, chunking: ChunkParams) -> Option<&CachedFile> {
+        if self.chunking != Some(chunking) {
+            return None;
+        }
+        let cached = self.files.get(path)?;
+        (cached.stamp == *stamp && stamp.ctime_ns < self.started_ns - Self::RACY_MARGIN_NS)
+            .then_some(cached)
+    }
+}
+
+/// The parts of a stat result that change when a file or directory changes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Stamp {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mode: u32,
+    mtime_ns: i128,
+    ctime_ns: i128,
+}
+
+impl Stamp {
+    fn of(md: &Metadata) -> Self {
+        Stamp {
+            dev: md.dev(),
+            ino: md.ino(),
+            size: md.size(),
+            mode: md.mode(),
+            mtime_ns: i128::from(md.mtime()) * 1_000_000_000 + i128::from(md.mtime_nsec()),
+            ctime_ns: i128::from(md.ctime()) * 1_000_000_000 + i128::from(md.ctime_nsec()),
+        }
+    }
+}
+
+/// Captures the tree under `root`. `cache` from an earlier capture of the same root makes
+/// unchanged files free.
+pub fn capture(
+    root: &Path,
+    opts: &CaptureOptions,
+    cache: Option<&CaptureCache>,
+) -> Result<Capture, VolumeError> {
+    let started_ns = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i128)
+        .unwrap_or(0);
+    let root_md = std::fs::symlink_metadata(root).ctx("inspecting", root)?;
+    if !root_md.is_dir() {
+        return Err(VolumeError::BadTarget {
+            path: root.to_owned(),
+            reason: "not a directory".into(),
+        });
+    }
+    let mut report = CaptureReport::default();
+    let mut prev = cache.cloned().unwrap_or_default();
+    let mut attempt = 0;
+    loop {
+        // Skipped entries are reported as the last walk saw them.
+        report.skipped.clear();
+        let scan = scan_once(root, root_md.dev(), opts, &prev, &mut report)?;
+        let mut changed = scan.vanished.clone();
+        for (rel, stamp) in &scan.dirs {
+            let abs = join(root, rel);
+            let now = std::fs::symlink_metadata(&abs).map(|m| Stamp::of(&m)).ok();
+            if now != Some(*stamp) {
+                changed.push(PathBuf::from(OsStr::from_bytes(rel)));
+            }
+        }
+        let cache = CaptureCache {
+            started_ns,
+            chunking: Some(opts.chunking),
+            files: scan.cached,
+        };
+        if changed.is_empty() || attempt >= opts.max_retries {
+            if !changed.is_empty() {
+                report.unstable.extend(changed);
+            }
+            for list in [&mut report.retried, &mut report.unstable] {
+                list.sort();
+                list.dedup();
+            }
+            report.skipped.sort();
+            if opts.unstable == UnstablePolicy::Fail && !report.unstable.is_empty() {
+                return Err(VolumeError::Unstable {
+                    paths: report.unstable,
+                });
+            }
+            return Ok(Capture {
+                manifest: scan.manifest,
+                cache,
+                report,
+            });
+        }
+        tracing::debug!(
+            changed = changed.len(),
+            "directories changed during the walk, scanning again"
+        );
+        attempt += 1;
+        report.rescans += 1;
+        // Reads done in this round are kept; the racy rule still applies to them.
+        prev = cache;
+        report.unstable.clear();
+    }
+}
+
+struct Scan {
+    manifest: Manifest,
+    dirs: Vec<(Vec<u8>, Stamp)>,
+    cached: HashMap<Vec<u8>, CachedFile>,
+    vanished: Vec<PathBuf>,
+}
+
+fn join(root: &Path, rel: &[u8]) -> PathBuf {
+    if rel.is_empty() {
+        root.to_owned()
+    } else {
+        root.join(OsStr::from_bytes(rel))
+    }
+}
+
+fn scan_once(
+    root: &Path,
+    root_dev: u64,
+    opts: &CaptureOptions,
+    prev: &CaptureCache,
+    report: &mut CaptureReport,
+) -> Result<Scan, VolumeError> {
+    let mut listed: Vec<(Vec<u8>, Metadata)> = Vec::new();
+    let mut vanished = Vec::new();
+    let mut walk = walkdir::WalkDir::new(root).follow_links(false).into_iter();
+    while let Some(item) = walk.next() {
+        let item = match item {
+            Ok(item) => item,
+            Err(e) => {
+                let path = e
+                    .path()
+                    .map(Path::to_owned)
+                    .unwrap_or_else(|| root.to_owned());
+                match e.into_io_error() {
+                    // Deleted between listing its directory and looking at it: the directory
+                    // check below notices the change and the walk runs again.
+                    Some(io) if io.kind() == io::ErrorKind::NotFound => {
+                        vanished.push(path);
+                        continue;
+                    }
+                    Some(io) => return Err(VolumeError::io("walking", path, io)),
+                    None => {
+                        return Err(VolumeError::io(
+                            "walking",
+                            path,
+                            io::Error::other("filesystem loop"),
+                        ));
+                    }
+                }
+            }
+        };
+        let rel = item
+            .path()
+            .strip_prefix(root)
+            .map(|p| p.as_os_str().as_bytes().to_vec())
+            .unwrap_or_default();
+        let md = match item.metadata() {
+            Ok(md) => md,
+            Err(e) => match e.into_io_error() {
+                Some(io) if io.kind() == io::ErrorKind::NotFound => {
+                    vanished.push(item.path().to_owned());
+                    continue;
+                }
+                Some(io) => return Err(VolumeError::io("inspecting", item.path(), io)),
+                None => continue,
+            },
+        };
+        if md.dev() != root_dev {
+            // Staying on one filesystem: a mount point below the root is neither recorded nor
+            // entered, and the caller hears about it.
+            report.skipped.push((
+                PathBuf::from(OsStr::from_bytes(&rel)),
+                "mount point of another filesystem",
+            ));
+            if md.is_dir() {
+                walk.skip_current_dir();
+            }
+            continue;
+        }
+        listed.push((rel, md));
+    }
+    listed.sort_by(|a, b| a.0.cmp(&b.0));
+
+    let mut entries = Vec::with_capacity(listed.len());
+    let mut dirs = Vec::new();
+    let mut cached = HashMap::new();
+    let mut first_name: HashMap<(u64, u64), Vec<u8>> = HashMap::new();
+    for (rel, md) in listed {
+        let abs = join(root, &rel);
+        let rel_path = || PathBuf::from(OsStr::from_bytes(&rel));
+        let ft = md.file_type();
+        let mut entry = Entry {
+            path: rel.clone(),
+            kind: EntryKind::Dir,
+            mode: md.mode() & 0o7777,
+            uid: md.uid(),
+            gid: md.gid(),
+            mtime_sec: md.mtime(),
+            mtime_nsec: md.mtime_nsec() as u32,
+            xattrs: Vec::new(),
+        };
+        if ft.is_file() {
+            if md.nlink() > 1
+                && let Some(target) = first_name.get(&(md.dev(), md.ino()))
+            {
+                // The inode's metadata belongs to the first name; see the format doc.
+                entry.kind = EntryKind::HardLink {
+                    target: target.clone(),
+                };
+                entry.mode = 0;
+                entry.uid = 0;
+                entry.gid = 0;
+                entry.mtime_sec = 0;
+                entry.mtime_nsec = 0;
+                entries.push(entry);
+                continue;
+            }
+            let stamp = Stamp::of(&md);
+            let read = if let Some(hit) = prev.lookup(&rel, &stamp, opts.chunking) {
+                report.files_reused += 1;
+                Some((md, hit.xattrs.clone(), hit.chunks.clone()))
+            } else {
+                read_stable(&abs, &rel_path(), &md, opts, report)?
+            };
+            let Some((md, xattrs, chunks)) = read else {
+                vanished.push(rel_path());
+                continue;
+            };
+            if md.nlink() > 1 {
+                first_name.insert((md.dev(), md.ino()), rel.clone());
+            }
+            entry.mode = md.mode() & 0o7777;
+            entry.uid = md.uid();
+            entry.gid = md.gid();
+            entry.mtime_sec = md.mtime();
+            entry.mtime_nsec = md.mtime_nsec() as u32;
+            entry.xattrs = xattrs.clone();
+            entry.kind = EntryKind::File {
+                size: md.size(),
+                chunks: chunks.clone(),
+            };
+            cached.insert(
+                rel.clone(),
+                CachedFile {
+                    stamp: Stamp::of(&md),
+                    xattrs,
+                    chunks,
+                },
+            );
+            entries.push(entry);
+            continue;
+        }
+        if ft.is_dir() {
+            dirs.push((rel.clone(), Stamp::of(&md)));
+        } else if ft.is_symlink() {
+            let target = match std::fs::read_link(&abs) {
+                Ok(t) => t,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    vanished.push(rel_path());
+                    continue;
+                }
+                Err(e) => return Err(VolumeError::io("reading link", abs, e)),
+            };
+            entry.kind = EntryKind::Symlink {
+                target: target.into_os_string().into_vec(),
+            };
+        } else if ft.is_fifo() {
+            entry.kind = EntryKind::Fifo;
+        } else if ft.is_char_device() || ft.is_block_device() {
+            if !opts.allow_devices {
+                return Err(VolumeError::Unsupported {
+                    path: rel_path(),
+                    what: "a device node (devices are refused unless allowed)",
+                });
+            }
+            entry.kind = if ft.is_char_device() {
+                EntryKind::CharDevice { rdev: md.rdev() }
+            } else {
+                EntryKind::BlockDevice { rdev: md.rdev() }
+            };
+        } else {
+            // Sockets belong to a running process and cannot be recreated meaningfully.
+            report.skipped.push((rel_path(), "socket"));
+            continue;
+        }
+        entry.xattrs = match read_xattrs_path(&abs) {
+            Ok(x) => x,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                vanished.push(rel_path());
+                continue;
+            }
+            Err(e) => return Err(VolumeError::io("reading xattrs of", abs, e)),
+        };
+        entries.push(entry);
+    }
+    Ok(Scan {
+        manifest: Manifest {
+            chunking: opts.chunking,
+            entries,
+        },
+        dirs,
+        cached,
+        vanished,
+    })
+}
+
+use std::os::unix::ffi::OsStringExt;
+
+/// Reads a regular file until two stats around the read agree, up to the retry limit.
+/// Returns `None` when the file disappeared (the walk is repeated in that case).
+#[allow(clippy::type_complexity)]
+fn read_stable(
+    abs: &Path,
+    rel: &Path,
+    listed: &Metadata,
+    opts: &CaptureOptions,
+    report: &mut CaptureReport,
+) -> Result<Option<(Metadata, Vec<Xattr>, Vec<ChunkRef>)>, VolumeError> {
+    let mut last = None;
+    for attempt in 0..=opts.max_retries {
+        match read_once(abs, listed, opts.chunking, report)? {
+            ReadOutcome::Gone => return Ok(None),
+            ReadOutcome::Stable(md, x, c) => return Ok(Some((md, x, c))),
+            ReadOutcome::Changed(md, x, c) => {
+                if attempt == 0 {
+                    report.retried.push(rel.to_owned());
+                }
+                last = Some((md, x, c));
+            }
+        }
+    }
+    report.unstable.push(rel.to_owned());
+    Ok(last)
+}
+
+enum ReadOutcome {
+    Gone,
+    Stable(Metadata, Vec<Xattr>, Vec<ChunkRef>),
+    Changed(Metadata, Vec<Xattr>, Vec<ChunkRef>),
+}
+
+fn read_once(
+    abs: &Path,
+    listed: &Metadata,
+    params: ChunkParams,
+    report: &mut CaptureReport,
+) -> Result<ReadOutcome, VolumeError> {
+    let fd = match rustix::fs::open(
+        abs,
+        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    ) {
+        Ok(fd) => fd,
+        Err(rustix::io::Errno::NOENT) => return Ok(ReadOutcome::Gone),
+        // O_NOFOLLOW on a path that became a symlink: the walk sees the new kind next round.
+        Err(rustix::io::Errno::LOOP) => return Ok(ReadOutcome::Gone),
+        Err(e) => return Err(VolumeError::io("opening", abs, e.into())),
+    };
+    let mut file = File::from(fd);
+    let before = file.metadata().ctx("inspecting", abs)?;
+    if !before.is_file() || before.ino() != listed.ino() || before.dev() != listed.dev() {
+        return Ok(ReadOutcome::Gone);
+    }
+    let xattrs = read_xattrs_fd(&file).ctx("reading xattrs of", abs)?;
+    let size = before.size();
+    let regions = data_regions(&file, size).ctx("finding holes in", abs)?;
+    let mut chunks = Vec::new();
+    let mut complete = true;
+    for (start, end) in regions {
+        file.seek(SeekFrom::Start(start)).ctx("reading", abs)?;
+        let len = end - start;
+        let mut got = 0u64;
+        if len <= u64::from(params.min) {
+            // Shorter than the smallest chunk: one chunk, no need to set up a chunker.
+            let mut data = Vec::with_capacity(len as usize);
+            (&mut file)
+                .take(len)
+                .read_to_end(&mut data)
+                .ctx("reading", abs)?;
+            got = data.len() as u64;
+            if !data.is_empty() {
+                chunks.push(ChunkRef {
+                    offset: start,
+                    len: data.len() as u32,
+                    id: ChunkId::of(&data),
+                });
+            }
+        } else {
+            let chunker = StreamCDC::new((&mut file).take(len), params.min, params.avg, params.max);
+            for chunk in chunker {
+                let chunk = chunk.map_err(|e| match e {
+                    fastcdc::v2020::Error::IoError(io) => VolumeError::io("reading", abs, io),
+                    other => VolumeError::io("chunking", abs, io::Error::other(other.to_string())),
+                })?;
+                got += chunk.length as u64;
+                chunks.push(ChunkRef {
+                    offset: start + chunk.offset,
+                    len: chunk.length as u32,
+                    id: ChunkId::of(&chunk.data),
+                });
+            }
+        }
+        report.bytes_read += got;
+        if got != len {
+            complete = false;
+        }
+    }
+    report.files_read += 1;
+    let after = file.metadata().ctx("inspecting", abs)?;
+    if complete && Stamp::of(&before) == Stamp::of(&after) {
+        Ok(ReadOutcome::Stable(after, xattrs, chunks))
+    } else {
+        Ok(ReadOutcome::Changed(after, xattrs, chunks))
+    }
+}
+
+/// The data regions of a file as `(start, end)` pairs, found with `SEEK_DATA`/`SEEK_HOLE`.
+/// Filesystems without hole reporting answer as if the whole file were data, which is correct
+/// (holes are then stored as zero chunks, which deduplicate to one).
+fn data_regions(file: &File, size: u64) -> io::Result<Vec<(u64, u64)>> {
+    use rustix::fs::{SeekFrom as RSeek, seek};
+    let mut regions = Vec::new();
+    let mut pos = 0u64;
+    while pos < size {
+        let start = match seek(file, RSeek::Data(pos)) {
+            Ok(s) => s,
+            // No data at or after `pos`: the rest is a hole.
+            Err(rustix::io::Errno::NXIO) => break,
+            Err(e) => return Err(e.into()),
+        };
+        if start >= size {
+            break;
+        }
+        let end = seek(file, RSeek::Hole(start))
+            .map_err(io::Error::from)?
+            .min(size);
+        regions.push((start, end));
+        pos = end;
+    }
+    Ok(regions)
+}
+
+fn sorted_xattrs(
+    names: impl Iterator<Item = std::ffi::OsString>,
+    mut get: impl FnMut(&OsStr) -> io::Result<Option<Vec<u8>>>,
+) -> io::Result<Vec<Xattr>> {
+    let mut out = Vec::new();
+    for name in names {
+        // An attribute removed between listing and reading is simply not there.
+        if let Some(value) = get(&name)? {
+            out.push(Xattr {
+                name: name.into_vec(),
+                value,
+            });
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+fn unsupported_is_empty(r: io::Result<Vec<Xattr>>) -> io::Result<Vec<Xattr>> {
+    match r {
+        Err(e) if e.raw_os_error() == Some(rustix::io::Errno::OPNOTSUPP.raw_os_error()) => {
+            Ok(Vec::new())
+        }
+        other => other,
+    }
+}
+
+fn read_xattrs_fd(file: &File) -> io::Result<Vec<Xattr>> {
+    use xattr::FileExt;
+    unsupported_is_empty(
+        file.list_xattr()
+            .and_then(|names| sorted_xattrs(names, |n| file.get_xattr(n))),
+    )
+}
+
+fn read_xattrs_path(path: &Path) -> io::Result<Vec<Xattr>> {
+    unsupported_is_empty(
+        xattr::list(path).and_then(|names| sorted_xattrs(names, |n| xattr::get(path, n))),
+    )
+}

@@ -1,0 +1,31 @@
+//! The local core of `hearth volume`'s `files` backend: capture a directory tree into a manifest of
+//! content-defined chunks, work out which chunks a standby lacks, keep chunks in a verified
+//! content-addressed store, and apply a manifest as a whole new tree that replaces the live copy
+//! atomically.
+//!
+//! The pieces are deliberately separate so the network transport can sit between them:
+//! the primary runs [`capture`] and [`missing_chunks`], reads the wanted chunks with
+//! [`read_chunk`] and sends them; the standby [`ChunkStore::put`]s them (each is checked against
+//! its hash) and finally runs [`apply`]. Nothing here talks to the network.
+//!
+//! The on-disk manifest format is documented in `docs/formats/volume-tree.md`; the overall design
+//! (consistency without snapshots, atomic switch, clean-up of old trees) in `docs/volume.md`.
+
+mod apply;
+mod capture;
+mod diff;
+mod error;
+mod manifest;
+mod store;
+
+pub use apply::{
+    ApplyReport, PruneReport, TreeNames, apply, prune_previous, read_live_manifest,
+    select_for_prune,
+};
+pub use capture::{Capture, CaptureCache, CaptureOptions, CaptureReport, UnstablePolicy, capture};
+pub use diff::{ChunkWant, TransferPlan, missing_chunks, read_chunk};
+pub use error::VolumeError;
+pub use manifest::{
+    ChunkId, ChunkParams, ChunkRef, Entry, EntryKind, FORMAT_VERSION, Manifest, TreeHash, Xattr,
+};
+pub use store::{ChunkStore, Durability};

@@ -1,0 +1,204 @@
+//! Test helpers: an independent tree checker (plain `std::fs`, `lseek` and the `xattr` crate,
+//! no code from the crate under test) and a local sync that runs the crate's pipeline end to end.
+
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fs::{self, File};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::Path;
+
+use hearth_volume::{
+    ApplyReport, Capture, CaptureCache, CaptureOptions, ChunkStore, Manifest, apply, capture,
+    missing_chunks, read_chunk,
+};
+
+/// Everything about one path that replication must preserve.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Node {
+    pub kind: String,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub mtime: (i64, i64),
+    pub content: Vec<u8>,
+    /// Data regions as reported by SEEK_DATA / SEEK_HOLE.
+    pub data_map: Vec<(u64, u64)>,
+    pub xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+/// A whole tree: nodes by relative path, plus the hard-link groups (sets of paths sharing an
+/// inode, only groups of two or more).
+#[derive(Debug, PartialEq, Eq)]
+pub struct Snapshot {
+    pub nodes: BTreeMap<Vec<u8>, Node>,
+    pub links: BTreeSet<Vec<Vec<u8>>>,
+}
+
+fn data_map(file: &File, size: u64) -> Vec<(u64, u64)> {
+    use rustix::fs::{SeekFrom, seek};
+    let mut out = Vec::new();
+    let mut pos = 0;
+    while pos < size {
+        let Ok(start) = seek(file, SeekFrom::Data(pos)) else {
+            break;
+        };
+        if start >= size {
+            break;
+        }
+        let end = seek(file, SeekFrom::Hole(start)).unwrap().min(size);
+        out.push((start, end));
+        pos = end;
+    }
+    out
+}
+
+pub fn snapshot(root: &Path) -> Snapshot {
+    let mut nodes = BTreeMap::new();
+    let mut inodes: HashMap<u64, Vec<Vec<u8>>> = HashMap::new();
+    let mut stack = vec![Vec::<u8>::new()];
+    while let Some(rel) = stack.pop() {
+        let abs = if rel.is_empty() {
+            root.to_owned()
+        } else {
+            root.join(std::ffi::OsStr::from_bytes(&rel))
+        };
+        let md = fs::symlink_metadata(&abs).unwrap();
+        let ft = md.file_type();
+        let mut node = Node {
+            kind: String::new(),
+            mode: md.mode() & 0o7777,
+            uid: md.uid(),
+            gid: md.gid(),
+            mtime: (md.mtime(), md.mtime_nsec()),
+            content: vec![],
+            data_map: vec![],
+            xattrs: vec![],
+        };
+        if ft.is_dir() {
+            node.kind = "dir".into();
+            for child in fs::read_dir(&abs).unwrap() {
+                let child = child.unwrap();
+                let mut p = rel.clone();
+                if !p.is_empty() {
+                    p.push(b'/');
+                }
+                p.extend_from_slice(child.file_name().as_bytes());
+                stack.push(p);
+            }
+        } else if ft.is_file() {
+            node.kind = "file".into();
+            node.content = fs::read(&abs).unwrap();
+            node.data_map = data_map(&File::open(&abs).unwrap(), md.size());
+            if md.nlink() > 1 {
+                inodes.entry(md.ino()).or_default().push(rel.clone());
+            }
+        } else if ft.is_symlink() {
+            node.kind = "symlink".into();
+            node.mode = 0;
+            node.content = fs::read_link(&abs).unwrap().as_os_str().as_bytes().to_vec();
+        } else if ft.is_fifo() {
+            node.kind = "fifo".into();
+        } else if ft.is_char_device() {
+            node.kind = format!("char {}", md.rdev());
+        } else {
+            node.kind = "other".into();
+        }
+        let mut xattrs: Vec<(Vec<u8>, Vec<u8>)> = xattr::list(&abs)
+            .unwrap()
+            .map(|n| {
+                let v = xattr::get(&abs, &n).unwrap().unwrap_or_default();
+                (n.as_bytes().to_vec(), v)
+            })
+            .collect();
+        xattrs.sort();
+        node.xattrs = xattrs;
+        nodes.insert(rel, node);
+    }
+    let links = inodes
+        .into_values()
+        .filter(|v| v.len() > 1)
+        .map(|mut v| {
+            v.sort();
+            v
+        })
+        .collect();
+    Snapshot { nodes, links }
+}
+
+/// Asserts two trees are equal and says where they first differ.
+pub fn assert_same_tree(a: &Path, b: &Path) {
+    let (sa, sb) = (snapshot(a), snapshot(b));
+    let keys_a: Vec<_> = sa.nodes.keys().collect();
+    let keys_b: Vec<_> = sb.nodes.keys().collect();
+    assert_eq!(
+        keys_a
+            .iter()
+            .map(|k| String::from_utf8_lossy(k))
+            .collect::<Vec<_>>(),
+        keys_b
+            .iter()
+            .map(|k| String::from_utf8_lossy(k))
+            .collect::<Vec<_>>(),
+        "paths differ"
+    );
+    for (path, node) in &sa.nodes {
+        let other = &sb.nodes[path];
+        if node != other {
+            let strip = |n: &Node| {
+                format!(
+                    "kind={} mode={:o} uid={} gid={} mtime={:?} len={} map={:?} xattrs={:?}",
+                    n.kind,
+                    n.mode,
+                    n.uid,
+                    n.gid,
+                    n.mtime,
+                    n.content.len(),
+                    n.data_map,
+                    n.xattrs
+                )
+            };
+            panic!(
+                "{:?} differs:\n  source {}\n  target {}\n  same content: {}",
+                String::from_utf8_lossy(path),
+                strip(node),
+                strip(other),
+                node.content == other.content
+            );
+        }
+    }
+    assert_eq!(sa.links, sb.links, "hard-link groups differ");
+}
+
+/// One local sync through the whole pipeline, the manifest going through its encoding as it
+/// would over the network.
+pub fn sync(
+    src: &Path,
+    store: &ChunkStore,
+    live: &Path,
+    cache: Option<&CaptureCache>,
+) -> (Capture, ApplyReport, u64) {
+    let cap = capture(src, &CaptureOptions::default(), cache).unwrap();
+    let plan = missing_chunks(&cap.manifest, &store.index().unwrap());
+    for want in &plan.wants {
+        let data = read_chunk(src, want).unwrap();
+        store.put(&want.id, &data).unwrap();
+    }
+    let manifest = Manifest::decode(&cap.manifest.encode().unwrap()).unwrap();
+    let report = apply(store, &manifest, live).unwrap();
+    (cap, report, plan.bytes)
+}
+
+/// Whether user xattrs work in `dir`, and whether its filesystem is one that must support them.
+pub fn user_xattrs(dir: &Path) -> (bool, bool) {
+    let probe = dir.join(".xattr-probe");
+    fs::write(&probe, b"").unwrap();
+    let ok = xattr::set(&probe, "user.probe", b"1").is_ok();
+    fs::remove_file(&probe).unwrap();
+    let st = rustix::fs::statfs(dir).unwrap();
+    const EXT4: i64 = 0xEF53;
+    const TMPFS: i64 = 0x0102_1994;
+    let must = matches!(st.f_type as i64, EXT4 | TMPFS);
+    (ok, must)
+}

@@ -1,0 +1,416 @@
+//! Scenario tests for the failure paths of capture and apply: interrupted applies, leftover
+//! trees, pruning that never deletes diverged data, files changing during capture, the capture
+//! cache, device nodes, and the checker itself.
+
+// Test code: a failed unwrap is a failed test, with its message.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::collections::HashSet;
+use std::fs::{self, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use hearth_volume::{
+    CaptureOptions, ChunkStore, EntryKind, Manifest, UnstablePolicy, VolumeError, apply, capture,
+    missing_chunks, prune_previous, read_chunk,
+};
+use rand::{RngCore, SeedableRng, rngs::StdRng};
+
+fn random(seed: u64, len: usize) -> Vec<u8> {
+    let mut v = vec![0u8; len];
+    StdRng::seed_from_u64(seed).fill_bytes(&mut v);
+    v
+}
+
+struct Setup {
+    _tmp: tempfile::TempDir,
+    src: std::path::PathBuf,
+    live: std::path::PathBuf,
+    store: ChunkStore,
+}
+
+fn setup() -> Setup {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    fs::create_dir_all(src.join("d/e")).unwrap();
+    fs::write(src.join("d/small"), b"hello").unwrap();
+    fs::write(src.join("d/e/big"), random(1, 2_000_000)).unwrap();
+    fs::create_dir(tmp.path().join("standby")).unwrap();
+    let live = tmp.path().join("standby/live");
+    let store = ChunkStore::open(&tmp.path().join("store")).unwrap();
+    Setup {
+        _tmp: tmp,
+        src,
+        live,
+        store,
+    }
+}
+
+fn hidden(live: &Path, part: &str) -> Vec<String> {
+    let mut v: Vec<String> = fs::read_dir(live.parent().unwrap())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(part))
+        .collect();
+    v.sort();
+    v
+}
+
+type Mutation = Box<dyn Fn(&Path)>;
+
+#[test]
+fn checker_notices_differences() {
+    let s = setup();
+    let mutations: Vec<Mutation> = vec![
+        Box::new(|p| fs::write(p.join("d/small"), b"hellO").unwrap()),
+        Box::new(|p| std::os::unix::fs::lchown(p.join("d/small"), Some(7), None).unwrap()),
+        Box::new(|p| xattr::set(p.join("d"), "user.x", b"1").unwrap()),
+        Box::new(|p| fs::hard_link(p.join("d/small"), p.join("d/link")).unwrap()),
+        Box::new(|p| {
+            let f = OpenOptions::new()
+                .write(true)
+                .open(p.join("d/e/big"))
+                .unwrap();
+            // Same bytes (zeros over a hole) but a different allocation.
+            f.set_len(3_000_000).unwrap();
+            f.write_all_at(&[0u8; 4096], 2_500_000).unwrap();
+        }),
+    ];
+    for (i, mutate) in mutations.iter().enumerate() {
+        // A fresh copy for each mutation, so each one alone must be noticed.
+        let live = s.live.with_file_name(format!("copy{i}"));
+        common::sync(&s.src, &s.store, &live, None);
+        common::assert_same_tree(&s.src, &live);
+        mutate(&live);
+        let r = std::panic::catch_unwind(|| common::assert_same_tree(&s.src, &live));
+        assert!(r.is_err(), "mutation {i} went unnoticed");
+    }
+}
+
+#[test]
+fn small_edit_sends_few_chunks_and_moves_send_nothing() {
+    let s = setup();
+    let (_, _, first) = common::sync(&s.src, &s.store, &s.live, None);
+    assert!(first >= 2_000_000);
+    let f = OpenOptions::new()
+        .write(true)
+        .open(s.src.join("d/e/big"))
+        .unwrap();
+    f.write_all_at(b"XYZ", 1_000_000).unwrap();
+    let (_, _, edit) = common::sync(&s.src, &s.store, &s.live, None);
+    assert!(
+        edit > 0 && edit <= 2 * 256 * 1024,
+        "sent {edit} bytes for a 3-byte edit"
+    );
+    fs::rename(s.src.join("d/e/big"), s.src.join("moved")).unwrap();
+    let (_, _, moved) = common::sync(&s.src, &s.store, &s.live, None);
+    assert_eq!(moved, 0);
+    common::assert_same_tree(&s.src, &s.live);
+}
+
+#[test]
+fn interrupted_apply_leaves_live_untouched_and_resumes() {
+    let s = setup();
+    common::sync(&s.src, &s.store, &s.live, None);
+    let before = common::snapshot(&s.live);
+
+    // A second version whose apply fails half-way: one of its chunks rots in the store after
+    // the up-front presence check, so the build stops in the middle.
+    fs::write(s.src.join("a-first"), random(2, 300_000)).unwrap();
+    fs::write(s.src.join("z-last"), random(3, 300_000)).unwrap();
+    let cap = capture(&s.src, &CaptureOptions::default(), None).unwrap();
+    for want in missing_chunks(&cap.manifest, &s.store.index().unwrap()).wants {
+        s.store
+            .put(&want.id, &read_chunk(&s.src, &want).unwrap())
+            .unwrap();
+    }
+    let last = cap
+        .manifest
+        .entries
+        .iter()
+        .find(|e| e.path == b"z-last")
+        .unwrap();
+    let EntryKind::File { chunks, .. } = &last.kind else {
+        panic!("not a file")
+    };
+    let victim = chunks[0].id;
+    let path = s
+        .store
+        .dir()
+        .join("chunks")
+        .join(&victim.to_hex()[..2])
+        .join(victim.to_hex());
+    fs::write(&path, b"rotten").unwrap();
+    let err = apply(&s.store, &cap.manifest, &s.live).unwrap_err();
+    assert!(matches!(err, VolumeError::ChunkMismatch { .. }), "{err}");
+    assert!(err.is_retryable());
+    assert_eq!(common::snapshot(&s.live), before, "live tree changed");
+    assert_eq!(
+        hidden(&s.live, "staging").len(),
+        2,
+        "partial build and its marker remain"
+    );
+
+    // The rotten chunk was moved out; once it is sent again the apply completes, discarding
+    // the partial build and reusing every other stored chunk.
+    let plan = missing_chunks(&cap.manifest, &s.store.index().unwrap());
+    assert_eq!(plan.wants.len(), 1);
+    for want in plan.wants {
+        s.store
+            .put(&want.id, &read_chunk(&s.src, &want).unwrap())
+            .unwrap();
+    }
+    let report = apply(&s.store, &cap.manifest, &s.live).unwrap();
+    assert!(report.discarded_partial);
+    common::assert_same_tree(&s.src, &s.live);
+    assert!(hidden(&s.live, "staging").is_empty());
+}
+
+#[test]
+fn the_same_tree_again_is_not_rebuilt() {
+    let s = setup();
+    let (_, first, _) = common::sync(&s.src, &s.store, &s.live, None);
+    assert!(!first.unchanged);
+    let (_, again, sent) = common::sync(&s.src, &s.store, &s.live, None);
+    assert!(again.unchanged && again.previous.is_none() && again.files == 0);
+    assert_eq!(sent, 0);
+    assert!(hidden(&s.live, "prev").is_empty());
+    fs::write(s.src.join("d/small"), b"changed").unwrap();
+    let (_, third, _) = common::sync(&s.src, &s.store, &s.live, None);
+    assert!(!third.unchanged && third.previous.is_some());
+    common::assert_same_tree(&s.src, &s.live);
+}
+
+#[test]
+fn missing_chunks_are_refused_before_anything_is_touched() {
+    let s = setup();
+    let cap = capture(&s.src, &CaptureOptions::default(), None).unwrap();
+    let err = apply(&s.store, &cap.manifest, &s.live).unwrap_err();
+    assert!(matches!(err, VolumeError::MissingChunks { .. }));
+    assert!(!s.live.exists());
+    assert!(hidden(&s.live, "hearth").is_empty());
+}
+
+#[test]
+fn leftover_tree_of_unknown_state_is_kept_aside() {
+    let s = setup();
+    common::sync(&s.src, &s.store, &s.live, None);
+    // What an interrupted exchange leaves: the old tree under the staging name, no marker.
+    let staging = s.live.parent().unwrap().join(".live.hearth-staging");
+    fs::create_dir(&staging).unwrap();
+    fs::write(staging.join("precious"), b"only copy").unwrap();
+    let (_, report, _) = common::sync(&s.src, &s.store, &s.live, None);
+    let aside = report.set_aside.unwrap();
+    assert_eq!(fs::read(aside.join("precious")).unwrap(), b"only copy");
+    assert!(hidden(&s.live, "diverged").len() == 1);
+}
+
+#[test]
+fn prune_deletes_only_unchanged_old_trees() {
+    let s = setup();
+    common::sync(&s.src, &s.store, &s.live, None);
+    fs::write(s.src.join("v2"), b"2").unwrap();
+    let (_, r2, _) = common::sync(&s.src, &s.store, &s.live, None);
+    fs::write(s.src.join("v3"), b"3").unwrap();
+    let (_, r3, _) = common::sync(&s.src, &s.store, &s.live, None);
+    fs::write(s.src.join("v4"), b"4").unwrap();
+    common::sync(&s.src, &s.store, &s.live, None);
+    // The first replaced tree (v1) was changed on the standby while it was live.
+    let v1 = r2.previous.unwrap();
+    fs::write(v1.join("d/small"), b"local edit").unwrap();
+    let v2 = r3.previous.unwrap();
+
+    let report = prune_previous(&s.live, 1).unwrap();
+    assert_eq!(report.removed, vec![v2.clone()]);
+    assert_eq!(report.diverged.len(), 1);
+    assert!(!v2.exists() && !v1.exists());
+    assert_eq!(
+        fs::read(report.diverged[0].join("d/small")).unwrap(),
+        b"local edit"
+    );
+    assert_eq!(
+        hidden(&s.live, "prev").len(),
+        2,
+        "the newest old tree and its manifest stay"
+    );
+    common::assert_same_tree(&s.src, &s.live);
+    // Chunks no longer referenced by the live tree can go.
+    let keep: HashSet<_> = hearth_volume::read_live_manifest(&s.live)
+        .unwrap()
+        .unwrap()
+        .chunk_ids();
+    s.store.retain(&keep).unwrap();
+    assert_eq!(s.store.index().unwrap(), keep);
+}
+
+#[test]
+fn files_changing_during_capture_are_retried_then_reported() {
+    let tmp = tempfile::tempdir().unwrap();
+    fs::write(tmp.path().join("busy"), random(4, 16_000_000)).unwrap();
+    fs::write(tmp.path().join("calm"), b"calm").unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let stop = stop.clone();
+        let path = tmp.path().join("busy");
+        std::thread::spawn(move || {
+            let f = OpenOptions::new().write(true).open(path).unwrap();
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                f.write_all_at(&i.to_le_bytes(), (i * 7919) % 15_000_000)
+                    .unwrap();
+                i += 1;
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_millis(20));
+    let opts = CaptureOptions {
+        max_retries: 2,
+        ..CaptureOptions::default()
+    };
+    let err = capture(tmp.path(), &opts, None).unwrap_err();
+    let include = capture(
+        tmp.path(),
+        &CaptureOptions {
+            unstable: UnstablePolicy::Include,
+            ..opts
+        },
+        None,
+    );
+    stop.store(true, Ordering::Relaxed);
+    writer.join().unwrap();
+    match err {
+        VolumeError::Unstable { paths } => assert_eq!(paths, vec![Path::new("busy")]),
+        other => panic!("expected Unstable, got {other}"),
+    }
+    let include = include.unwrap();
+    assert_eq!(include.report.unstable, vec![Path::new("busy")]);
+    assert_eq!(include.report.retried, vec![Path::new("busy")]);
+    // Once quiet, the same tree captures cleanly.
+    let calm = capture(tmp.path(), &CaptureOptions::default(), None).unwrap();
+    assert!(calm.report.unstable.is_empty() && calm.report.retried.is_empty());
+}
+
+#[test]
+fn cache_skips_unchanged_files_but_not_changed_ones() {
+    let tmp = tempfile::tempdir().unwrap();
+    for i in 0..20 {
+        fs::write(tmp.path().join(format!("f{i}")), random(i, 10_000)).unwrap();
+    }
+    // The cache trusts only files whose ctime is safely older than the capture's start.
+    std::thread::sleep(Duration::from_millis(2100));
+    let first = capture(tmp.path(), &CaptureOptions::default(), None).unwrap();
+    assert_eq!(first.report.files_read, 20);
+    fs::write(tmp.path().join("f3"), random(99, 10_000)).unwrap();
+    let second = capture(tmp.path(), &CaptureOptions::default(), Some(&first.cache)).unwrap();
+    assert_eq!(second.report.files_reused, 19);
+    assert_eq!(second.report.files_read, 1);
+    let fresh = capture(tmp.path(), &CaptureOptions::default(), None).unwrap();
+    assert_eq!(
+        fresh.manifest.tree_hash().unwrap(),
+        second.manifest.tree_hash().unwrap()
+    );
+}
+
+#[test]
+fn devices_are_refused_unless_allowed_and_then_replicated() {
+    let s = setup();
+    let dev = rustix::fs::makedev(1, 3);
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        s.src.join("null"),
+        rustix::fs::FileType::CharacterDevice,
+        rustix::fs::Mode::from_raw_mode(0o600),
+        dev,
+    )
+    .unwrap();
+    let err = capture(&s.src, &CaptureOptions::default(), None).unwrap_err();
+    assert!(matches!(err, VolumeError::Unsupported { .. }), "{err}");
+    assert!(!err.is_retryable());
+    let opts = CaptureOptions {
+        allow_devices: true,
+        ..CaptureOptions::default()
+    };
+    let cap = capture(&s.src, &opts, None).unwrap();
+    for want in missing_chunks(&cap.manifest, &HashSet::new()).wants {
+        s.store
+            .put(&want.id, &read_chunk(&s.src, &want).unwrap())
+            .unwrap();
+    }
+    apply(&s.store, &cap.manifest, &s.live).unwrap();
+    common::assert_same_tree(&s.src, &s.live);
+}
+
+#[test]
+fn source_changed_after_capture_is_detected_on_read() {
+    let s = setup();
+    let cap = capture(&s.src, &CaptureOptions::default(), None).unwrap();
+    fs::write(s.src.join("d/small"), b"HELLO").unwrap();
+    let plan = missing_chunks(&cap.manifest, &HashSet::new());
+    let want = plan.wants.iter().find(|w| w.path == b"d/small").unwrap();
+    let err = read_chunk(&s.src, want).unwrap_err();
+    assert!(matches!(err, VolumeError::SourceChanged { .. }) && err.is_retryable());
+}
+
+#[test]
+fn mount_points_and_sockets_are_skipped_and_reported() {
+    let s = setup();
+    let sock = s.src.join("d/sock");
+    let _listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    // A filesystem mounted below the root is neither recorded nor entered. Tests run as root
+    // (CI too), so a tmpfs can be mounted.
+    let mnt = s.src.join("mnt");
+    fs::create_dir(&mnt).unwrap();
+    let status = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "none"])
+        .arg(&mnt)
+        .status()
+        .unwrap();
+    assert!(status.success(), "mounting a tmpfs needs root");
+    fs::write(mnt.join("elsewhere"), b"x").unwrap();
+    let cap = capture(&s.src, &CaptureOptions::default(), None);
+    let unmounted = std::process::Command::new("umount")
+        .arg(&mnt)
+        .status()
+        .unwrap();
+    let cap = cap.unwrap();
+    assert!(unmounted.success());
+    assert_eq!(
+        cap.report.skipped,
+        vec![
+            (Path::new("d/sock").to_owned(), "socket"),
+            (
+                Path::new("mnt").to_owned(),
+                "mount point of another filesystem"
+            ),
+        ]
+    );
+    assert!(
+        !cap.manifest
+            .entries
+            .iter()
+            .any(|e| e.path.starts_with(b"mnt") || e.path == b"d/sock")
+    );
+}
+
+#[test]
+fn standby_capture_has_the_primary_tree_hash() {
+    // `verify` compares the two sides by one hash: capture of the standby's live tree must hash
+    // like the primary's manifest.
+    let s = setup();
+    std::os::unix::fs::symlink("d/small", s.src.join("ln")).unwrap();
+    fs::hard_link(s.src.join("d/small"), s.src.join("hl")).unwrap();
+    let (cap, _, _) = common::sync(&s.src, &s.store, &s.live, None);
+    let standby = capture(&s.live, &CaptureOptions::default(), None).unwrap();
+    assert_eq!(
+        standby.manifest.tree_hash().unwrap(),
+        cap.manifest.tree_hash().unwrap()
+    );
+    let decoded = Manifest::decode(&cap.manifest.encode().unwrap()).unwrap();
+    assert_eq!(decoded, cap.manifest);
+}
