@@ -7,7 +7,6 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use hearth_store::{RetryPolicy, Store, StoreError, with_retry};
 
@@ -241,22 +240,28 @@ async fn apply_plan_locked(
         .map(|f| layout.ltx_key(f.level, f.min_txid, f.max_txid))
         .collect();
     let parallelism = opts.parallelism.max(1);
-    // Downloads run ahead of the apply by at most `parallelism` files, so memory stays bounded.
-    let mut downloads = futures::stream::iter(keys.clone())
-        .map(|key| async move {
-            let data: Bytes = with_retry(&RetryPolicy::default(), || store.get(&key))
-                .await
-                .map_err(|source| RestoreError::Download {
-                    replica: replica.to_string(),
-                    key: key.clone(),
-                    source: Box::new(source),
-                })?;
-            let data = sealer.open(&data).map_err(|source| RestoreError::Seal {
-                replica: replica.to_string(),
-                key: key.clone(),
-                source,
-            })?;
-            Ok::<_, RestoreError>((key, data))
+    let spool = spool_path(output);
+    // Downloads run ahead of the apply by at most `parallelism` files; large files are fetched in parts
+    // (in parallel, each part retried on its own, so a broken transfer resumes at the part it broke in) and
+    // spooled to disk, so memory stays bounded by `parallelism` parts.
+    let fetch_ctx = Fetch {
+        store,
+        replica,
+        sealer,
+        parallelism,
+    };
+    let mut downloads = futures::stream::iter(plan.iter().zip(keys.iter()).enumerate())
+        .map(|(i, (f, key))| {
+            let mut spool = spool.clone().into_os_string();
+            spool.push(format!(".{i}"));
+            let spool = PathBuf::from(spool);
+            let fetch_ctx = &fetch_ctx;
+            async move {
+                fetch_ctx
+                    .fetch(key, f.size, &spool)
+                    .await
+                    .map(|data| (key.clone(), data))
+            }
         })
         .buffered(parallelism);
 
@@ -267,13 +272,18 @@ async fn apply_plan_locked(
     let mut applied_files = 0usize;
     let result: Result<(), RestoreError> = async {
         while let Some((key, data)) = downloads.try_next().await? {
-            bytes += data.len() as u64;
+            bytes += data.len();
             let ltx_err = |source| RestoreError::Ltx {
                 replica: replica.to_string(),
                 key: key.clone(),
                 source,
             };
-            let dec = Decoder::new(Cursor::new(data.as_slice())).map_err(ltx_err)?;
+            let dec = Decoder::new(data.reader().map_err(|source| RestoreError::Io {
+                path: spool.clone(),
+                what: "read the spooled download",
+                source,
+            })?)
+            .map_err(ltx_err)?;
             let header = *dec.header();
             let declares = header.declared_pre_apply().is_some();
             if !declares {
@@ -457,6 +467,125 @@ fn integrity_check(path: &Path) -> Result<(), RestoreError> {
         Ok(())
     } else {
         Err(RestoreError::Integrity(result))
+    }
+}
+
+/// Files at least this large are downloaded in parts of this size and spooled to disk.
+const PART_SIZE: u64 = 8 << 20;
+
+/// Where large downloads are spooled, beside the output (same filesystem, removed after use).
+fn spool_path(output: &Path) -> PathBuf {
+    let mut p = output.as_os_str().to_owned();
+    p.push(".hearth-restore.spool");
+    PathBuf::from(p)
+}
+
+/// A downloaded LTX file: in memory, or spooled to a file that is removed when this is dropped.
+enum Fetched {
+    Memory(Vec<u8>),
+    Spool { path: PathBuf, len: u64 },
+}
+
+impl Fetched {
+    fn len(&self) -> u64 {
+        match self {
+            Fetched::Memory(v) => v.len() as u64,
+            Fetched::Spool { len, .. } => *len,
+        }
+    }
+
+    fn reader(&self) -> std::io::Result<Box<dyn std::io::Read + Send + '_>> {
+        Ok(match self {
+            Fetched::Memory(v) => Box::new(Cursor::new(v.as_slice())),
+            Fetched::Spool { path, .. } => Box::new(std::io::BufReader::with_capacity(
+                1 << 20,
+                File::open(path)?,
+            )),
+        })
+    }
+}
+
+impl Drop for Fetched {
+    fn drop(&mut self) {
+        if let Fetched::Spool { path, .. } = self {
+            let _ = fs::remove_file(path);
+        }
+    }
+}
+
+/// What downloading needs: the store, names for errors, the sealer, and the parallelism for parts.
+struct Fetch<'a> {
+    store: &'a Store,
+    replica: &'a str,
+    sealer: &'a Sealer,
+    parallelism: usize,
+}
+
+impl Fetch<'_> {
+    async fn fetch(&self, key: &str, size: u64, spool: &Path) -> Result<Fetched, RestoreError> {
+        let download_err = |source| RestoreError::Download {
+            replica: self.replica.to_string(),
+            key: key.to_string(),
+            source: Box::new(source),
+        };
+        let seal_err = |source| RestoreError::Seal {
+            replica: self.replica.to_string(),
+            key: key.to_string(),
+            source,
+        };
+        if size < 2 * PART_SIZE {
+            let data = with_retry(&RetryPolicy::default(), || self.store.get(key))
+                .await
+                .map_err(download_err)?;
+            return Ok(Fetched::Memory(self.sealer.open(&data).map_err(seal_err)?));
+        }
+        let io = |source| RestoreError::Io {
+            path: spool.to_path_buf(),
+            what: "spool a download to",
+            source,
+        };
+        let file = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(spool)
+            .map_err(io)?;
+        // From here on the spool file is removed on every exit path.
+        let fetched = Fetched::Spool {
+            path: spool.to_path_buf(),
+            len: size,
+        };
+        let parts: Vec<std::ops::Range<u64>> = (0..size)
+            .step_by(PART_SIZE as usize)
+            .map(|start| start..(start + PART_SIZE).min(size))
+            .collect();
+        let mut stream = futures::stream::iter(parts)
+            .map(|range| async move {
+                let data = with_retry(&RetryPolicy::default(), || {
+                    self.store.get_range(key, range.clone())
+                })
+                .await;
+                data.map(|d| (range.start, d))
+            })
+            .buffer_unordered(self.parallelism);
+        while let Some(part) = stream.next().await {
+            let (offset, data) = part.map_err(download_err)?;
+            std::os::unix::fs::FileExt::write_all_at(&file, &data, offset).map_err(io)?;
+        }
+        if self.sealer.encrypts() || fetched.len() != file.metadata().map_err(io)?.len() {
+            // An encrypted object is opened whole (age streams cannot be decrypted from the middle).
+            let whole = fs::read(spool).map_err(io)?;
+            return Ok(Fetched::Memory(self.sealer.open(&whole).map_err(seal_err)?));
+        }
+        // A plain object may still be an age file when the replica was written encrypted; `open` tells.
+        let mut head = [0u8; 32];
+        let n = std::os::unix::fs::FileExt::read_at(&file, &mut head, 0).map_err(io)?;
+        if head[..n].starts_with(b"age-encryption.org/v1") {
+            let whole = fs::read(spool).map_err(io)?;
+            return Ok(Fetched::Memory(self.sealer.open(&whole).map_err(seal_err)?));
+        }
+        Ok(fetched)
     }
 }
 

@@ -700,3 +700,37 @@ async fn an_idle_database_costs_no_store_request() {
     tx.send(true).unwrap();
     task.await.unwrap().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_large_database_is_restored_from_parts_and_leaves_no_spool() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("app.db");
+    let replica_dir = dir.path().join("replica");
+    let writer = open_writer(&db);
+    // About 40 MB of incompressible rows: the first image is one LTX file well above the part size.
+    writer.execute_batch("BEGIN").unwrap();
+    for _ in 0..400 {
+        writer
+            .execute("INSERT INTO t (v) VALUES (randomblob(100000))", [])
+            .unwrap();
+    }
+    writer.execute_batch("COMMIT").unwrap();
+    let report = replicate_while(db_config(&db, &replica_dir), options(), || {}).await;
+    assert_eq!(report.unflushed(), 0);
+    let biggest = std::fs::read_dir(replica_dir.join("ltx/0"))
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().len())
+        .max()
+        .unwrap();
+    assert!(
+        biggest > 32 << 20,
+        "the test needs a file of several parts, got {biggest} bytes"
+    );
+    assert_latest_restore_equals(&db, &replica_dir).await;
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.contains("hearth-restore"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
