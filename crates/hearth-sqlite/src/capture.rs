@@ -90,6 +90,8 @@ pub enum Discontinuity {
     WalReset,
     /// The database changed in a way the WAL does not explain.
     DatabaseChanged,
+    /// A replica is empty while the database has history: it needs a full image to start from.
+    NewReplica,
     /// Commits landed between hearth's barrier and its TRUNCATE checkpoint, which may have copied them into
     /// the database and erased them from the WAL before hearth read them.
     TruncateRace,
@@ -107,6 +109,7 @@ impl std::fmt::Display for Discontinuity {
                 "the database changed in a way its WAL does not explain"
             }
             Discontinuity::TruncateRace => "commits landed while hearth truncated the WAL",
+            Discontinuity::NewReplica => "a replica is empty and needs a full image to start from",
         })
     }
 }

@@ -365,6 +365,76 @@ impl Replica {
         Ok(count)
     }
 
+    /// Gives an empty replica its first snapshot: the full image captured as `txid` (a local level-0 file),
+    /// re-labelled as the snapshot `1..=txid` so that restores from this replica can start there.
+    pub async fn seed(&mut self, full_image: &Path, txid: u64) -> Result<(), ReplicaError> {
+        self.ensure_lease().await?;
+        let data = tokio::fs::read(full_image)
+            .await
+            .map_err(|source| ReplicaError::Io {
+                replica: self.name.clone(),
+                what: "read the full image",
+                source,
+            })?;
+        let ltx_err = |source| ReplicaError::Ltx {
+            replica: self.name.clone(),
+            key: full_image.display().to_string(),
+            source,
+        };
+        let mut dec = Decoder::new(Cursor::new(data.as_slice())).map_err(ltx_err)?;
+        let h = *dec.header();
+        let post_apply = h.hearth.map(|x| x.post_apply).ok_or_else(|| {
+            ltx_err(ltx::LtxError::InvalidHeader {
+                reason: "a full image must carry hearth's checksums".into(),
+            })
+        })?;
+        let header = ltx::Header {
+            min_txid: 1,
+            max_txid: txid,
+            hearth: Some(ltx::HearthChecksums {
+                pre_apply: ltx::Checksum(0),
+                post_apply,
+            }),
+            ..h
+        };
+        let mut enc = ltx::Encoder::new(Vec::new(), header).map_err(ltx_err)?;
+        let mut page = vec![0u8; h.page_size as usize];
+        while let Some(pgno) = dec.next_page(&mut page).map_err(ltx_err)? {
+            enc.write_page(pgno, &page).map_err(ltx_err)?;
+        }
+        dec.finish().map_err(ltx_err)?;
+        let finished = enc.finish(ltx::Checksum(0)).map_err(ltx_err)?;
+        let timestamp = UNIX_EPOCH + Duration::from_millis(h.timestamp_ms.max(0) as u64);
+        let sealed = self
+            .sealer
+            .seal(finished.writer)
+            .map_err(|source| self.seal_error(source))?;
+        let size = sealed.len() as u64;
+        let key = self.layout.ltx_key(SNAPSHOT_LEVEL, 1, txid);
+        self.store
+            .put(
+                &key,
+                Bytes::from(sealed),
+                PutOptions {
+                    timestamp: Some(timestamp),
+                },
+            )
+            .await
+            .map_err(|e| self.store_error(e))?;
+        self.files.push(FileInfo {
+            level: SNAPSHOT_LEVEL,
+            min_txid: 1,
+            max_txid: txid,
+            size,
+            timestamp,
+        });
+        self.uploaded = txid;
+        self.last_upload = Some(SystemTime::now());
+        self.save_position()?;
+        tracing::info!(replica = %self.name, txid, "seeded an empty replica with a snapshot");
+        Ok(())
+    }
+
     /// Runs due compaction and retention, one step at a time, until nothing is due.
     pub async fn maintain(&mut self, now: SystemTime) -> Result<Vec<Maintenance>, ReplicaError> {
         let mut done = Vec::new();

@@ -196,6 +196,16 @@ pub async fn replicate_db(
     for r in &mut replicas {
         r.ensure_lease().await?;
     }
+    // A replica added to a database that already has history holds nothing to start a restore from: it gets
+    // the next full image as its first snapshot.
+    let mut needs_seed: Vec<bool> = replicas
+        .iter()
+        .map(|r| r.max_txid() == 0 && capture.state().txid > 0)
+        .collect();
+    if needs_seed.iter().any(|&n| n) && rebase.is_none() {
+        rebase = Some(Discontinuity::NewReplica);
+    }
+    let mut seed_txid: Option<u64> = None;
 
     let metrics = &opts.metrics;
     let mut rebases = Vec::new();
@@ -215,6 +225,9 @@ pub async fn replicate_db(
         match captured {
             Ok(Some(c)) => {
                 log_captured(&db.path, &c);
+                if c.rebase.is_some() && seed_txid.is_none() {
+                    seed_txid = Some(c.txid);
+                }
                 if let Some(reason) = &c.rebase {
                     metrics
                         .rebases
@@ -286,6 +299,17 @@ pub async fn replicate_db(
                 continue;
             }
             last_upload[i] = Instant::now();
+            if needs_seed[i] {
+                let Some(seed) = seed_txid else { continue };
+                match r.seed(&capture.local_file(seed), seed).await {
+                    Ok(()) => needs_seed[i] = false,
+                    Err(e) if e.is_retryable() => {
+                        tracing::warn!(replica = %r.name, error = %e, "seeding failed; retrying");
+                        continue;
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
             match r.upload(&local, upto).await {
                 Ok(_) => {}
                 Err(e) if e.is_retryable() => {

@@ -734,3 +734,49 @@ async fn a_large_database_is_restored_from_parts_and_leaves_no_spool() {
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replica_added_later_is_seeded_with_a_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("app.db");
+    let first_dir = dir.path().join("first");
+    let second_dir = dir.path().join("second");
+    let writer = open_writer(&db);
+    replicate_while(db_config(&db, &first_dir), options(), || {
+        writer
+            .execute("INSERT INTO t (v) VALUES (x'01')", [])
+            .unwrap();
+    })
+    .await;
+
+    // The user adds a second replica to the configuration.
+    let mut both = db_config(&db, &first_dir);
+    both.replicas
+        .push(db_config(&db, &second_dir).replicas.remove(0));
+    both.replicas[1].name = "second".into();
+    let report = replicate_while(both, options(), || {
+        writer
+            .execute("INSERT INTO t (v) VALUES (x'02')", [])
+            .unwrap();
+    })
+    .await;
+    assert_eq!(report.unflushed(), 0, "{report:?}");
+    assert!(
+        second_dir.join("ltx/9").exists(),
+        "the new replica starts with a snapshot"
+    );
+
+    // Each replica alone restores the whole database, with hearth and with Litestream.
+    for replica in [&first_dir, &second_dir] {
+        assert_latest_restore_equals(&db, replica).await;
+    }
+    let ls_out = dir.path().join("litestream.db");
+    let status = std::process::Command::new(litestream())
+        .args(["restore", "-o"])
+        .arg(&ls_out)
+        .arg(format!("file://{}", second_dir.display()))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert_eq!(contents(&ls_out), contents(&db));
+}
