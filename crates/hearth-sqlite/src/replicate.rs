@@ -93,7 +93,13 @@ pub async fn replicate_all(
         let (db, opts, shutdown) = (db.clone(), opts.clone(), shutdown.clone());
         tasks.spawn(async move {
             let path = db.path.clone();
-            (path, replicate_db(db, opts, shutdown).await)
+            let result = replicate_db(db, opts, shutdown).await;
+            // Said at once, not at shutdown: the other databases go on replicating, and a stopped one must
+            // not stay unnoticed until then.
+            if let Err(e) = &result {
+                tracing::error!(db = %path.display(), error = %e, "replication of this database stopped");
+            }
+            (path, result)
         });
     }
     let mut results = Vec::new();
