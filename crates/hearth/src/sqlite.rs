@@ -279,10 +279,8 @@ pub async fn replicate_cmd(
                 failed = true;
             }
             Ok(_) => {}
-            Err(e) => {
-                eprintln!("error: replicate: {e}");
-                failed = true;
-            }
+            // Already logged with its database when it happened (replicate_all); only the exit code is left.
+            Err(_) => failed = true,
         }
     }
     if let Some(mut c) = child {
