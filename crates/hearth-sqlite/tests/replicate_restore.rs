@@ -780,3 +780,28 @@ async fn a_replica_added_later_is_seeded_with_a_snapshot() {
     assert!(status.success());
     assert_eq!(contents(&ls_out), contents(&db));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_clean_restart_of_app_and_replicator_continues_without_a_full_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("app.db");
+    let replica_dir = dir.path().join("replica");
+    let writer = open_writer(&db);
+    replicate_while(db_config(&db, &replica_dir), options(), || {
+        writer
+            .execute("INSERT INTO t (v) VALUES (x'01')", [])
+            .unwrap();
+    })
+    .await;
+    // The app shuts down too: its last connection checkpoints into the database file and removes the WAL.
+    drop(writer);
+    let writer = open_writer(&db);
+    let second = replicate_while(db_config(&db, &replica_dir), options(), || {
+        writer
+            .execute("INSERT INTO t (v) VALUES (x'02')", [])
+            .unwrap();
+    })
+    .await;
+    assert!(second.rebases.is_empty(), "{:?}", second.rebases);
+    assert_latest_restore_equals(&db, &replica_dir).await;
+}
