@@ -68,7 +68,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Let the racy-timestamp margin pass so the capture cache can be used in later passes.
     std::thread::sleep(CaptureCacheMargin::get());
 
-    println!("pass          capture      diff  transfer     apply     total  files-read  sent-MB");
+    println!(
+        "pass          capture      diff  transfer     apply     total  files-read  sent-MB  reused  cloned"
+    );
     let mut cache: Option<CaptureCache> = None;
     for pass in ["first", "1% changed", "no change"] {
         if pass == "1% changed" {
@@ -90,17 +92,19 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         store.sync()?;
         let t3 = Instant::now();
-        apply(&store, &cap.manifest, &live)?;
+        let applied = apply(&store, &cap.manifest, &live)?;
         let t4 = Instant::now();
         println!(
-            "{pass:<11} {:>9.2?} {:>9.2?} {:>9.2?} {:>9.2?} {:>9.2?} {:>11} {:>8.1}",
+            "{pass:<11} {:>9.2?} {:>9.2?} {:>9.2?} {:>9.2?} {:>9.2?} {:>11} {:>8.1} {:>7} {:>7}",
             t1 - t0,
             t2 - t1,
             t3 - t2,
             t4 - t3,
             t4 - t0,
             cap.report.files_read,
-            plan.bytes as f64 / 1e6
+            plan.bytes as f64 / 1e6,
+            applied.reused,
+            applied.cloned
         );
         prune_previous(&live, 0)?;
         cache = Some(cap.cache);

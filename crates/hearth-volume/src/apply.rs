@@ -9,6 +9,9 @@
 //! - `.<name>.hearth-staging.building`: present while the staging tree is a partial build of ours;
 //! - `.<name>.hearth-next.manifest` / `.<name>.hearth-live.manifest`: the manifest being
 //!   switched in / the manifest of the live tree;
+//! - `.<name>.hearth-next.stamps` / `.<name>.hearth-live.stamps`: the identity (inode, size,
+//!   mtime, ctime) of every regular file of that tree as apply left it, so the next apply can
+//!   reuse the files that did not change instead of rebuilding them from chunks;
 //! - `.<name>.hearth-prev.<ns>` (+ `.manifest`): a replaced tree and the manifest it was applied
 //!   from, `<ns>` being nanoseconds since the epoch when it was replaced;
 //! - `.<name>.hearth-diverged.<ns>`: a replaced tree that no longer matched its manifest (changed
@@ -17,7 +20,7 @@
 use std::ffi::{OsStr, OsString};
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -26,6 +29,7 @@ use rustix::fs::{AtFlags, CWD, FileType, Mode, RenameFlags, Timespec, Timestamps
 use crate::capture::{CaptureOptions, UnstablePolicy, capture};
 use crate::error::{IoContext, VolumeError};
 use crate::manifest::{Entry, EntryKind, Manifest, TreeHash};
+use crate::reuse::{AppliedStamps, Attempt, FileStamp, LiveFiles, Reused, wait_until};
 use crate::store::ChunkStore;
 
 /// The hidden names that belong to one live path; see the module documentation.
@@ -84,6 +88,14 @@ impl TreeNames {
     pub fn next_manifest(&self) -> PathBuf {
         self.hidden("next.manifest")
     }
+    /// The stamps of the live tree's files (see `docs/formats/volume-tree.md`).
+    pub fn live_stamps(&self) -> PathBuf {
+        self.hidden("live.stamps")
+    }
+    /// The stamps of the tree about to become live.
+    pub fn next_stamps(&self) -> PathBuf {
+        self.hidden("next.stamps")
+    }
     /// A replaced tree.
     pub fn previous(&self, ns: u128) -> PathBuf {
         self.hidden(&format!("prev.{ns}"))
@@ -131,10 +143,22 @@ pub struct ApplyReport {
     pub set_aside: Option<PathBuf>,
     /// Whether a partial build left by an interrupted apply was discarded first.
     pub discarded_partial: bool,
-    /// Regular files written.
+    /// Regular files created in the new tree (built from chunks or reused).
     pub files: u64,
-    /// Bytes of file data written.
+    /// Bytes of file data written from the chunk store.
     pub bytes: u64,
+    /// Regular files whose data was taken from an unchanged file of the live tree (cloned or
+    /// copied) instead of being built from chunks.
+    pub reused: u64,
+    /// How many of the [`reused`](Self::reused) files were cloned (`FICLONE`, sharing extents);
+    /// the rest were copied because the filesystem cannot clone.
+    pub cloned: u64,
+    /// Bytes of file data taken from the live tree.
+    pub reused_bytes: u64,
+    /// Live files (absolute paths) that held the wanted content when they were applied but had
+    /// been changed, replaced or removed on the standby since, so they were not reused; the new
+    /// tree got those files from chunks, and the changed copies stay in the replaced tree.
+    pub changed_live: Vec<PathBuf>,
 }
 
 fn now_ns() -> u128 {
@@ -196,6 +220,10 @@ pub fn apply(
         discarded_partial: false,
         files: 0,
         bytes: 0,
+        reused: 0,
+        cloned: 0,
+        reused_bytes: 0,
+        changed_live: Vec::new(),
     };
     // The same tree again (a sync with no change on the primary): rebuilding would rewrite the
     // whole volume for nothing. Whether the standby changed its copy locally is `verify`'s and
@@ -223,11 +251,23 @@ pub fn apply(
             report.set_aside = Some(aside);
         }
     }
+    let live_files = reusable_files(&names)?;
     File::create(&marker).ctx("creating", &marker)?;
     fs::create_dir(&staging).ctx("creating", &staging)?;
     sync_dir(&names.parent)?;
 
-    build(store, manifest, &staging, &mut report)?;
+    build(store, manifest, &staging, live_files.as_ref(), &mut report)?;
+    // Stamps are taken after the whole tree is built, because creating a hard link or setting
+    // metadata changes a file's ctime.
+    let mut stamps = Vec::new();
+    for entry in &manifest.entries {
+        if let EntryKind::File { .. } = entry.kind {
+            let path = join(&staging, &entry.path);
+            let md = fs::symlink_metadata(&path).ctx("inspecting", &path)?;
+            stamps.push((entry.path.clone(), FileStamp::of(&md)));
+        }
+    }
+    let stamps = AppliedStamps::new(report.tree_hash, stamps);
     let staging_dir = File::open(&staging).ctx("opening", &staging)?;
     // One syncfs instead of an fsync per file: it flushes every file and directory of the
     // staging tree (and whatever else is dirty on that filesystem) at a fraction of the cost.
@@ -241,8 +281,17 @@ pub fn apply(
         std::io::Write::write_all(&mut f, &encoded).ctx("writing", &next)?;
         f.sync_all().ctx("syncing", &next)?;
     }
+    let next_stamps = names.next_stamps();
+    {
+        let mut f = File::create(&next_stamps).ctx("creating", &next_stamps)?;
+        std::io::Write::write_all(&mut f, &stamps.encode()?).ctx("writing", &next_stamps)?;
+        f.sync_all().ctx("syncing", &next_stamps)?;
+    }
     fs::remove_file(&marker).ctx("removing", &marker)?;
     sync_dir(&names.parent)?;
+    // A change to a live file after the switch must get a ctime other than the recorded one,
+    // or the next apply could reuse a changed file; see `reuse::CTIME_MARGIN`.
+    wait_until(stamps.switch_not_before());
 
     if exists(&live) {
         rustix::fs::renameat_with(CWD, &staging, CWD, &live, RenameFlags::EXCHANGE)
@@ -261,8 +310,34 @@ pub fn apply(
             .ctx("moving the new tree to", &live)?;
     }
     fs::rename(&next, names.live_manifest()).ctx("renaming", &next)?;
+    // Until this rename the live stamps are the old tree's; they name the old tree hash, so
+    // they are never used with the new manifest even if a crash stops us here.
+    fs::rename(&next_stamps, names.live_stamps()).ctx("renaming", &next_stamps)?;
     sync_dir(&names.parent)?;
     Ok(report)
+}
+
+/// The live tree's files that apply may reuse: none unless the live tree, its manifest and its
+/// stamps are all there and belong together. A damaged or missing stamps file only costs speed.
+fn reusable_files(names: &TreeNames) -> Result<Option<LiveFiles>, VolumeError> {
+    let live = names.live();
+    if !exists(&live) {
+        return Ok(None);
+    }
+    let Ok(Some(manifest)) = read_live_manifest(&live) else {
+        return Ok(None);
+    };
+    let path = names.live_stamps();
+    let stamps = match fs::read(&path) {
+        Ok(bytes) => AppliedStamps::decode(&bytes),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(VolumeError::io("reading", path, e)),
+    };
+    let Some(stamps) = stamps else {
+        tracing::info!(path = %path.display(), "no usable stamps for the live tree; building every file from chunks");
+        return Ok(None);
+    };
+    LiveFiles::new(&live, &manifest, &stamps).map(Some)
 }
 
 /// The manifest of the tree last applied at `live`, if any.
@@ -275,7 +350,7 @@ pub fn read_live_manifest(live: &Path) -> Result<Option<Manifest>, VolumeError> 
     }
 }
 
-fn join(root: &Path, rel: &[u8]) -> PathBuf {
+pub(crate) fn join(root: &Path, rel: &[u8]) -> PathBuf {
     if rel.is_empty() {
         root.to_owned()
     } else {
@@ -317,6 +392,7 @@ fn build(
     store: &ChunkStore,
     manifest: &Manifest,
     staging: &Path,
+    live_files: Option<&LiveFiles>,
     report: &mut ApplyReport,
 ) -> Result<(), VolumeError> {
     let mut dirs: Vec<&Entry> = Vec::new();
@@ -338,18 +414,53 @@ fn build(
                     .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
                     .open(&path)
                     .ctx("creating", &path)?;
-                for chunk in chunks {
-                    let data = store.get(&chunk.id)?;
-                    file.write_all_at(&data, chunk.offset)
-                        .ctx("writing", &path)?;
-                    report.bytes += data.len() as u64;
+                // An unchanged file of the live tree is cloned or copied rather than rebuilt.
+                // Never hard-linked: the live tree is kept aside after the switch and must not
+                // change along with the new one (see the `reuse` module).
+                let attempt = match live_files {
+                    Some(l) => l.fill(*size, chunks, &file)?,
+                    None => Attempt::NoCandidate,
+                };
+                match attempt {
+                    Attempt::Done(how) => {
+                        report.reused += 1;
+                        report.cloned += u64::from(how == Reused::Cloned);
+                        report.reused_bytes += chunks.iter().map(|c| u64::from(c.len)).sum::<u64>();
+                    }
+                    Attempt::NoCandidate | Attempt::Changed(_) => {
+                        if let Attempt::Changed(live_path) = attempt {
+                            tracing::warn!(path = %live_path.display(), "a live file changed on the standby; building it from chunks, the changed copy stays in the replaced tree");
+                            report.changed_live.push(live_path);
+                        }
+                        for chunk in chunks {
+                            let data = store.get(&chunk.id)?;
+                            file.write_all_at(&data, chunk.offset)
+                                .ctx("writing", &path)?;
+                            report.bytes += data.len() as u64;
+                        }
+                    }
                 }
-                // Extending the length leaves every range no chunk covered as a hole.
-                file.set_len(*size).ctx("sizing", &path)?;
-                std::os::unix::fs::fchown(&file, Some(entry.uid), Some(entry.gid))
-                    .ctx("changing owner of", &path)?;
-                file.set_permissions(fs::Permissions::from_mode(entry.mode))
-                    .ctx("changing mode of", &path)?;
+                // Every metadata change is a journal transaction on most filesystems, so the
+                // ones that would change nothing (a clone already has the size, a new file
+                // usually already has the wanted owner and mode) are skipped.
+                let md = file.metadata().ctx("inspecting", &path)?;
+                if md.len() != *size {
+                    // Extending the length leaves every range no chunk covered as a hole.
+                    file.set_len(*size).ctx("sizing", &path)?;
+                }
+                if (md.uid(), md.gid()) != (entry.uid, entry.gid) {
+                    std::os::unix::fs::fchown(&file, Some(entry.uid), Some(entry.gid))
+                        .ctx("changing owner of", &path)?;
+                }
+                // After chown, which clears set-uid and set-gid bits; a new file has none, so
+                // when chown was skipped the mode read above is still the file's.
+                if md.uid() != entry.uid
+                    || md.gid() != entry.gid
+                    || md.mode() & 0o7777 != entry.mode
+                {
+                    file.set_permissions(fs::Permissions::from_mode(entry.mode))
+                        .ctx("changing mode of", &path)?;
+                }
                 for x in &entry.xattrs {
                     xattr::FileExt::set_xattr(&file, OsStr::from_bytes(&x.name), &x.value)
                         .ctx("setting xattr on", &path)?;

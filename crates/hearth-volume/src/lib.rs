@@ -16,6 +16,7 @@ mod capture;
 mod diff;
 mod error;
 mod manifest;
+mod reuse;
 mod store;
 
 pub use apply::{

@@ -414,3 +414,136 @@ fn standby_capture_has_the_primary_tree_hash() {
     let decoded = Manifest::decode(&cap.manifest.encode().unwrap()).unwrap();
     assert_eq!(decoded, cap.manifest);
 }
+
+#[test]
+fn unchanged_files_are_reused_from_the_live_tree() {
+    let s = setup();
+    fs::write(s.src.join("d/sparse"), b"").unwrap();
+    let sparse = OpenOptions::new()
+        .write(true)
+        .open(s.src.join("d/sparse"))
+        .unwrap();
+    sparse.write_all_at(&random(4, 100_000), 3_000_000).unwrap();
+    sparse.set_len(5_000_000).unwrap();
+    drop(sparse);
+    let (_, first, _) = common::sync(&s.src, &s.store, &s.live, None);
+    assert_eq!((first.files, first.reused), (3, 0), "nothing to reuse yet");
+
+    // One file changes, one is renamed: the other two keep their content and are reused, the
+    // renamed one from its old path.
+    fs::write(s.src.join("d/small"), b"changed").unwrap();
+    fs::rename(s.src.join("d/e/big"), s.src.join("big-moved")).unwrap();
+    let (cap, second, _) = common::sync(&s.src, &s.store, &s.live, None);
+    common::assert_same_tree(&s.src, &s.live);
+    assert_eq!((second.files, second.reused), (3, 2), "{second:?}");
+    // The sparse file's data region as the filesystem reports it (whole blocks), no holes.
+    let sparse_data: u64 = cap
+        .manifest
+        .entries
+        .iter()
+        .find(|e| e.path == b"d/sparse")
+        .map(|e| match &e.kind {
+            EntryKind::File { chunks, .. } => chunks.iter().map(|c| u64::from(c.len)).sum(),
+            _ => 0,
+        })
+        .unwrap();
+    assert!((100_000..200_000).contains(&sparse_data), "{sparse_data}");
+    assert_eq!(second.reused_bytes, 2_000_000 + sparse_data);
+    assert_eq!(second.bytes, 7, "only the changed file came from chunks");
+    // Cloned where the filesystem can (run with TMPDIR on XFS or btrfs to cover that path),
+    // copied elsewhere.
+    let probe = s.live.parent().unwrap().join("clone-probe");
+    fs::write(&probe, b"probe").unwrap();
+    let copy = fs::File::create(probe.with_extension("copy")).unwrap();
+    let can_clone = rustix::fs::ioctl_ficlone(&copy, fs::File::open(&probe).unwrap()).is_ok();
+    assert_eq!(
+        second.cloned,
+        if can_clone { 2 } else { 0 },
+        "can clone: {can_clone}"
+    );
+    assert!(second.changed_live.is_empty());
+    // The kept-aside tree is separate from the new one: no inode is shared with it.
+    let prev = second.previous.unwrap();
+    let ino = |p: &Path| std::os::unix::fs::MetadataExt::ino(&fs::metadata(p).unwrap());
+    assert_ne!(ino(&prev.join("d/e/big")), ino(&s.live.join("big-moved")));
+}
+
+#[test]
+fn live_files_changed_on_the_standby_are_not_reused_and_not_lost() {
+    let s = setup();
+    fs::write(s.src.join("d/other"), random(5, 200_000)).unwrap();
+    common::sync(&s.src, &s.store, &s.live, None);
+    let big = s.live.join("d/e/big");
+    let other = s.live.join("d/other");
+    let small = s.live.join("d/small");
+    // Behind hearth's back: an in-place edit of the same size with the mtime put back (only
+    // the ctime gives it away), and a file replaced by another one of the same size.
+    let before = fs::metadata(&big).unwrap();
+    let f = OpenOptions::new().write(true).open(&big).unwrap();
+    f.write_all_at(b"local edit", 1000).unwrap();
+    f.set_times(fs::FileTimes::new().set_modified(before.modified().unwrap()))
+        .unwrap();
+    drop(f);
+    assert_eq!(
+        fs::metadata(&big).unwrap().modified().unwrap(),
+        before.modified().unwrap()
+    );
+    let replacement = s.live.join("d/replacement");
+    fs::write(&replacement, random(6, 200_000)).unwrap();
+    fs::rename(&replacement, &other).unwrap();
+
+    fs::write(s.src.join("d/small"), b"changed").unwrap();
+    let (_, report, _) = common::sync(&s.src, &s.store, &s.live, None);
+    common::assert_same_tree(&s.src, &s.live);
+    let mut changed = report.changed_live.clone();
+    changed.sort();
+    assert_eq!(changed, vec![big.clone(), other.clone()]);
+    assert_eq!(report.reused, 0, "{report:?}");
+    assert_eq!(report.bytes, 2_000_000 + 200_000 + 7);
+    // The standby's own changes are in the replaced tree, not lost.
+    let prev = report.previous.unwrap();
+    assert_eq!(
+        &fs::read(prev.join("d/e/big")).unwrap()[1000..1010],
+        b"local edit"
+    );
+    assert_eq!(fs::read(prev.join("d/other")).unwrap(), random(6, 200_000));
+    assert_eq!(fs::read(prev.join("d/small")).unwrap(), b"hello");
+    assert!(!small.exists() || fs::read(&small).unwrap() == b"changed");
+
+    // A file removed on the standby cannot be reused either; the tree is still rebuilt whole.
+    fs::remove_file(s.live.join("d/e/big")).unwrap();
+    fs::write(s.src.join("d/small"), b"changed again").unwrap();
+    let (_, report, _) = common::sync(&s.src, &s.store, &s.live, None);
+    common::assert_same_tree(&s.src, &s.live);
+    assert_eq!(report.changed_live, vec![big]);
+    assert_eq!(
+        report.reused, 1,
+        "d/other is unchanged since the last apply"
+    );
+}
+
+#[test]
+fn damaged_or_missing_stamps_only_cost_speed() {
+    let s = setup();
+    common::sync(&s.src, &s.store, &s.live, None);
+    let stamps = s.live.parent().unwrap().join(".live.hearth-live.stamps");
+    let mut bytes = fs::read(&stamps).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    fs::write(&stamps, &bytes).unwrap();
+    fs::write(s.src.join("d/small"), b"changed").unwrap();
+    let (_, report, _) = common::sync(&s.src, &s.store, &s.live, None);
+    common::assert_same_tree(&s.src, &s.live);
+    assert_eq!(report.reused, 0);
+    assert!(report.changed_live.is_empty());
+
+    // The apply above wrote fresh stamps, so the next one reuses again.
+    fs::write(s.src.join("d/small"), b"changed again").unwrap();
+    let (_, report, _) = common::sync(&s.src, &s.store, &s.live, None);
+    assert_eq!(report.reused, 1);
+    fs::remove_file(&stamps).unwrap();
+    fs::write(s.src.join("d/small"), b"third").unwrap();
+    let (_, report, _) = common::sync(&s.src, &s.store, &s.live, None);
+    common::assert_same_tree(&s.src, &s.live);
+    assert_eq!(report.reused, 0);
+}

@@ -12,7 +12,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use hearth_volume::{ChunkStore, read_live_manifest};
+use hearth_volume::{ChunkStore, EntryKind, Manifest, read_live_manifest};
 use proptest::prelude::*;
 use rand::{RngCore, SeedableRng, rngs::StdRng};
 
@@ -144,6 +144,25 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (i(), 0u8..4, prop::collection::vec(any::<u8>(), 0..64)).prop_map(|(any, name, value)| Op::Xattr { any, name, value }),
         1 => (i(), -100_000_000i64..4_000_000_000, 0u32..1_000_000_000).prop_map(|(any, sec, nsec)| Op::Touch { any, sec, nsec }),
     ]
+}
+
+/// The regular files of `m` that have data, as (size, chunk list) keys, with their count.
+fn file_contents(m: &Manifest) -> std::collections::HashMap<Vec<u8>, usize> {
+    let mut out = std::collections::HashMap::new();
+    for e in &m.entries {
+        if let EntryKind::File { size, chunks } = &e.kind
+            && !chunks.is_empty()
+        {
+            let mut key = size.to_le_bytes().to_vec();
+            for c in chunks {
+                key.extend_from_slice(&c.offset.to_le_bytes());
+                key.extend_from_slice(&c.len.to_le_bytes());
+                key.extend_from_slice(&c.id.0);
+            }
+            *out.entry(key).or_insert(0) += 1;
+        }
+    }
+    out
 }
 
 fn bytes(seed: u64, len: usize) -> Vec<u8> {
@@ -394,8 +413,21 @@ proptest! {
             for op in round {
                 run(&src, op, xattrs);
             }
+            let before = read_live_manifest(&live).unwrap().unwrap();
             let (cap, report, _) = common::sync(&src, &store, &live, cache.as_ref());
             common::assert_same_tree(&src, &live);
+            // Nothing touched the standby, so every file of the new tree whose content some
+            // file of the old tree had was taken from the live tree, not from chunks.
+            if !report.unchanged {
+                let old = file_contents(&before);
+                let want: usize = file_contents(&cap.manifest)
+                    .into_iter()
+                    .filter(|(k, _)| old.contains_key(k))
+                    .map(|(_, n)| n)
+                    .sum();
+                prop_assert_eq!(report.reused, want as u64);
+                prop_assert!(report.changed_live.is_empty());
+            }
             // The replaced tree is kept aside, never deleted by apply.
             prop_assert!(report.unchanged || report.previous.as_ref().is_some_and(|p| p.is_dir()));
             let recorded = read_live_manifest(&live).unwrap().unwrap();

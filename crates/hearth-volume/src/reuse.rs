@@ -1,0 +1,392 @@
+//! Reuse of unchanged files from the live tree during [`crate::apply`]: the identity stamps that
+//! apply records for every file it builds, and cloning (or copying) a live file into the staging
+//! tree when its content is the one the new manifest wants and it has not been touched since.
+//!
+//! Why a stamp and not a re-hash: re-reading and hashing every unchanged file would cost about
+//! as much as rebuilding it from the chunk store, which is what this module exists to avoid. The
+//! stamp (device, inode, size, mtime, ctime) changes whenever the file's data or metadata is
+//! changed through the filesystem, because the kernel sets the ctime on every such change and
+//! nobody but the kernel can set it. The stamps file format is in `docs/formats/volume-tree.md`.
+//!
+//! Hard links from the staging tree to the live tree's inodes are never used instead of a
+//! clone or copy: the live tree is kept aside unchanged after the switch (as a `prev` tree that
+//! pruning compares with its manifest), and a shared inode would make it change along with the
+//! new live tree, so a write on the standby would silently alter both snapshots.
+
+use std::cell::Cell;
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{IoContext, VolumeError};
+use crate::manifest::{ChunkId, ChunkRef, EntryKind, Manifest, TreeHash};
+
+const MAGIC: &[u8; 8] = b"HEARTHST";
+const STAMPS_VERSION: u16 = 1;
+
+/// How long after the newest recorded ctime the new tree may be switched in at the earliest.
+/// File timestamps come from the kernel's coarse clock, which lags the real clock by at most one
+/// tick (10 ms at the lowest common `HZ` of 100). Switching in later than this guarantees that a
+/// change made to a live file after the switch gets a ctime different from the recorded one,
+/// even on kernels without fine-grained timestamps.
+const CTIME_MARGIN: Duration = Duration::from_millis(25);
+
+/// The identity of one file as apply left it, taken after all its metadata was set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct FileStamp {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime_sec: i64,
+    mtime_nsec: i64,
+    ctime_sec: i64,
+    ctime_nsec: i64,
+}
+
+impl FileStamp {
+    pub(crate) fn of(md: &std::fs::Metadata) -> Self {
+        FileStamp {
+            dev: md.dev(),
+            ino: md.ino(),
+            size: md.size(),
+            mtime_sec: md.mtime(),
+            mtime_nsec: md.mtime_nsec(),
+            ctime_sec: md.ctime(),
+            ctime_nsec: md.ctime_nsec(),
+        }
+    }
+
+    fn ctime(&self) -> Duration {
+        let secs = u64::try_from(self.ctime_sec).unwrap_or(0);
+        let nanos = u32::try_from(self.ctime_nsec).unwrap_or(0);
+        Duration::new(secs, nanos)
+    }
+}
+
+/// The stamps of every regular file of one applied tree, bound to that tree's hash so a stamps
+/// file can never be used with a manifest it was not written for.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct AppliedStamps {
+    tree_hash: [u8; 32],
+    /// `(path, stamp)` for each `File` entry, in manifest order.
+    files: Vec<(Vec<u8>, FileStamp)>,
+}
+
+impl AppliedStamps {
+    pub(crate) fn new(tree_hash: TreeHash, files: Vec<(Vec<u8>, FileStamp)>) -> Self {
+        AppliedStamps {
+            tree_hash: tree_hash.0,
+            files,
+        }
+    }
+
+    /// Magic, version, postcard body, BLAKE3 of the body: the same envelope as a manifest.
+    pub(crate) fn encode(&self) -> Result<Vec<u8>, VolumeError> {
+        let body = postcard::to_stdvec(self)
+            .map_err(|e| VolumeError::InvalidManifest(format!("cannot encode stamps: {e}")))?;
+        let mut out = Vec::with_capacity(body.len() + 42);
+        out.extend_from_slice(MAGIC);
+        out.extend_from_slice(&STAMPS_VERSION.to_le_bytes());
+        out.extend_from_slice(&body);
+        out.extend_from_slice(blake3::hash(&body).as_bytes());
+        Ok(out)
+    }
+
+    /// Decodes a stamps file; `None` for anything damaged or of another version, since stamps
+    /// are only a speed-up and a tree without them is simply rebuilt from chunks.
+    pub(crate) fn decode(bytes: &[u8]) -> Option<Self> {
+        let rest = bytes.strip_prefix(MAGIC.as_slice())?;
+        if rest.len() < 2 + 32 {
+            return None;
+        }
+        let (version, rest) = rest.split_at(2);
+        if u16::from_le_bytes([version[0], version[1]]) != STAMPS_VERSION {
+            return None;
+        }
+        let (body, sum) = rest.split_at(rest.len() - 32);
+        if blake3::hash(body).as_bytes() != sum {
+            return None;
+        }
+        postcard::from_bytes(body).ok()
+    }
+
+    /// The earliest moment the tree these stamps describe may be switched in; see
+    /// [`CTIME_MARGIN`].
+    pub(crate) fn switch_not_before(&self) -> Duration {
+        self.files
+            .iter()
+            .map(|(_, s)| s.ctime())
+            .max()
+            .unwrap_or_default()
+            + CTIME_MARGIN
+    }
+}
+
+/// Waits until the wall clock has passed `not_before` (a time since the epoch). Usually it
+/// already has, because flushing the staging tree takes longer than the margin.
+pub(crate) fn wait_until(not_before: Duration) {
+    loop {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        if now >= not_before {
+            return;
+        }
+        std::thread::sleep((not_before - now).min(CTIME_MARGIN));
+    }
+}
+
+/// What the content of a regular file is, as far as reuse is concerned: its size and its exact
+/// chunk list (offsets included, so the holes are the same too).
+type ContentKey = (u64, Vec<(u64, u32, ChunkId)>);
+
+fn content_key(size: u64, chunks: &[ChunkRef]) -> ContentKey {
+    (
+        size,
+        chunks.iter().map(|c| (c.offset, c.len, c.id)).collect(),
+    )
+}
+
+/// How a file of the new tree got its data from the live tree.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Reused {
+    /// By `FICLONE`: the new file shares the old one's extents (copy-on-write).
+    Cloned,
+    /// By copying the data ranges (`copy_file_range`, or reads and writes).
+    Copied,
+}
+
+/// What a reuse attempt found.
+#[derive(Debug)]
+pub(crate) enum Attempt {
+    /// The data is in place; the caller still sets the metadata.
+    Done(Reused),
+    /// The live tree has no file with this content.
+    NoCandidate,
+    /// A live file had this content when it was applied but has changed since (or could not
+    /// be read); the caller builds the file from chunks. The destination is empty again.
+    Changed(PathBuf),
+}
+
+/// The live tree's files that may be reused, by content.
+pub(crate) struct LiveFiles {
+    root: PathBuf,
+    by_content: HashMap<ContentKey, (Vec<u8>, FileStamp)>,
+    /// Cleared after the filesystem said it cannot clone, so it is not asked for every file.
+    clone_works: Cell<bool>,
+    /// Cleared after `copy_file_range` was refused, for the same reason.
+    copy_range_works: Cell<bool>,
+}
+
+impl LiveFiles {
+    /// The reusable files of the tree at `root`, applied from `manifest` with `stamps`. Files
+    /// without a stamp, or stamps for another tree, give nothing to reuse.
+    pub(crate) fn new(
+        root: &Path,
+        manifest: &Manifest,
+        stamps: &AppliedStamps,
+    ) -> Result<Self, VolumeError> {
+        let mut by_content = HashMap::new();
+        if manifest.tree_hash()?.0 == stamps.tree_hash {
+            let by_path: HashMap<&[u8], &FileStamp> = stamps
+                .files
+                .iter()
+                .map(|(p, s)| (p.as_slice(), s))
+                .collect();
+            for entry in &manifest.entries {
+                let EntryKind::File { size, chunks } = &entry.kind else {
+                    continue;
+                };
+                // Nothing to gain for a file without data: it is only a length.
+                if chunks.is_empty() {
+                    continue;
+                }
+                if let Some(stamp) = by_path.get(entry.path.as_slice()) {
+                    by_content
+                        .entry(content_key(*size, chunks))
+                        .or_insert_with(|| (entry.path.clone(), **stamp));
+                }
+            }
+        }
+        Ok(LiveFiles {
+            root: root.to_owned(),
+            by_content,
+            clone_works: Cell::new(true),
+            copy_range_works: Cell::new(true),
+        })
+    }
+
+    /// Fills the empty file `dst` with the data of content `(size, chunks)` from a live file
+    /// that holds it, if there is one and it is unchanged since it was applied. The caller sets
+    /// the length (a clone already has it; a copy stops after the last chunk).
+    pub(crate) fn fill(
+        &self,
+        size: u64,
+        chunks: &[ChunkRef],
+        dst: &File,
+    ) -> Result<Attempt, VolumeError> {
+        if chunks.is_empty() {
+            return Ok(Attempt::NoCandidate);
+        }
+        let Some((rel, stamp)) = self.by_content.get(&content_key(size, chunks)) else {
+            return Ok(Attempt::NoCandidate);
+        };
+        let path = crate::apply::join(&self.root, rel);
+        let changed = || Ok(Attempt::Changed(path.clone()));
+        // O_NOFOLLOW and a stamp taken through the descriptor: what is checked is what is read.
+        let src = match std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+            .open(&path)
+        {
+            Ok(f) => f,
+            Err(_) => return changed(),
+        };
+        match src.metadata() {
+            Ok(md) if md.is_file() && FileStamp::of(&md) == *stamp => {}
+            _ => return changed(),
+        }
+        let how = match self.copy_data(&src, dst, chunks) {
+            Ok(how) => how,
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "could not reuse a live file; building it from chunks");
+                dst.set_len(0).ctx("truncating", &path)?;
+                return changed();
+            }
+        };
+        // A change while the data was taken shows in the stamp afterwards (its ctime moves past
+        // the recorded one); the copy may then mix two versions and is thrown away.
+        match src.metadata() {
+            Ok(md) if FileStamp::of(&md) == *stamp => Ok(Attempt::Done(how)),
+            _ => {
+                dst.set_len(0).ctx("truncating", &path)?;
+                changed()
+            }
+        }
+    }
+
+    fn copy_data(&self, src: &File, dst: &File, chunks: &[ChunkRef]) -> std::io::Result<Reused> {
+        if self.clone_works.get() {
+            match rustix::fs::ioctl_ficlone(dst, src) {
+                Ok(()) => return Ok(Reused::Cloned),
+                Err(e) => {
+                    // EOPNOTSUPP (ext4, tmpfs), ENOTTY, EINVAL or EXDEV: this filesystem cannot
+                    // clone at all, so it is not asked again during this apply.
+                    if matches!(
+                        e,
+                        rustix::io::Errno::OPNOTSUPP
+                            | rustix::io::Errno::NOTTY
+                            | rustix::io::Errno::INVAL
+                            | rustix::io::Errno::XDEV
+                            | rustix::io::Errno::NOSYS
+                    ) {
+                        self.clone_works.set(false);
+                    }
+                    dst.set_len(0)?;
+                }
+            }
+        }
+        // Only the chunk ranges are copied, and the length is set afterwards, so every range no
+        // chunk covers stays a hole exactly as in a build from chunks. Adjacent chunks are
+        // copied as one range.
+        let mut i = 0;
+        while i < chunks.len() {
+            let start = chunks[i].offset;
+            let mut end = start + u64::from(chunks[i].len);
+            i += 1;
+            while i < chunks.len() && chunks[i].offset == end {
+                end += u64::from(chunks[i].len);
+                i += 1;
+            }
+            self.copy_range(src, dst, start, end)?;
+        }
+        // The caller sets the length afterwards, which leaves the rest as holes.
+        Ok(Reused::Copied)
+    }
+
+    fn copy_range(&self, src: &File, dst: &File, start: u64, end: u64) -> std::io::Result<()> {
+        let mut pos = start;
+        while pos < end && self.copy_range_works.get() {
+            let (mut off_in, mut off_out) = (pos, pos);
+            let want = usize::try_from(end - pos)
+                .unwrap_or(usize::MAX)
+                .min(1 << 30);
+            match rustix::fs::copy_file_range(src, Some(&mut off_in), dst, Some(&mut off_out), want)
+            {
+                Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+                Ok(n) => pos += n as u64,
+                Err(
+                    rustix::io::Errno::NOSYS
+                    | rustix::io::Errno::XDEV
+                    | rustix::io::Errno::OPNOTSUPP
+                    | rustix::io::Errno::INVAL,
+                ) => self.copy_range_works.set(false),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        // Plain reads and writes where the kernel cannot copy between these files.
+        let mut buf = vec![0u8; 256 * 1024];
+        while pos < end {
+            let n = usize::try_from(end - pos)
+                .unwrap_or(usize::MAX)
+                .min(buf.len());
+            src.read_exact_at(&mut buf[..n], pos)?;
+            dst.write_all_at(&buf[..n], pos)?;
+            pos += n as u64;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stamp(ctime_sec: i64) -> FileStamp {
+        FileStamp {
+            dev: 1,
+            ino: 2,
+            size: 3,
+            mtime_sec: 4,
+            mtime_nsec: 5,
+            ctime_sec,
+            ctime_nsec: 6,
+        }
+    }
+
+    #[test]
+    fn stamps_round_trip_and_refuse_damage() {
+        let s = AppliedStamps::new(
+            TreeHash([7; 32]),
+            vec![(b"a".to_vec(), stamp(10)), (b"b/c".to_vec(), stamp(20))],
+        );
+        let bytes = s.encode().unwrap();
+        assert_eq!(AppliedStamps::decode(&bytes), Some(s.clone()));
+        let cases: Vec<(&str, Vec<u8>)> = vec![
+            ("empty", vec![]),
+            ("truncated", bytes[..bytes.len() - 1].to_vec()),
+            ("bit flip", {
+                let mut b = bytes.clone();
+                b[12] ^= 1;
+                b
+            }),
+            ("other version", {
+                let mut b = bytes.clone();
+                b[8] = 9;
+                b
+            }),
+        ];
+        for (what, bad) in cases {
+            assert_eq!(AppliedStamps::decode(&bad), None, "{what}");
+        }
+        assert_eq!(
+            s.switch_not_before(),
+            Duration::new(20, 6) + CTIME_MARGIN,
+            "the newest ctime decides"
+        );
+    }
+}
