@@ -241,6 +241,11 @@ pub fn next_maintenance(
                 run.push(f);
             }
         }
+        // A run of one file would only copy it to the next level: for a full image of a large database that
+        // is the whole database again, per level. It waits until there is something to merge it with.
+        if run.len() < 2 {
+            continue;
+        }
         if let (Some(first), Some(last)) = (run.first(), run.last()) {
             let (min_txid, max_txid) = (first.min_txid, last.max_txid);
             return Some(Maintenance::Compact {
@@ -469,7 +474,15 @@ mod tests {
         clock.mark(SNAPSHOT_LEVEL, at(10));
         assert_eq!(next_maintenance(&after, &policy, &clock, at(11)), None);
 
-        // Level 2 gets its turn when its interval has passed.
+        // Level 2 gets its turn when its interval has passed and level 1 holds two files to merge.
+        assert!(
+            !matches!(
+                next_maintenance(&after, &policy, &clock, at(10 + 300)),
+                Some(Maintenance::Compact { .. })
+            ),
+            "a single file is not copied up"
+        );
+        after.extend([f(0, 4, 4, 40), f(0, 5, 5, 50), f(1, 4, 5, 50)]);
         let m = next_maintenance(&after, &policy, &clock, at(10 + 300)).unwrap();
         assert!(
             matches!(
@@ -477,7 +490,7 @@ mod tests {
                 Maintenance::Compact {
                     level: 2,
                     min_txid: 1,
-                    max_txid: 3,
+                    max_txid: 5,
                     ..
                 }
             ),
@@ -487,7 +500,7 @@ mod tests {
 
     #[test]
     fn compaction_stops_at_a_gap() {
-        let files = vec![f(1, 1, 3, 3), f(0, 4, 4, 4), f(0, 6, 6, 6)];
+        let files = vec![f(1, 1, 3, 3), f(0, 4, 4, 4), f(0, 5, 5, 5), f(0, 7, 7, 7)];
         let m = next_maintenance(
             &files,
             &CompactionPolicy::default(),
@@ -501,7 +514,7 @@ mod tests {
                 Maintenance::Compact {
                     level: 1,
                     min_txid: 4,
-                    max_txid: 4,
+                    max_txid: 5,
                     ..
                 }
             ),

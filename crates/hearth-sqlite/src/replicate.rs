@@ -301,7 +301,10 @@ pub async fn replicate_db(
                 .replicas
                 .get(i)
                 .map_or(Duration::from_secs(1), |c| c.sync_interval);
-            if r.uploaded() >= upto || last_upload[i].elapsed() < interval {
+            // Ticks come every monitor interval, so an upload due "in a moment" goes now rather than a whole
+            // tick later; otherwise equal monitor and sync intervals would double the lag.
+            let due = last_upload[i].elapsed() + db.monitor_interval / 2 >= interval;
+            if r.uploaded() >= upto || !due {
                 continue;
             }
             last_upload[i] = Instant::now();

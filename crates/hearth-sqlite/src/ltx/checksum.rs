@@ -3,17 +3,18 @@
 use std::fmt;
 use std::io::Read;
 
-use crc::{CRC_64_GO_ISO, Crc, Digest};
+use crc::{CRC_64_GO_ISO, Crc, Digest, Table};
 
 use super::{LtxError, lock_pgno, read_full};
 
 /// The CRC-64 variant LTX uses everywhere. Go's `hash/crc64` with the ISO table is
 /// exactly the catalogued CRC-64/GO-ISO (reflected, init and xorout all ones), so the
-/// `crc` crate's constant reproduces the Go checksums bit for bit.
-pub(crate) static CRC64: Crc<u64> = Crc::<u64>::new(&CRC_64_GO_ISO);
+/// `crc` crate's constant reproduces the Go checksums bit for bit. Slice-by-16 tables: several times faster
+/// than the crate's bytewise default, which dominated restore time.
+pub(crate) static CRC64: Crc<u64, Table<16>> = Crc::<u64, Table<16>>::new(&CRC_64_GO_ISO);
 
 /// Starts a streaming CRC-64/ISO digest.
-pub(crate) fn digest() -> Digest<'static, u64> {
+pub(crate) fn digest() -> Digest<'static, u64, Table<16>> {
     CRC64.digest()
 }
 

@@ -2,7 +2,7 @@
 
 use std::io::{self, Seek, SeekFrom, Write};
 
-use crc::Digest;
+use crc::{Digest, Table};
 
 use super::checksum::{CRC64, crc64_combine, digest};
 use super::{
@@ -21,7 +21,7 @@ pub struct Encoder<W: Write> {
     header: Header,
     /// CRC of everything after the header. The header's CRC is combined in at the end,
     /// so `finish_with_hearth_checksums` can still rewrite the header.
-    hash: Digest<'static, u64>,
+    hash: Digest<'static, u64, Table<16>>,
     hashed: u64,
     /// Bytes written so far, which is also the offset of the next frame.
     n: u64,
