@@ -127,7 +127,7 @@ impl Replica {
             files: Vec::new(),
             uploaded: 0,
             pos_path: position_path(meta, name),
-            clock: CompactionClock::default(),
+            clock: start_clock(&policy_levels(&policy)),
             policy,
             holder: random_id(),
             lease_etag: None,
@@ -573,6 +573,24 @@ impl Replica {
             source,
         }
     }
+}
+
+/// The compaction clock of a replicator that just started: levels 1.. count as compacted now, so a restart
+/// (every redeploy) does not copy the newest files up through every level at once. Snapshots are left out:
+/// their schedule follows the snapshot files' own timestamps, and frequent restarts must not postpone them.
+fn start_clock(levels: &[u8]) -> CompactionClock {
+    let mut clock = CompactionClock::default();
+    let now = SystemTime::now();
+    for &level in levels {
+        clock.mark(level, now);
+    }
+    clock
+}
+
+fn policy_levels(policy: &CompactionPolicy) -> Vec<u8> {
+    (1..=policy.levels.len())
+        .filter_map(|l| u8::try_from(l).ok())
+        .collect()
 }
 
 /// Lists every LTX file a replica holds, at every level.

@@ -27,7 +27,7 @@ fn write_config(dir: &Path, db: &Path, replica: &Path) -> std::path::PathBuf {
     // Short intervals so that syncs, checkpoints, uploads, compactions and snapshots all happen within the
     // short life of each replicator process, and a kill can land in any of them.
     let config = format!(
-        "levels:\n  - interval: 1s\n  - interval: 2s\nsnapshot:\n  interval: 3s\n  retention: 1h\n\
+        "levels:\n  - interval: 100ms\n  - interval: 250ms\nsnapshot:\n  interval: 1s\n  retention: 1h\n\
          shutdown-sync-timeout: 4s\n\
          dbs:\n  - path: {}\n    monitor-interval: 20ms\n    min-checkpoint-page-count: 40\n    checkpoint-interval: 200ms\n\
          \x20   replica:\n      url: file://{}\n      sync-interval: 20ms\n",
