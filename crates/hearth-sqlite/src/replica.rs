@@ -11,7 +11,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use hearth_store::{Location, PutOptions, PutOutcome, Store, StoreError};
 
-use crate::capture::write_atomic;
 use crate::layout::{FileInfo, HEARTH_PREFIX, Layout, SNAPSHOT_LEVEL};
 use crate::ltx::{self, CompactOptions, Decoder};
 use crate::plan::{self, CompactionClock, CompactionPolicy, Maintenance};
@@ -564,7 +563,12 @@ impl Replica {
             uploaded_at_ms: self.last_upload.map(ms),
         };
         let body = serde_json::to_vec(&position).unwrap_or_default();
-        write_atomic(&self.pos_path, &body).map_err(io)
+        // Renamed into place but not fsynced: this file only saves work. If a crash loses it, the position
+        // falls back to an older one (never past what the replica holds, see `open`) and the same immutable
+        // level-0 files are uploaded again. Two fsyncs per upload per database are what it would cost.
+        let tmp = self.pos_path.with_extension("json.tmp");
+        std::fs::write(&tmp, &body).map_err(io)?;
+        std::fs::rename(&tmp, &self.pos_path).map_err(io)
     }
 
     fn store_error(&self, source: StoreError) -> ReplicaError {
