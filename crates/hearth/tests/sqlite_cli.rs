@@ -46,6 +46,14 @@ fn config(dir: &Path, db: &Path, extra: &str) -> std::path::PathBuf {
     path
 }
 
+/// Removes `app.db` and hearth's local state for it, as a new Nomad allocation on another node starts without them.
+fn forget_database(dir: &Path) {
+    std::fs::remove_dir_all(dir.join(".app.db-hearth")).unwrap();
+    for f in ["app.db", "app.db-wal", "app.db-shm"] {
+        let _ = std::fs::remove_file(dir.join(f));
+    }
+}
+
 /// Replicates `db` with the CLI for a moment, then stops it with SIGTERM.
 fn replicate_briefly(cfg: &Path) {
     let child = hearth()
@@ -177,10 +185,7 @@ fn run_restores_first_then_exits_with_the_childs_code_and_keeps_its_writes() {
     replicate_briefly(&cfg);
 
     // A new allocation: the database is gone. `run` must restore it before the app starts.
-    std::fs::remove_dir_all(dir.path().join(".app.db-hearth")).unwrap();
-    for f in ["app.db", "app.db-wal", "app.db-shm"] {
-        let _ = std::fs::remove_file(dir.path().join(f));
-    }
+    forget_database(dir.path());
     let app = format!(
         "import sqlite3, sys; c = sqlite3.connect('{}'); n = c.execute('select count(*) from t').fetchone()[0]; \
          c.execute('insert into t (v) values (\"from the app\")'); c.commit(); sys.exit(7 if n == 10 else 3)",
@@ -251,10 +256,7 @@ fn replicate_waits_for_a_running_restore_then_continues_its_history() {
     make_db(&db, 5);
     let cfg = config(dir.path(), &db, "");
     replicate_briefly(&cfg);
-    std::fs::remove_dir_all(dir.path().join(".app.db-hearth")).unwrap();
-    for f in ["app.db", "app.db-wal", "app.db-shm"] {
-        let _ = std::fs::remove_file(dir.path().join(f));
-    }
+    forget_database(dir.path());
     // Nomad's pattern: the sidecar starts at the same time as the restore task.
     let sidecar = hearth()
         .args(["sqlite", "replicate", "-c"])
