@@ -101,6 +101,8 @@ pub struct Replica {
     lease_etag: Option<String>,
     lease_expires: SystemTime,
     conditional: Option<bool>,
+    /// What conditional-write support depends on: the endpoint and bucket, not the prefix.
+    probe_key: String,
     sealer: Sealer,
     pub last_upload: Option<SystemTime>,
 }
@@ -132,6 +134,10 @@ impl Replica {
             lease_etag: None,
             lease_expires: UNIX_EPOCH,
             conditional: None,
+            probe_key: match location {
+                Location::File { root } => format!("file://{}", root.display()),
+                Location::S3(s3) => format!("s3://{} at {:?}", s3.bucket, s3.endpoint),
+            },
             sealer,
             last_upload: None,
         };
@@ -198,19 +204,7 @@ impl Replica {
         }
         let key = format!("{HEARTH_PREFIX}/lease.json");
         if self.conditional.is_none() {
-            let probe = self
-                .store
-                .probe_conditional_writes()
-                .await
-                .map_err(|e| self.store_error(e))?;
-            if !probe {
-                tracing::warn!(
-                    replica = %self.name,
-                    "the store ignores conditional writes; hearth detects a second writer by re-reading its lease, \
-                     which leaves a short window in which two writers can both proceed"
-                );
-            }
-            self.conditional = Some(probe);
+            self.conditional = Some(self.probe_once().await?);
         }
         let current = match self.store.get(&key).await {
             Ok(bytes) => serde_json::from_slice::<Lease>(&bytes).ok(),
@@ -292,6 +286,35 @@ impl Replica {
             }
         }
         Ok(())
+    }
+
+    /// Whether the store enforces conditional writes, probed once per store and process: a hundred databases
+    /// on one bucket cost one probe and one warning, not a hundred.
+    async fn probe_once(&self) -> Result<bool, ReplicaError> {
+        static PROBED: std::sync::OnceLock<
+            std::sync::Mutex<std::collections::HashMap<String, bool>>,
+        > = std::sync::OnceLock::new();
+        let probed = PROBED.get_or_init(Default::default);
+        let name = self.probe_key.clone();
+        if let Some(known) = probed.lock().ok().and_then(|m| m.get(&name).copied()) {
+            return Ok(known);
+        }
+        let probe = self
+            .store
+            .probe_conditional_writes()
+            .await
+            .map_err(|e| self.store_error(e))?;
+        if !probe {
+            tracing::warn!(
+                store = %name,
+                "the store ignores conditional writes; hearth detects a second writer by re-reading its lease, \
+                 which leaves a short window in which two writers can both proceed"
+            );
+        }
+        if let Ok(mut m) = probed.lock() {
+            m.insert(name, probe);
+        }
+        Ok(probe)
     }
 
     /// Gives the lease up so the next writer need not wait for it to expire.
