@@ -8,7 +8,7 @@
 use std::time::SystemTime;
 
 pub use crate::ltx::SNAPSHOT_LEVEL;
-use crate::ltx::{format_filename, parse_filename};
+use crate::ltx::parse_filename;
 
 /// The prefix of hearth's own objects in a replica (lease, database checksums); Litestream ignores it.
 pub const HEARTH_PREFIX: &str = ".hearth";
@@ -39,11 +39,10 @@ impl Layout {
 
     /// The key of one LTX file.
     pub fn ltx_key(self, level: u8, min_txid: u64, max_txid: u64) -> String {
-        format!(
-            "{}{}",
-            self.level_prefix(level),
-            format_filename(min_txid, max_txid)
-        )
+        match self {
+            Layout::File => crate::ltx::replica_file_path(level, min_txid, max_txid),
+            Layout::S3 => crate::ltx::replica_s3_key(level, min_txid, max_txid),
+        }
     }
 
     /// Parses a key below a level prefix back into its TXID range; `None` for anything that is not an LTX file.

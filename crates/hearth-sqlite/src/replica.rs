@@ -348,35 +348,7 @@ impl Replica {
                     what: "read a level-0 file",
                     source,
                 })?;
-            let header = ltx::peek_header(&data).map_err(|source| ReplicaError::Ltx {
-                replica: self.name.clone(),
-                key: path.display().to_string(),
-                source,
-            })?;
-            let timestamp = UNIX_EPOCH + Duration::from_millis(header.timestamp_ms.max(0) as u64);
-            let key = self.layout.ltx_key(0, *txid, *txid);
-            let data = self
-                .sealer
-                .seal(data)
-                .map_err(|source| self.seal_error(source))?;
-            let size = data.len() as u64;
-            self.store
-                .put(
-                    &key,
-                    Bytes::from(data),
-                    PutOptions {
-                        timestamp: Some(timestamp),
-                    },
-                )
-                .await
-                .map_err(|e| self.store_error(e))?;
-            self.files.push(FileInfo {
-                level: 0,
-                min_txid: *txid,
-                max_txid: *txid,
-                size,
-                timestamp,
-            });
+            self.put_ltx(0, *txid, *txid, data).await?;
             self.uploaded = *txid;
             self.last_upload = Some(SystemTime::now());
             count += 1;
@@ -426,30 +398,8 @@ impl Replica {
         }
         dec.finish().map_err(ltx_err)?;
         let finished = enc.finish(ltx::Checksum(0)).map_err(ltx_err)?;
-        let timestamp = UNIX_EPOCH + Duration::from_millis(h.timestamp_ms.max(0) as u64);
-        let sealed = self
-            .sealer
-            .seal(finished.writer)
-            .map_err(|source| self.seal_error(source))?;
-        let size = sealed.len() as u64;
-        let key = self.layout.ltx_key(SNAPSHOT_LEVEL, 1, txid);
-        self.store
-            .put(
-                &key,
-                Bytes::from(sealed),
-                PutOptions {
-                    timestamp: Some(timestamp),
-                },
-            )
-            .await
-            .map_err(|e| self.store_error(e))?;
-        self.files.push(FileInfo {
-            level: SNAPSHOT_LEVEL,
-            min_txid: 1,
-            max_txid: txid,
-            size,
-            timestamp,
-        });
+        self.put_ltx(SNAPSHOT_LEVEL, 1, txid, finished.writer)
+            .await?;
         self.uploaded = txid;
         self.last_upload = Some(SystemTime::now());
         self.save_position()?;
@@ -525,16 +475,34 @@ impl Replica {
                     source,
                 }
             })?;
-        let timestamp =
-            UNIX_EPOCH + Duration::from_millis(finished.header.timestamp_ms.max(0) as u64);
+        self.put_ltx(level, min_txid, max_txid, finished.writer)
+            .await
+    }
+
+    /// Stores one LTX file at `level` (sealed when the replica is encrypted), with its header's timestamp as the
+    /// object's timestamp, and records it in the listing. Every write of an LTX file goes through here.
+    async fn put_ltx(
+        &mut self,
+        level: u8,
+        min_txid: u64,
+        max_txid: u64,
+        plain: Vec<u8>,
+    ) -> Result<(), ReplicaError> {
+        let key = self.layout.ltx_key(level, min_txid, max_txid);
+        let header = ltx::peek_header(&plain).map_err(|source| ReplicaError::Ltx {
+            replica: self.name.clone(),
+            key: key.clone(),
+            source,
+        })?;
+        let timestamp = UNIX_EPOCH + Duration::from_millis(header.timestamp_ms.max(0) as u64);
         let sealed = self
             .sealer
-            .seal(finished.writer)
+            .seal(plain)
             .map_err(|source| self.seal_error(source))?;
         let size = sealed.len() as u64;
         self.store
             .put(
-                &out_key,
+                &key,
                 Bytes::from(sealed),
                 PutOptions {
                     timestamp: Some(timestamp),
