@@ -12,6 +12,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 
+pub mod btrfs;
+pub mod netns;
+
 /// The S3 region the test Garage is configured with.
 pub const GARAGE_REGION: &str = "garage";
 

@@ -109,6 +109,12 @@ impl TreeNames {
         self.hidden(&format!("diverged.{ns}"))
     }
 
+    /// A tree kept aside by the standby when a sender's history did not include it, named with
+    /// the sender's epoch and the time.
+    pub fn diverged_at(&self, epoch: u64, ns: u128) -> PathBuf {
+        self.hidden(&format!("diverged.e{epoch}.{ns}"))
+    }
+
     /// The `<ns>` of every replaced tree still kept under a `prev` name.
     pub fn list_previous(&self) -> Result<Vec<u128>, VolumeError> {
         let mut prefix = b".".to_vec();
@@ -493,6 +499,38 @@ fn build(
         set_path_meta(&join(staging, &entry.path), entry, false)?;
     }
     Ok(())
+}
+
+/// Moves the live tree aside, read-only, before a tree from another history replaces it: to
+/// [`TreeNames::diverged_at`], with its manifest (if any) beside it as `<aside>.manifest`.
+/// Nothing in the tree is changed except the top directory's write bits, which are cleared so that
+/// nobody adds to it by mistake. Returns where it went; `None` when there is no live tree.
+pub fn keep_aside_live(live: &Path, epoch: u64) -> Result<Option<PathBuf>, VolumeError> {
+    let names = TreeNames::of(live)?;
+    let live = names.live();
+    if !exists(&live) {
+        return Ok(None);
+    }
+    let aside = names.diverged_at(epoch, now_ns());
+    fs::rename(&live, &aside).ctx("moving aside", &live)?;
+    let manifest = names.live_manifest();
+    if exists(&manifest) {
+        let mut to = aside.clone().into_os_string();
+        to.push(".manifest");
+        fs::rename(&manifest, &to).ctx("moving aside", &manifest)?;
+    }
+    // The stamps describe files of the tree just moved; without them no apply reuses its files.
+    let stamps = names.live_stamps();
+    if exists(&stamps) {
+        fs::remove_file(&stamps).ctx("removing", &stamps)?;
+    }
+    let mode = fs::symlink_metadata(&aside)
+        .ctx("inspecting", &aside)?
+        .mode();
+    fs::set_permissions(&aside, fs::Permissions::from_mode(mode & 0o7555))
+        .ctx("making read-only", &aside)?;
+    sync_dir(&names.parent)?;
+    Ok(Some(aside))
 }
 
 /// What [`prune_previous`] did.

@@ -17,6 +17,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use fastcdc::v2020::StreamCDC;
 use rustix::fs::{Mode, OFlags};
+use serde::{Deserialize, Serialize};
 
 use crate::error::{IoContext, VolumeError};
 use crate::manifest::{ChunkId, ChunkParams, ChunkRef, Entry, EntryKind, Manifest, Xattr};
@@ -92,14 +93,14 @@ pub struct Capture {
 /// A file whose ctime is within [`CaptureCache::RACY_MARGIN_NS`] of the start of the capture
 /// that recorded it is never reused: it might have changed again within the same timestamp
 /// granularity (the "racy git" problem).
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct CaptureCache {
     started_ns: i128,
     chunking: Option<ChunkParams>,
     files: HashMap<Vec<u8>, CachedFile>,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 struct CachedFile {
     stamp: Stamp,
     xattrs: Vec<Xattr>,
@@ -120,6 +121,36 @@ impl CaptureCache {
         self.files.is_empty()
     }
 
+    /// Encodes the cache for the next run of the primary: magic, version, postcard body, BLAKE3
+    /// of the body (`docs/formats/volume-tree.md`, "capture cache").
+    pub fn encode(&self) -> Result<Vec<u8>, VolumeError> {
+        let body = postcard::to_stdvec(self).map_err(|e| {
+            VolumeError::InvalidManifest(format!("cannot encode the capture cache: {e}"))
+        })?;
+        let mut out = Vec::with_capacity(body.len() + 42);
+        out.extend_from_slice(CACHE_MAGIC);
+        out.extend_from_slice(&CACHE_VERSION.to_le_bytes());
+        out.extend_from_slice(&body);
+        out.extend_from_slice(blake3::hash(&body).as_bytes());
+        Ok(out)
+    }
+
+    /// Decodes a cache written by [`CaptureCache::encode`]; `None` when the bytes are not a
+    /// whole cache of this version. The cache is only a speed-up, so a damaged one is dropped,
+    /// never trusted.
+    pub fn decode(bytes: &[u8]) -> Option<Self> {
+        let rest = bytes.strip_prefix(CACHE_MAGIC.as_slice())?;
+        let (version, rest) = rest.split_first_chunk::<2>()?;
+        if u16::from_le_bytes(*version) != CACHE_VERSION || rest.len() < 32 {
+            return None;
+        }
+        let (body, sum) = rest.split_at(rest.len() - 32);
+        if blake3::hash(body).as_bytes() != sum {
+            return None;
+        }
+        postcard::from_bytes(body).ok()
+    }
+
     fn lookup(&self, path: &[u8], stamp: &Stamp, chunking: ChunkParams) -> Option<&CachedFile> {
         if self.chunking != Some(chunking) {
             return None;
@@ -130,8 +161,13 @@ impl CaptureCache {
     }
 }
 
+/// The first bytes of an encoded capture cache.
+const CACHE_MAGIC: &[u8; 8] = b"HRTHCCHE";
+/// The version of the capture cache encoding.
+const CACHE_VERSION: u16 = 1;
+
 /// The parts of a stat result that change when a file or directory changes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 struct Stamp {
     dev: u64,
     ino: u64,

@@ -12,16 +12,23 @@
 //! (consistency without snapshots, atomic switch, clean-up of old trees) in `docs/volume.md`.
 
 mod apply;
+pub mod btrfs;
 mod capture;
 mod diff;
+mod durable;
 mod error;
 mod manifest;
+pub mod metrics;
+pub mod net;
+pub mod primary;
 mod reuse;
+pub mod standby;
+pub mod state;
 mod store;
 
 pub use apply::{
-    ApplyReport, PruneReport, TreeNames, apply, prune_previous, read_live_manifest,
-    select_for_prune,
+    ApplyReport, PruneReport, TreeNames, apply, keep_aside_live, prune_previous,
+    read_live_manifest, select_for_prune,
 };
 pub use capture::{Capture, CaptureCache, CaptureOptions, CaptureReport, UnstablePolicy, capture};
 pub use diff::{ChunkWant, TransferPlan, missing_chunks, read_chunk};

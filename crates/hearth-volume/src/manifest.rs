@@ -54,12 +54,21 @@ impl fmt::Debug for ChunkId {
 }
 
 /// The BLAKE3 hash of a manifest's canonical body: equal trees have equal tree hashes.
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct TreeHash(pub [u8; 32]);
 
 impl fmt::Display for TreeHash {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&blake3::Hash::from_bytes(self.0).to_hex())
+    }
+}
+
+impl TreeHash {
+    /// Parses 64 hex characters.
+    pub fn from_hex(s: &str) -> Option<Self> {
+        blake3::Hash::from_hex(s)
+            .ok()
+            .map(|h| TreeHash(*h.as_bytes()))
     }
 }
 

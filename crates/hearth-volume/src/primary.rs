@@ -1,0 +1,789 @@
+//! The primary side of the link (`hearth volume push`): capture the volume, remember the snapshot,
+//! and bring each standby to it over TLS, sending only the chunks the standby lacks. Also the
+//! loops for `--every` and `--continuous`.
+
+use std::collections::HashMap;
+use std::io;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+
+use crate::capture::{CaptureCache, CaptureOptions, CaptureReport, capture};
+use crate::diff::{ChunkWant, missing_chunks, read_chunk};
+use crate::durable::{Existing, write_atomic};
+use crate::error::VolumeError;
+use crate::manifest::{ChunkId, Manifest, TreeHash};
+use crate::metrics::{Metrics, ReasonLabels, StandbyLabels, SyncLabels, VolumeLabels};
+use crate::net::NetError;
+use crate::net::identity::{Identity, PeerId, server_name};
+use crate::net::wire::{
+    self, Applied, Hello, MANIFEST_PART, Offer, PROTOCOL_VERSION, Request, Response, Welcome,
+};
+use crate::standby::blocking;
+use crate::state::{self, PrimaryState, STATE_VERSION, Snapshot, VolumeDirs, VolumeLock, now_ms};
+
+/// Chunk bytes after which the primary asks the standby to make what it received durable, so an
+/// interrupted first sync resumes from there.
+const FLUSH_EVERY_BYTES: u64 = 256 << 20;
+
+/// How often one sync may ask for chunks again after the standby found some missing at apply.
+const MAX_WANT_ROUNDS: u32 = 3;
+
+/// How often a push captures again when files changed between capture and send.
+const MAX_CAPTURE_ATTEMPTS: u32 = 3;
+
+/// One standby to push to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Target {
+    /// `host:port`.
+    pub addr: String,
+    /// The standby's pinned id.
+    pub id: PeerId,
+}
+
+/// How to push one volume.
+#[derive(Clone, Debug)]
+pub struct PushConfig {
+    /// This node's key.
+    pub identity: Identity,
+    /// The volume's name (as the standbys know it).
+    pub volume: String,
+    /// The volume's directory on this node.
+    pub source: PathBuf,
+    /// Where this node keeps state.
+    pub state_dir: PathBuf,
+    /// This primary's epoch.
+    pub epoch: u64,
+    /// Snapshots (manifests) kept in the history, besides each standby's pinned one.
+    pub keep: usize,
+    /// The standbys.
+    pub targets: Vec<Target>,
+    /// Time allowed to connect and for each answer (an apply may take longer; see below).
+    pub timeout: Duration,
+    /// How to capture.
+    pub capture: CaptureOptions,
+    /// This host's name, for the standby's logs.
+    pub sender: String,
+}
+
+/// What kind of sync happened.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SyncKind {
+    /// The standby had no tree from this primary's history: every chunk it lacked was sent.
+    Full,
+    /// From a tree both sides hold.
+    Incremental,
+    /// The standby already held the tree.
+    Unchanged,
+}
+
+impl SyncKind {
+    /// The label used in status and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SyncKind::Full => "full",
+            SyncKind::Incremental => "incremental",
+            SyncKind::Unchanged => "unchanged",
+        }
+    }
+}
+
+/// One standby's sync.
+#[derive(Clone, Debug)]
+pub struct SyncOutcome {
+    /// Its kind.
+    pub kind: SyncKind,
+    /// Chunks sent.
+    pub chunks_sent: u64,
+    /// Chunk bytes sent.
+    pub bytes_sent: u64,
+    /// What the standby reported, when it applied.
+    pub applied: Option<Applied>,
+    /// How long it took.
+    pub duration: Duration,
+}
+
+/// What one push did.
+#[derive(Debug)]
+pub struct PushReport {
+    /// The snapshot pushed.
+    pub snapshot: Snapshot,
+    /// What capture did.
+    pub capture: CaptureReport,
+    /// Per standby, by address.
+    pub results: Vec<(String, Result<SyncOutcome, NetError>)>,
+}
+
+impl PushReport {
+    /// Whether every standby now holds the snapshot.
+    pub fn all_ok(&self) -> bool {
+        self.results.iter().all(|(_, r)| r.is_ok())
+    }
+}
+
+/// Captures the volume once and syncs every standby to it.
+pub async fn push_once(cfg: &PushConfig, metrics: &Metrics) -> Result<PushReport, NetError> {
+    if !state::valid_volume_name(&cfg.volume) {
+        return Err(VolumeError::BadTarget {
+            path: cfg.source.clone(),
+            reason: format!(
+                "`{}` is not a usable volume name (letters, digits, `-`, `_`, `.`; at most 64)",
+                cfg.volume
+            ),
+        }
+        .into());
+    }
+    let dirs = VolumeDirs::new(&cfg.state_dir, &cfg.volume);
+    let Some(_lock) = VolumeLock::try_acquire(&dirs)? else {
+        return Err(VolumeError::BadTarget {
+            path: dirs.lock(),
+            reason: "another hearth process is pushing this volume (its lock is held)".into(),
+        }
+        .into());
+    };
+    let started = Instant::now();
+    let mut pending: Vec<Target> = cfg.targets.clone();
+    let mut results: Vec<(String, Result<SyncOutcome, NetError>)> = Vec::new();
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let (snapshot, captured, manifest) = capture_and_record(cfg, &dirs).await?;
+        let plan = Arc::new(ChunkIndex::of(&manifest));
+        let encoded = Arc::new(manifest.encode()?);
+        let tree_hash = manifest.tree_hash()?;
+        let st: PrimaryState = state::load(&dirs.primary())?;
+        let st = Arc::new(st);
+        let mut tasks = Vec::new();
+        for t in &pending {
+            let ctx = SyncCtx {
+                cfg: cfg.clone(),
+                target: t.clone(),
+                tree_hash,
+                captured_at_ms: snapshot.captured_at_ms,
+                encoded: encoded.clone(),
+                plan: plan.clone(),
+                state: st.clone(),
+            };
+            tasks.push(async move { (ctx.target.clone(), sync_one(&ctx).await) });
+        }
+        let outcomes = futures::future::join_all(tasks).await;
+        let mut st: PrimaryState = state::load(&dirs.primary())?;
+        st.version = STATE_VERSION;
+        let mut retry = Vec::new();
+        for (target, outcome) in outcomes {
+            record(&mut st, cfg, &target, &snapshot, &outcome, metrics);
+            match outcome {
+                Err(NetError::Volume(VolumeError::SourceChanged { path }))
+                    if attempt < MAX_CAPTURE_ATTEMPTS =>
+                {
+                    tracing::info!(volume = %cfg.volume, standby = %target.addr, path = %path.display(), "a file changed after capture; capturing again");
+                    retry.push(target);
+                }
+                other => results.push((target.addr.clone(), other)),
+            }
+        }
+        state::save(&dirs.primary(), &st)?;
+        forget_unneeded_trees(&dirs, &st)?;
+        if retry.is_empty() {
+            metrics
+                .sync_seconds
+                .get_or_create(&VolumeLabels {
+                    volume: cfg.volume.clone(),
+                })
+                .observe(started.elapsed().as_secs_f64());
+            return Ok(PushReport {
+                snapshot,
+                capture: captured,
+                results,
+            });
+        }
+        pending = retry;
+    }
+}
+
+async fn capture_and_record(
+    cfg: &PushConfig,
+    dirs: &VolumeDirs,
+) -> Result<(Snapshot, CaptureReport, Manifest), NetError> {
+    let source = cfg.source.clone();
+    let opts = cfg.capture.clone();
+    let cache_path = dirs.capture_cache();
+    let captured_at_ms = now_ms();
+    let cap = blocking(move || {
+        let cache = std::fs::read(&cache_path)
+            .ok()
+            .and_then(|b| CaptureCache::decode(&b));
+        let cap = capture(&source, &opts, cache.as_ref())?;
+        // The cache only saves reading; failing to store it costs speed on the next run.
+        match cap.cache.encode() {
+            Ok(bytes) => {
+                if let Err(e) = write_atomic(&cache_path, &bytes, 0o600, Existing::Replace) {
+                    tracing::warn!(path = %cache_path.display(), error = %e, "could not save the capture cache");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "could not encode the capture cache"),
+        }
+        Ok(cap)
+    })
+    .await?;
+    let manifest = cap.manifest;
+    let tree_hash = manifest.tree_hash()?;
+    let snapshot = Snapshot {
+        tree_hash: tree_hash.to_string(),
+        captured_at_ms,
+        bytes: manifest.file_bytes(),
+        entries: manifest.entries.len() as u64,
+    };
+    let tree_path = dirs.tree(&snapshot.tree_hash);
+    if !tree_path.exists() {
+        let encoded = manifest.encode()?;
+        std::fs::create_dir_all(dirs.trees())
+            .map_err(|e| NetError::io("creating", dirs.trees(), e))?;
+        write_atomic(&tree_path, &encoded, 0o600, Existing::Replace)
+            .map_err(|e| NetError::io("writing", &tree_path, e))?;
+    }
+    let mut st: PrimaryState = state::load(&dirs.primary())?;
+    st.version = STATE_VERSION;
+    st.record_snapshot(snapshot.clone(), cfg.keep);
+    state::save(&dirs.primary(), &st)?;
+    tracing::info!(volume = %cfg.volume, tree = %tree_hash, files_read = cap.report.files_read, files_reused = cap.report.files_reused, "captured");
+    Ok((snapshot, cap.report, manifest))
+}
+
+/// Removes kept manifests that neither the history nor any standby's pin needs any more. These
+/// are hearth's own descriptions of past trees, not user data.
+fn forget_unneeded_trees(dirs: &VolumeDirs, st: &PrimaryState) -> Result<(), NetError> {
+    let needed: std::collections::HashSet<String> = st.needed_trees().into_iter().collect();
+    let trees = dirs.trees();
+    let Ok(listing) = std::fs::read_dir(&trees) else {
+        return Ok(());
+    };
+    for item in listing {
+        let item = item.map_err(|e| NetError::io("listing", &trees, e))?;
+        let name = item.file_name();
+        let Some(hash) = name.to_str().and_then(|n| n.strip_suffix(".manifest")) else {
+            continue;
+        };
+        if !needed.contains(hash) {
+            std::fs::remove_file(item.path())
+                .map_err(|e| NetError::io("removing", item.path(), e))?;
+        }
+    }
+    Ok(())
+}
+
+fn record(
+    st: &mut PrimaryState,
+    cfg: &PushConfig,
+    target: &Target,
+    snapshot: &Snapshot,
+    outcome: &Result<SyncOutcome, NetError>,
+    metrics: &Metrics,
+) {
+    let rec = st.standbys.entry(target.addr.clone()).or_default();
+    rec.id = target.id.to_string();
+    rec.last_attempt_ms = Some(now_ms());
+    let labels = StandbyLabels {
+        volume: cfg.volume.clone(),
+        standby: target.addr.clone(),
+    };
+    match outcome {
+        Ok(o) => {
+            rec.last_common = Some(snapshot.clone());
+            rec.last_success_ms = Some(now_ms());
+            rec.last_error = None;
+            rec.bytes_sent += o.bytes_sent;
+            rec.chunks_sent += o.chunks_sent;
+            rec.last_duration_ms = Some(o.duration.as_millis() as u64);
+            match o.kind {
+                SyncKind::Full => rec.full_syncs += 1,
+                SyncKind::Incremental => rec.incremental_syncs += 1,
+                SyncKind::Unchanged => rec.unchanged_syncs += 1,
+            }
+            metrics
+                .bytes_sent
+                .get_or_create(&labels)
+                .inc_by(o.bytes_sent);
+            metrics
+                .syncs
+                .get_or_create(&SyncLabels {
+                    volume: cfg.volume.clone(),
+                    standby: target.addr.clone(),
+                    kind: o.kind.as_str().into(),
+                })
+                .inc();
+            metrics
+                .last_success_timestamp_seconds
+                .get_or_create(&labels)
+                .set(now_ms() as f64 / 1000.0);
+            metrics
+                .lag_seconds
+                .get_or_create(&labels)
+                .set(now_ms().saturating_sub(snapshot.captured_at_ms) as f64 / 1000.0);
+        }
+        Err(e) => {
+            rec.last_error = Some(e.to_string());
+            let reason = match e {
+                NetError::Refused(r) => {
+                    rec.refusals += 1;
+                    metrics
+                        .refusals
+                        .get_or_create(&ReasonLabels {
+                            volume: cfg.volume.clone(),
+                            reason: format!("{:?}", r.code),
+                        })
+                        .inc();
+                    "refused"
+                }
+                NetError::Connect { .. } => "connect",
+                NetError::Handshake { .. } => "handshake",
+                NetError::Link(_) => "link",
+                NetError::Volume(_) | NetError::Io { .. } => "local",
+                _ => "protocol",
+            };
+            metrics
+                .errors
+                .get_or_create(&ReasonLabels {
+                    volume: cfg.volume.clone(),
+                    reason: reason.into(),
+                })
+                .inc();
+        }
+    }
+}
+
+/// Where the primary finds each chunk of a manifest.
+#[derive(Debug)]
+pub(crate) struct ChunkIndex {
+    wants: HashMap<ChunkId, ChunkWant>,
+}
+
+impl ChunkIndex {
+    fn of(manifest: &Manifest) -> Self {
+        let plan = missing_chunks(manifest, &std::collections::HashSet::new());
+        ChunkIndex {
+            wants: plan.wants.into_iter().map(|w| (w.id, w)).collect(),
+        }
+    }
+}
+
+struct SyncCtx {
+    cfg: PushConfig,
+    target: Target,
+    tree_hash: TreeHash,
+    captured_at_ms: u64,
+    encoded: Arc<Vec<u8>>,
+    plan: Arc<ChunkIndex>,
+    state: Arc<PrimaryState>,
+}
+
+/// Connects to a standby and says hello: the start of every exchange (push and verify).
+pub async fn connect(
+    identity: &Identity,
+    target: &Target,
+    hello: Hello,
+    timeout: Duration,
+) -> Result<(Link, Welcome), NetError> {
+    let tcp = tokio::time::timeout(timeout, TcpStream::connect(&target.addr))
+        .await
+        .map_err(|_| NetError::Connect {
+            addr: target.addr.clone(),
+            source: io::Error::new(io::ErrorKind::TimedOut, "timed out"),
+        })?
+        .map_err(|e| NetError::Connect {
+            addr: target.addr.clone(),
+            source: e,
+        })?;
+    let _ = tcp.set_nodelay(true);
+    let connector = TlsConnector::from(identity.client_config(target.id)?);
+    let tls = tokio::time::timeout(timeout, connector.connect(server_name(), tcp))
+        .await
+        .map_err(|_| {
+            NetError::Link(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "TLS handshake timed out",
+            ))
+        })?
+        .map_err(|e| NetError::Handshake {
+            peer: target.addr.clone(),
+            source: e,
+        })?;
+    let (rd, wr) = tokio::io::split(tls);
+    let mut link = Link { rd, wr, timeout };
+    link.send(&Request::Hello(hello)).await?;
+    // In TLS 1.3 the server checks the client's certificate after the client considers the
+    // handshake done, so a standby that does not allow this key shows up here, as an alert.
+    let first = match wire::read_frame(&mut link.rd).await {
+        Ok(Some(r)) => r,
+        Ok(None) => {
+            return Err(NetError::Handshake {
+                peer: target.addr.clone(),
+                source: io::Error::new(
+                    io::ErrorKind::ConnectionReset,
+                    "the standby closed the connection",
+                ),
+            });
+        }
+        Err(NetError::Link(e)) if e.kind() == io::ErrorKind::InvalidData => {
+            return Err(NetError::Handshake {
+                peer: target.addr.clone(),
+                source: io::Error::new(
+                    e.kind(),
+                    format!(
+                        "{e}; the standby probably does not allow this node's key {}",
+                        identity.id()
+                    ),
+                ),
+            });
+        }
+        Err(e) => return Err(e),
+    };
+    match first {
+        Response::Welcome(w) => Ok((link, w)),
+        Response::Refused(r) => Err(NetError::Refused(r)),
+        other => Err(NetError::Protocol(format!(
+            "expected Welcome, got {other:?}"
+        ))),
+    }
+}
+
+/// Both halves of a TLS connection to a standby.
+pub struct Link {
+    rd: tokio::io::ReadHalf<tokio_rustls::client::TlsStream<TcpStream>>,
+    wr: tokio::io::WriteHalf<tokio_rustls::client::TlsStream<TcpStream>>,
+    timeout: Duration,
+}
+
+impl Link {
+    pub async fn send(&mut self, req: &Request) -> Result<(), NetError> {
+        wire::write_frame(&mut self.wr, req).await?;
+        wire::flush(&mut self.wr).await
+    }
+
+    pub async fn queue(&mut self, req: &Request) -> Result<(), NetError> {
+        wire::write_frame(&mut self.wr, req).await
+    }
+
+    pub async fn recv_within(&mut self, timeout: Duration) -> Result<Response, NetError> {
+        match tokio::time::timeout(timeout, wire::expect_frame(&mut self.rd)).await {
+            Ok(Ok(Response::Refused(r))) => Err(NetError::Refused(r)),
+            Ok(r) => r,
+            Err(_) => Err(NetError::Link(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the standby did not answer in time",
+            ))),
+        }
+    }
+
+    pub async fn recv(&mut self) -> Result<Response, NetError> {
+        self.recv_within(self.timeout).await
+    }
+
+    pub async fn send_manifest(&mut self, encoded: &[u8]) -> Result<(), NetError> {
+        for part in encoded.chunks(MANIFEST_PART) {
+            self.queue(&Request::ManifestPart(part.to_vec())).await?;
+        }
+        wire::flush(&mut self.wr).await
+    }
+}
+
+async fn sync_one(ctx: &SyncCtx) -> Result<SyncOutcome, NetError> {
+    let started = Instant::now();
+    let cfg = &ctx.cfg;
+    let hello = Hello {
+        protocol: PROTOCOL_VERSION,
+        volume: cfg.volume.clone(),
+        epoch: cfg.epoch,
+        sender: cfg.sender.clone(),
+    };
+    let (mut link, welcome) = connect(&cfg.identity, &ctx.target, hello, cfg.timeout).await?;
+    if welcome.epoch > cfg.epoch {
+        // The standby stored a higher epoch than ours, which it would have refused; a standby
+        // that says so anyway is broken.
+        return Err(NetError::Protocol(format!(
+            "the standby reports epoch {} above ours ({}) but did not refuse",
+            welcome.epoch, cfg.epoch
+        )));
+    }
+    if welcome
+        .live
+        .as_ref()
+        .is_some_and(|l| l.tree_hash == ctx.tree_hash)
+    {
+        link.send(&Request::Done).await?;
+        return Ok(SyncOutcome {
+            kind: SyncKind::Unchanged,
+            chunks_sent: 0,
+            bytes_sent: 0,
+            applied: None,
+            duration: started.elapsed(),
+        });
+    }
+    let parent = welcome
+        .live
+        .as_ref()
+        .map(|l| l.tree_hash)
+        .filter(|h| ctx.state.knows(h));
+    let kind = if parent.is_some() {
+        SyncKind::Incremental
+    } else {
+        SyncKind::Full
+    };
+    if kind == SyncKind::Full && welcome.live.is_some() {
+        tracing::warn!(volume = %cfg.volume, standby = %ctx.target.addr, "the standby holds a tree this primary does not know; it will keep it aside");
+    }
+    link.send(&Request::Offer(Offer {
+        tree_hash: ctx.tree_hash,
+        parent,
+        captured_at_ms: ctx.captured_at_ms,
+        manifest_len: ctx.encoded.len() as u64,
+    }))
+    .await?;
+    link.send_manifest(&ctx.encoded).await?;
+    let mut chunks_sent = 0;
+    let mut bytes_sent = 0;
+    let mut rounds = 0;
+    let mut wanted = read_want(&mut link).await?;
+    loop {
+        rounds += 1;
+        let (c, b, flushes) = send_chunks(ctx, &mut link, wanted).await?;
+        chunks_sent += c;
+        bytes_sent += b;
+        link.queue(&Request::Flush).await?;
+        link.send(&Request::Commit).await?;
+        for _ in 0..=flushes {
+            match link.recv().await? {
+                Response::Stored { .. } => {}
+                other => {
+                    return Err(NetError::Protocol(format!(
+                        "expected Stored, got {other:?}"
+                    )));
+                }
+            }
+        }
+        // Building the tree can take minutes for a large first sync.
+        match link.recv_within(cfg.timeout * 60).await? {
+            Response::Applied(applied) => {
+                link.send(&Request::Done).await.ok();
+                tracing::info!(volume = %cfg.volume, standby = %ctx.target.addr, kind = kind.as_str(), chunks = chunks_sent, bytes = bytes_sent, "standby is in sync");
+                return Ok(SyncOutcome {
+                    kind,
+                    chunks_sent,
+                    bytes_sent,
+                    applied: Some(applied),
+                    duration: started.elapsed(),
+                });
+            }
+            Response::Want { ids, last } if rounds < MAX_WANT_ROUNDS => {
+                wanted = ids;
+                if !last {
+                    wanted.extend(read_want(&mut link).await?);
+                }
+            }
+            other => {
+                return Err(NetError::Protocol(format!(
+                    "expected Applied, got {other:?}"
+                )));
+            }
+        }
+    }
+}
+
+async fn read_want(link: &mut Link) -> Result<Vec<ChunkId>, NetError> {
+    let mut all = Vec::new();
+    loop {
+        match link.recv().await? {
+            Response::Want { ids, last } => {
+                all.extend(ids);
+                if last {
+                    return Ok(all);
+                }
+            }
+            other => return Err(NetError::Protocol(format!("expected Want, got {other:?}"))),
+        }
+    }
+}
+
+/// Sends the wanted chunks, read by a blocking reader thread and handed over through a bounded
+/// channel so disk reads and the network overlap. Returns chunks and bytes sent and how many
+/// intermediate flushes were requested.
+async fn send_chunks(
+    ctx: &SyncCtx,
+    link: &mut Link,
+    wanted: Vec<ChunkId>,
+) -> Result<(u64, u64, u64), NetError> {
+    let mut locations = Vec::with_capacity(wanted.len());
+    for id in &wanted {
+        match ctx.plan.wants.get(id) {
+            Some(w) => locations.push(w.clone()),
+            None => {
+                return Err(NetError::Protocol(format!(
+                    "the standby asked for chunk {id}, which this tree does not contain"
+                )));
+            }
+        }
+    }
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<(ChunkId, Vec<u8>), VolumeError>>(32);
+    let root = ctx.cfg.source.clone();
+    let reader = tokio::task::spawn_blocking(move || {
+        for w in &locations {
+            let item = read_chunk(&root, w).map(|d| (w.id, d));
+            let failed = item.is_err();
+            // The receiver is gone when the link failed; stop reading.
+            if tx.blocking_send(item).is_err() || failed {
+                return;
+            }
+        }
+    });
+    let mut chunks = 0;
+    let mut bytes = 0;
+    let mut since_flush = 0;
+    let mut flushes = 0;
+    let result: Result<(), NetError> = async {
+        while let Some(item) = rx.recv().await {
+            let (id, data) = item?;
+            bytes += data.len() as u64;
+            since_flush += data.len() as u64;
+            chunks += 1;
+            link.queue(&Request::Chunk { id, data }).await?;
+            if since_flush >= FLUSH_EVERY_BYTES {
+                link.queue(&Request::Flush).await?;
+                flushes += 1;
+                since_flush = 0;
+            }
+        }
+        Ok(())
+    }
+    .await;
+    drop(rx);
+    // The reader stops at its next send once the channel is closed.
+    let _ = reader.await;
+    result?;
+    Ok((chunks, bytes, flushes))
+}
+
+/// The outcome of [`verify`].
+#[derive(Clone, Debug)]
+pub struct VerifyReport {
+    /// The standby's address.
+    pub standby: String,
+    /// The primary snapshot compared against (the standby's last common one).
+    pub expected: Snapshot,
+    /// The tree hash of the standby's copy as captured now; `None` when it holds no tree.
+    pub actual: Option<TreeHash>,
+    /// Paths that differ (added, removed or changed), at most [`MAX_DIFFERENCES`].
+    pub differences: Vec<String>,
+}
+
+impl VerifyReport {
+    /// Whether the standby's copy equals the snapshot.
+    pub fn equal(&self) -> bool {
+        self.actual
+            .is_some_and(|h| h.to_string() == self.expected.tree_hash)
+    }
+}
+
+/// How many differing paths [`verify`] lists.
+pub const MAX_DIFFERENCES: usize = 20;
+
+/// Compares the standby's copy, captured afresh on the standby, with the snapshot this primary
+/// last brought it to, by tree hash; lists the differing paths when they differ.
+pub async fn verify(cfg: &PushConfig, target: &Target) -> Result<VerifyReport, NetError> {
+    let dirs = VolumeDirs::new(&cfg.state_dir, &cfg.volume);
+    let st: PrimaryState = state::load(&dirs.primary())?;
+    let expected = st
+        .standbys
+        .get(&target.addr)
+        .and_then(|r| r.last_common.clone())
+        .ok_or_else(|| VolumeError::BadTarget {
+            path: dirs.primary(),
+            reason: format!(
+                "no sync of volume `{}` to {} is recorded here; push first",
+                cfg.volume, target.addr
+            ),
+        })?;
+    let tree_path = dirs.tree(&expected.tree_hash);
+    let bytes = std::fs::read(&tree_path).map_err(|e| NetError::io("reading", &tree_path, e))?;
+    let ours = Manifest::decode(&bytes)?;
+    let hello = Hello {
+        protocol: PROTOCOL_VERSION,
+        volume: cfg.volume.clone(),
+        epoch: cfg.epoch,
+        sender: cfg.sender.clone(),
+    };
+    let (mut link, _welcome) = connect(&cfg.identity, target, hello, cfg.timeout).await?;
+    link.send(&Request::Verify).await?;
+    // The standby reads its whole tree; give it time.
+    let len = match link.recv_within(cfg.timeout * 60).await? {
+        Response::Verifying { manifest_len } => manifest_len,
+        other => {
+            return Err(NetError::Protocol(format!(
+                "expected Verifying, got {other:?}"
+            )));
+        }
+    };
+    let Some(len) = len else {
+        link.send(&Request::Done).await.ok();
+        return Ok(VerifyReport {
+            standby: target.addr.clone(),
+            expected,
+            actual: None,
+            differences: vec!["(the standby holds no tree)".into()],
+        });
+    };
+    let mut encoded = Vec::new();
+    while (encoded.len() as u64) < len {
+        match link.recv().await? {
+            Response::ManifestPart(p) => encoded.extend_from_slice(&p),
+            other => {
+                return Err(NetError::Protocol(format!(
+                    "expected ManifestPart, got {other:?}"
+                )));
+            }
+        }
+    }
+    link.send(&Request::Done).await.ok();
+    let theirs = Manifest::decode(&encoded)?;
+    Ok(VerifyReport {
+        standby: target.addr.clone(),
+        expected,
+        actual: Some(theirs.tree_hash()?),
+        differences: differing_paths(&ours, &theirs, MAX_DIFFERENCES),
+    })
+}
+
+/// The paths whose entries differ between two manifests, sorted, at most `max`.
+pub fn differing_paths(a: &Manifest, b: &Manifest, max: usize) -> Vec<String> {
+    let index = |m: &Manifest| -> HashMap<Vec<u8>, crate::manifest::Entry> {
+        m.entries
+            .iter()
+            .map(|e| (e.path.clone(), e.clone()))
+            .collect()
+    };
+    let (ia, ib) = (index(a), index(b));
+    let mut out: Vec<String> = Vec::new();
+    for (p, e) in &ia {
+        match ib.get(p) {
+            None => out.push(format!(
+                "missing on the standby: /{}",
+                String::from_utf8_lossy(p)
+            )),
+            Some(f) if f != e => out.push(format!("differs: /{}", String::from_utf8_lossy(p))),
+            Some(_) => {}
+        }
+    }
+    for p in ib.keys() {
+        if !ia.contains_key(p) {
+            out.push(format!(
+                "only on the standby: /{}",
+                String::from_utf8_lossy(p)
+            ));
+        }
+    }
+    out.sort();
+    out.truncate(max);
+    out
+}

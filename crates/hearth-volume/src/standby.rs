@@ -1,0 +1,757 @@
+//! The standby side of the link (`hearth volume serve`): accept authenticated primaries, and for
+//! each configured volume receive chunks into the volume's chunk store and apply offered trees
+//! atomically. A standby serves only the volumes it is configured for and writes only into their
+//! directories and its own state directory; the sender names a volume, never a path.
+
+use std::collections::{BTreeMap, HashSet};
+use std::io;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinSet;
+use tokio_rustls::TlsAcceptor;
+
+use crate::apply::{apply, keep_aside_live, prune_previous, read_live_manifest};
+use crate::capture::{CaptureOptions, UnstablePolicy, capture};
+use crate::error::VolumeError;
+use crate::manifest::{ChunkId, Manifest};
+use crate::metrics::{Metrics, ReasonLabels, VolumeLabels};
+use crate::net::NetError;
+use crate::net::identity::{Identity, PeerId};
+use crate::net::wire::{
+    self, Applied, Hello, LiveTree, MANIFEST_PART, Offer, PROTOCOL_VERSION, Refusal, RefusalCode,
+    Request, Response, WANT_PART, Welcome,
+};
+use crate::state::{
+    self, HelloDecision, KeptAside, LiveAction, LiveContent, LiveRecord, STATE_VERSION,
+    StandbyState, VolumeDirs, VolumeLock, decide_hello, decide_live, now_ms,
+};
+use crate::store::{ChunkStore, Durability};
+
+/// The largest manifest a standby accepts (about ten million files).
+const MAX_MANIFEST: u64 = 2 << 30;
+
+/// Received bytes after which the chunk store is made durable without being asked, so that an
+/// interrupted first sync keeps what arrived.
+const SYNC_EVERY_BYTES: u64 = 256 << 20;
+
+/// Chunks are stored in batches of about this many bytes per blocking task.
+const PUT_BATCH_BYTES: usize = 8 << 20;
+
+/// How a standby serves.
+#[derive(Clone, Debug)]
+pub struct ServeConfig {
+    /// This node's key.
+    pub identity: Identity,
+    /// Primaries allowed to connect.
+    pub allowed: Vec<PeerId>,
+    /// Volumes served: name and live directory.
+    pub volumes: BTreeMap<String, PathBuf>,
+    /// Where state, chunk stores and locks live.
+    pub state_dir: PathBuf,
+    /// Replaced trees kept per volume (older ones are deleted if unchanged, kept aside if not).
+    pub keep: usize,
+    /// Time allowed for the TLS handshake and for each message to arrive.
+    pub timeout: Duration,
+}
+
+/// Serves until `shutdown` resolves: accepts connections on `listener` and handles each in a task
+/// owned by this function. On shutdown it stops accepting and gives running exchanges `grace` to
+/// end; an exchange cut off is harmless (chunks are content-addressed and an apply is atomic).
+pub async fn serve(
+    listener: TcpListener,
+    config: ServeConfig,
+    metrics: Metrics,
+    shutdown: impl std::future::Future<Output = ()>,
+    grace: Duration,
+) -> Result<(), NetError> {
+    let acceptor = TlsAcceptor::from(config.identity.server_config(config.allowed.clone())?);
+    let shared = Arc::new(Shared {
+        config,
+        metrics,
+        busy: Mutex::new(HashSet::new()),
+    });
+    let mut tasks = JoinSet::new();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => {
+                let (tcp, addr) = match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        // Out of descriptors and similar: wait a little instead of spinning.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                let shared = shared.clone();
+                let acceptor = acceptor.clone();
+                tasks.spawn(async move {
+                    // Refusals were logged where they were decided.
+                    if let Err(e) = connection(shared, acceptor, tcp).await
+                        && !matches!(e, NetError::Refused(_))
+                    {
+                        tracing::warn!(peer = %addr, error = %e, "exchange with primary ended with an error");
+                    }
+                });
+            }
+            Some(done) = tasks.join_next(), if !tasks.is_empty() => {
+                if let Err(e) = done && e.is_panic() {
+                    tracing::error!(error = %e, "a connection handler panicked");
+                }
+            }
+        }
+    }
+    let _ = tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
+    tasks.shutdown().await;
+    Ok(())
+}
+
+struct Shared {
+    config: ServeConfig,
+    metrics: Metrics,
+    /// Volumes with an exchange in progress in this process.
+    busy: Mutex<HashSet<String>>,
+}
+
+/// Marks a volume busy in this process for as long as it lives.
+struct BusyGuard {
+    shared: Arc<Shared>,
+    volume: String,
+}
+
+impl Drop for BusyGuard {
+    fn drop(&mut self) {
+        if let Ok(mut b) = self.shared.busy.lock() {
+            b.remove(&self.volume);
+        }
+    }
+}
+
+async fn connection(
+    shared: Arc<Shared>,
+    acceptor: TlsAcceptor,
+    tcp: TcpStream,
+) -> Result<(), NetError> {
+    let _ = tcp.set_nodelay(true);
+    let peer_addr = tcp
+        .peer_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_else(|_| "?".into());
+    let tls = tokio::time::timeout(shared.config.timeout, acceptor.accept(tcp))
+        .await
+        .map_err(|_| {
+            NetError::Link(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "TLS handshake timed out",
+            ))
+        })?
+        .map_err(|e| NetError::Handshake {
+            peer: peer_addr.clone(),
+            source: e,
+        })?;
+    let peer = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .map(PeerId::of_cert)
+        .ok_or_else(|| NetError::Protocol("the primary presented no certificate".into()))?;
+    let (mut rd, mut wr) = tokio::io::split(tls);
+    let timeout = shared.config.timeout;
+    let hello = match recv(&mut rd, timeout).await? {
+        Some(Request::Hello(h)) => h,
+        other => {
+            let refusal = Refusal::new(RefusalCode::BadRequest, "the first message must be Hello");
+            return refuse(&shared, &mut wr, "", refusal, other.is_some()).await;
+        }
+    };
+    tracing::info!(peer = %peer, addr = %peer_addr, volume = %hello.volume, epoch = hello.epoch, sender = %hello.sender, "primary connected");
+    let live = shared.config.volumes.get(&hello.volume).cloned();
+    let dirs = VolumeDirs::new(&shared.config.state_dir, &hello.volume);
+    let mut st: StandbyState = if live.is_some() {
+        state::load(&dirs.standby())?
+    } else {
+        StandbyState::default()
+    };
+    let raise = match decide_hello(&hello, live.is_some(), st.epoch) {
+        HelloDecision::Refuse(r) => {
+            if live.is_some() {
+                st.refusals += 1;
+                st.version = STATE_VERSION;
+                state::save(&dirs.standby(), &st)?;
+            }
+            return refuse(&shared, &mut wr, &hello.volume, r, true).await;
+        }
+        HelloDecision::Accept { raise_epoch } => raise_epoch,
+    };
+    let Some(live) = live else {
+        return Err(NetError::Protocol("accepted an unknown volume".into()));
+    };
+    let claimed = shared
+        .busy
+        .lock()
+        .map_err(|_| NetError::Protocol("busy set poisoned".into()))?
+        .insert(hello.volume.clone());
+    if !claimed {
+        let r = Refusal::new(
+            RefusalCode::Busy,
+            format!(
+                "another primary is pushing volume `{}` right now",
+                hello.volume
+            ),
+        );
+        return refuse(&shared, &mut wr, &hello.volume, r, true).await;
+    }
+    let _busy = BusyGuard {
+        shared: shared.clone(),
+        volume: hello.volume.clone(),
+    };
+    let Some(_lock) = VolumeLock::try_acquire(&dirs)? else {
+        let r = Refusal::new(
+            RefusalCode::Busy,
+            format!(
+                "another process holds the lock of volume `{}` ({})",
+                hello.volume,
+                dirs.lock().display()
+            ),
+        );
+        return refuse(&shared, &mut wr, &hello.volume, r, true).await;
+    };
+    if let Some(epoch) = raise {
+        // Durable before the answer: once a sender of this epoch was accepted, no older one
+        // may be, even after a crash.
+        st.epoch = epoch;
+        st.version = STATE_VERSION;
+        state::save(&dirs.standby(), &st)?;
+        tracing::info!(volume = %hello.volume, epoch, "raised the volume's epoch");
+    }
+    let live_tree = current_live(&live, &st).await?;
+    send(
+        &mut wr,
+        &Response::Welcome(Welcome {
+            protocol: PROTOCOL_VERSION,
+            epoch: st.epoch,
+            live: live_tree,
+        }),
+    )
+    .await?;
+    let mut session = Session {
+        shared: shared.clone(),
+        hello,
+        peer,
+        live,
+        dirs,
+        st,
+        store: None,
+        offer: None,
+        wanted: HashSet::new(),
+        batch: Vec::new(),
+        batch_bytes: 0,
+        unsynced: 0,
+        chunks: 0,
+        bytes: 0,
+    };
+    session.run(&mut rd, &mut wr).await
+}
+
+/// The standby's live tree as the primary should know it: the applied manifest's hash, with the
+/// capture time recorded when it was applied.
+async fn current_live(
+    live: &std::path::Path,
+    st: &StandbyState,
+) -> Result<Option<LiveTree>, NetError> {
+    let live = live.to_owned();
+    let manifest = blocking(move || read_live_manifest(&live)).await?;
+    let Some(m) = manifest else {
+        return Ok(None);
+    };
+    let tree_hash = m.tree_hash()?;
+    let captured_at_ms = st
+        .live
+        .as_ref()
+        .filter(|l| l.tree_hash == tree_hash.to_string())
+        .map_or(0, |l| l.captured_at_ms);
+    Ok(Some(LiveTree {
+        tree_hash,
+        captured_at_ms,
+    }))
+}
+
+struct Session {
+    shared: Arc<Shared>,
+    hello: Hello,
+    peer: PeerId,
+    live: PathBuf,
+    dirs: VolumeDirs,
+    st: StandbyState,
+    store: Option<Arc<ChunkStore>>,
+    offer: Option<(Offer, Arc<Manifest>)>,
+    wanted: HashSet<ChunkId>,
+    batch: Vec<(ChunkId, Vec<u8>)>,
+    batch_bytes: usize,
+    unsynced: u64,
+    chunks: u64,
+    bytes: u64,
+}
+
+/// How a request ended the session early.
+enum Stop {
+    Refuse(Refusal),
+    Error(NetError),
+}
+
+impl From<NetError> for Stop {
+    fn from(e: NetError) -> Self {
+        Stop::Error(e)
+    }
+}
+
+impl From<VolumeError> for Stop {
+    fn from(e: VolumeError) -> Self {
+        Stop::Error(NetError::Volume(e))
+    }
+}
+
+impl Session {
+    async fn run<R, W>(&mut self, rd: &mut R, wr: &mut W) -> Result<(), NetError>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        let timeout = self.shared.config.timeout;
+        loop {
+            let Some(req) = recv(rd, timeout).await? else {
+                // The primary went away; what arrived stays stored for the next attempt.
+                self.put_batch().await.ok();
+                return Ok(());
+            };
+            let outcome = match req {
+                Request::Offer(offer) => self.offer(offer, rd, wr).await,
+                Request::Chunk { id, data } => self.chunk(id, data).await,
+                Request::Flush => self.flush(wr).await,
+                Request::Commit => self.commit(wr).await,
+                Request::Verify => self.verify(wr).await,
+                Request::Done => return Ok(()),
+                Request::Hello(_) | Request::ManifestPart(_) => Err(Stop::Refuse(Refusal::new(
+                    RefusalCode::BadRequest,
+                    "unexpected message",
+                ))),
+            };
+            match outcome {
+                Ok(()) => {}
+                Err(Stop::Refuse(r)) => {
+                    self.st.refusals += 1;
+                    state::save(&self.dirs.standby(), &self.st)?;
+                    return refuse(&self.shared, wr, &self.hello.volume, r, true).await;
+                }
+                Err(Stop::Error(e)) => {
+                    // Tell the primary why before hanging up, so its operator sees the cause.
+                    let r = Refusal::new(RefusalCode::Failed, e.to_string());
+                    let _ = send(wr, &Response::Refused(r)).await;
+                    return Err(e);
+                }
+            }
+        }
+    }
+
+    fn store(&mut self) -> Result<Arc<ChunkStore>, VolumeError> {
+        if let Some(s) = &self.store {
+            return Ok(s.clone());
+        }
+        let s = Arc::new(ChunkStore::open_with(
+            &self.dirs.chunks(),
+            Durability::Batch,
+        )?);
+        self.store = Some(s.clone());
+        Ok(s)
+    }
+
+    async fn offer<R, W>(&mut self, offer: Offer, rd: &mut R, wr: &mut W) -> Result<(), Stop>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        if offer.manifest_len > MAX_MANIFEST {
+            return Err(Stop::Refuse(Refusal::new(
+                RefusalCode::InvalidManifest,
+                format!(
+                    "manifest of {} bytes is larger than the limit",
+                    offer.manifest_len
+                ),
+            )));
+        }
+        let mut bytes = Vec::with_capacity(offer.manifest_len as usize);
+        while (bytes.len() as u64) < offer.manifest_len {
+            match recv(rd, self.shared.config.timeout).await? {
+                Some(Request::ManifestPart(part))
+                    if bytes.len() as u64 + part.len() as u64 <= offer.manifest_len =>
+                {
+                    bytes.extend_from_slice(&part)
+                }
+                _ => {
+                    return Err(Stop::Refuse(Refusal::new(
+                        RefusalCode::BadRequest,
+                        "the manifest parts do not add up to the announced length",
+                    )));
+                }
+            }
+        }
+        let manifest = match blocking(move || Manifest::decode(&bytes)).await {
+            Ok(m) => m,
+            Err(NetError::Volume(e)) => {
+                return Err(Stop::Refuse(Refusal::new(
+                    RefusalCode::InvalidManifest,
+                    format!("volume `{}`: {e}; nothing was written", self.hello.volume),
+                )));
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if manifest.tree_hash()? != offer.tree_hash {
+            return Err(Stop::Refuse(Refusal::new(
+                RefusalCode::InvalidManifest,
+                "the manifest does not have the announced tree hash",
+            )));
+        }
+        let store = self.store()?;
+        let manifest = Arc::new(manifest);
+        let m = manifest.clone();
+        let missing = blocking(move || Ok(store.missing(&m))).await?;
+        tracing::info!(volume = %self.hello.volume, tree = %offer.tree_hash, missing = missing.len(), "tree offered");
+        self.wanted = missing.iter().copied().collect();
+        send_want(wr, &missing).await?;
+        self.offer = Some((offer, manifest));
+        Ok(())
+    }
+
+    async fn chunk(&mut self, id: ChunkId, data: Vec<u8>) -> Result<(), Stop> {
+        if !self.wanted.remove(&id) {
+            return Err(Stop::Refuse(Refusal::new(
+                RefusalCode::BadRequest,
+                format!("chunk {id} was not asked for"),
+            )));
+        }
+        // Checked here as well as in the store, so a bad chunk is refused before it is batched.
+        let actual = ChunkId::of(&data);
+        if actual != id {
+            return Err(Stop::Refuse(Refusal::new(
+                RefusalCode::ChunkMismatch,
+                format!(
+                    "chunk {id} arrived with bytes that hash to {actual}; nothing of it was written"
+                ),
+            )));
+        }
+        self.batch_bytes += data.len();
+        self.batch.push((id, data));
+        if self.batch_bytes >= PUT_BATCH_BYTES {
+            self.put_batch().await?;
+        }
+        Ok(())
+    }
+
+    async fn put_batch(&mut self) -> Result<(), Stop> {
+        if self.batch.is_empty() {
+            return Ok(());
+        }
+        let batch = std::mem::take(&mut self.batch);
+        self.batch_bytes = 0;
+        let store = self.store()?;
+        let sync = {
+            let n: u64 = batch.iter().map(|(_, d)| d.len() as u64).sum();
+            self.chunks += batch.len() as u64;
+            self.bytes += n;
+            self.unsynced += n;
+            self.shared
+                .metrics
+                .bytes_received
+                .get_or_create(&VolumeLabels {
+                    volume: self.hello.volume.clone(),
+                })
+                .inc_by(n);
+            self.unsynced >= SYNC_EVERY_BYTES
+        };
+        if sync {
+            self.unsynced = 0;
+        }
+        blocking(move || {
+            for (id, data) in &batch {
+                store.put(id, data)?;
+            }
+            if sync {
+                store.sync()?;
+            }
+            Ok(())
+        })
+        .await?;
+        Ok(())
+    }
+
+    async fn flush<W: AsyncWrite + Unpin>(&mut self, wr: &mut W) -> Result<(), Stop> {
+        self.put_batch().await?;
+        let store = self.store()?;
+        blocking(move || store.sync()).await?;
+        self.unsynced = 0;
+        send(
+            wr,
+            &Response::Stored {
+                chunks: self.chunks,
+                bytes: self.bytes,
+            },
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn commit<W: AsyncWrite + Unpin>(&mut self, wr: &mut W) -> Result<(), Stop> {
+        self.put_batch().await?;
+        let Some((offer, manifest)) = self.offer.clone() else {
+            return Err(Stop::Refuse(Refusal::new(
+                RefusalCode::BadRequest,
+                "commit without an offer",
+            )));
+        };
+        let store = self.store()?;
+        {
+            let store = store.clone();
+            blocking(move || store.sync()).await?;
+        }
+        let live = self.live.clone();
+        let content = {
+            let live = live.clone();
+            blocking(move || live_content(&live)).await?
+        };
+        let mut kept = Vec::new();
+        match decide_live(&content, &offer.tree_hash, offer.parent.as_ref()) {
+            LiveAction::Unchanged | LiveAction::Replace => {}
+            LiveAction::KeepAside { reason } => {
+                let epoch = self.hello.epoch;
+                let l = live.clone();
+                if let Some(aside) = blocking(move || keep_aside_live(&l, epoch)).await? {
+                    tracing::warn!(volume = %self.hello.volume, path = %aside.display(), %reason, "kept the standby's tree aside, read-only");
+                    self.shared
+                        .metrics
+                        .kept_aside
+                        .get_or_create(&VolumeLabels {
+                            volume: self.hello.volume.clone(),
+                        })
+                        .inc();
+                    self.st.kept_aside.push(KeptAside {
+                        path: aside.display().to_string(),
+                        reason,
+                        epoch,
+                        at_ms: now_ms(),
+                    });
+                    kept.push(aside.display().to_string());
+                }
+            }
+        }
+        let report = {
+            let store = store.clone();
+            let m = manifest.clone();
+            let l = live.clone();
+            blocking(move || apply(&store, &m, &l)).await
+        };
+        let report = match report {
+            Ok(r) => r,
+            // A chunk lost or torn since it was stored (a crash before the store was synced, or
+            // a bad disk): ask for the chunks again instead of failing the whole sync.
+            Err(NetError::Volume(
+                VolumeError::MissingChunks { .. } | VolumeError::ChunkMismatch { .. },
+            )) => {
+                let m = manifest.clone();
+                let s = store.clone();
+                let missing = blocking(move || Ok(s.missing(&m))).await?;
+                tracing::warn!(volume = %self.hello.volume, missing = missing.len(), "chunks missing at apply; asking for them again");
+                self.wanted = missing.iter().copied().collect();
+                send_want(wr, &missing).await?;
+                return Ok(());
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if let Some(aside) = &report.set_aside {
+            kept.push(aside.display().to_string());
+        }
+        let keep = self.shared.config.keep;
+        let l = live.clone();
+        let pruned = blocking(move || prune_previous(&l, keep)).await?;
+        for d in &pruned.diverged {
+            kept.push(d.display().to_string());
+            self.st.kept_aside.push(KeptAside {
+                path: d.display().to_string(),
+                reason: "a replaced tree had been changed on the standby".into(),
+                epoch: self.hello.epoch,
+                at_ms: now_ms(),
+            });
+        }
+        let keep_ids = manifest.chunk_ids();
+        let s = store.clone();
+        blocking(move || s.retain(&keep_ids)).await?;
+        self.st.version = STATE_VERSION;
+        self.st.applies += 1;
+        self.st.bytes_received += self.bytes;
+        self.st.live = Some(LiveRecord {
+            tree_hash: offer.tree_hash.to_string(),
+            captured_at_ms: offer.captured_at_ms,
+            applied_at_ms: now_ms(),
+            sender: self.peer.to_string(),
+            epoch: self.hello.epoch,
+        });
+        state::save(&self.dirs.standby(), &self.st)?;
+        self.bytes = 0;
+        self.shared
+            .metrics
+            .applies
+            .get_or_create(&VolumeLabels {
+                volume: self.hello.volume.clone(),
+            })
+            .inc();
+        tracing::info!(volume = %self.hello.volume, tree = %offer.tree_hash, files = report.files, unchanged = report.unchanged, "tree applied");
+        send(
+            wr,
+            &Response::Applied(Applied {
+                tree_hash: report.tree_hash,
+                unchanged: report.unchanged,
+                files: report.files,
+                bytes: report.bytes,
+                reused: report.reused,
+                kept_aside: kept,
+            }),
+        )
+        .await?;
+        self.offer = None;
+        Ok(())
+    }
+
+    async fn verify<W: AsyncWrite + Unpin>(&mut self, wr: &mut W) -> Result<(), Stop> {
+        let live = self.live.clone();
+        let chunking = {
+            let l = live.clone();
+            blocking(move || read_live_manifest(&l))
+                .await?
+                .map(|m| m.chunking)
+        };
+        let Some(chunking) = chunking else {
+            send(wr, &Response::Verifying { manifest_len: None }).await?;
+            return Ok(());
+        };
+        // A fresh capture, without cache, so the answer is about the bytes on disk now.
+        let opts = CaptureOptions {
+            chunking,
+            max_retries: 3,
+            unstable: UnstablePolicy::Include,
+            allow_devices: true,
+        };
+        let encoded = blocking(move || capture(&live, &opts, None)?.manifest.encode()).await?;
+        send(
+            wr,
+            &Response::Verifying {
+                manifest_len: Some(encoded.len() as u64),
+            },
+        )
+        .await?;
+        for part in encoded.chunks(MANIFEST_PART) {
+            wire::write_frame(wr, &Response::ManifestPart(part.to_vec())).await?;
+        }
+        wire::flush(wr).await?;
+        Ok(())
+    }
+}
+
+fn live_content(live: &std::path::Path) -> Result<LiveContent, VolumeError> {
+    match read_live_manifest(live)? {
+        Some(m) => Ok(LiveContent::Applied(m.tree_hash()?)),
+        None => match std::fs::read_dir(live) {
+            Ok(mut it) => Ok(if it.next().is_none() {
+                LiveContent::Empty
+            } else {
+                LiveContent::Foreign
+            }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(LiveContent::Empty),
+            Err(e) => Err(VolumeError::io("listing", live, e)),
+        },
+    }
+}
+
+async fn send_want<W: AsyncWrite + Unpin>(wr: &mut W, ids: &[ChunkId]) -> Result<(), NetError> {
+    let mut parts = ids.chunks(WANT_PART).peekable();
+    if parts.peek().is_none() {
+        return send(
+            wr,
+            &Response::Want {
+                ids: Vec::new(),
+                last: true,
+            },
+        )
+        .await;
+    }
+    while let Some(part) = parts.next() {
+        let last = parts.peek().is_none();
+        wire::write_frame(
+            wr,
+            &Response::Want {
+                ids: part.to_vec(),
+                last,
+            },
+        )
+        .await?;
+    }
+    wire::flush(wr).await
+}
+
+async fn refuse<W: AsyncWrite + Unpin>(
+    shared: &Shared,
+    wr: &mut W,
+    volume: &str,
+    refusal: Refusal,
+    answer: bool,
+) -> Result<(), NetError> {
+    tracing::warn!(volume, code = ?refusal.code, reason = %refusal.message, "refused a primary's request");
+    shared
+        .metrics
+        .refusals
+        .get_or_create(&ReasonLabels {
+            volume: volume.to_owned(),
+            reason: format!("{:?}", refusal.code),
+        })
+        .inc();
+    if answer {
+        send(wr, &Response::Refused(refusal.clone())).await?;
+    }
+    Err(NetError::Refused(refusal))
+}
+
+async fn send<W: AsyncWrite + Unpin>(wr: &mut W, msg: &Response) -> Result<(), NetError> {
+    wire::write_frame(wr, msg).await?;
+    wire::flush(wr).await
+}
+
+async fn recv<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    timeout: Duration,
+) -> Result<Option<Request>, NetError> {
+    tokio::time::timeout(timeout, wire::read_frame(rd))
+        .await
+        .map_err(|_| {
+            NetError::Link(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the primary went silent",
+            ))
+        })?
+}
+
+/// Runs blocking filesystem work off the async threads.
+pub(crate) async fn blocking<T, F>(f: F) -> Result<T, NetError>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Result<T, VolumeError> + Send + 'static,
+{
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| NetError::Protocol(format!("a blocking task failed: {e}")))?
+        .map_err(NetError::Volume)
+}

@@ -1,0 +1,512 @@
+//! The volume link end to end on loopback with real TLS: a standby served in-process, pushes from
+//! a primary, and every refusal the issue lists (wrong key, unknown volume, lower epoch, a path
+//! outside the volume, a corrupted chunk), resumption after a cut link, divergence and verify.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use hearth_volume::metrics::Metrics;
+use hearth_volume::net::NetError;
+use hearth_volume::net::identity::Identity;
+use hearth_volume::net::wire::{Hello, Offer, PROTOCOL_VERSION, RefusalCode, Request, Response};
+use hearth_volume::primary::{PushConfig, SyncKind, Target, connect, push_once, verify};
+use hearth_volume::standby::{ServeConfig, serve};
+use hearth_volume::state::{self, StandbyState, VolumeDirs};
+use hearth_volume::{CaptureOptions, Entry, EntryKind, Manifest};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+struct Standby {
+    addr: String,
+    identity: Identity,
+    live: PathBuf,
+    state: PathBuf,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Standby {
+    async fn start(dir: &Path, allowed: &[&Identity]) -> Standby {
+        let identity = Identity::generate().unwrap();
+        let live = dir.join("standby/data/v");
+        fs::create_dir_all(live.parent().unwrap()).unwrap();
+        let state = dir.join("standby/state");
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let config = ServeConfig {
+            identity: identity.clone(),
+            allowed: allowed.iter().map(|i| i.id()).collect(),
+            volumes: BTreeMap::from([("v".to_string(), live.clone())]),
+            state_dir: state.clone(),
+            keep: 1,
+            timeout: Duration::from_secs(20),
+        };
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            serve(
+                listener,
+                config,
+                Metrics::default(),
+                async {
+                    let _ = stopped.await;
+                },
+                Duration::from_secs(1),
+            )
+            .await
+            .unwrap();
+        });
+        Standby {
+            addr,
+            identity,
+            live,
+            state,
+            stop: Some(stop),
+            task,
+        }
+    }
+
+    fn target(&self) -> Target {
+        Target {
+            addr: self.addr.clone(),
+            id: self.identity.id(),
+        }
+    }
+
+    fn state(&self) -> StandbyState {
+        state::load(&VolumeDirs::new(&self.state, "v").standby()).unwrap()
+    }
+
+    async fn stop(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        self.task.await.unwrap();
+    }
+}
+
+fn primary(dir: &Path, name: &str, identity: &Identity, target: Target, epoch: u64) -> PushConfig {
+    let source = dir.join(name).join("src");
+    fs::create_dir_all(&source).unwrap();
+    PushConfig {
+        identity: identity.clone(),
+        volume: "v".into(),
+        source,
+        state_dir: dir.join(name).join("state"),
+        epoch,
+        keep: 3,
+        targets: vec![target],
+        timeout: Duration::from_secs(20),
+        capture: CaptureOptions::default(),
+        sender: name.into(),
+    }
+}
+
+fn fill(root: &Path, files: usize, size: usize, seed: u8) {
+    for i in 0..files {
+        let dir = root.join(format!("d{}", i % 7));
+        fs::create_dir_all(&dir).unwrap();
+        let body: Vec<u8> = (0..size)
+            .map(|j| ((j * 31 + i * 17) as u8) ^ seed ^ ((j >> 9) as u8))
+            .collect();
+        fs::write(dir.join(format!("f{i}")), body).unwrap();
+    }
+    std::os::unix::fs::symlink("d0/f0", root.join("link")).unwrap_or(());
+}
+
+fn refusal(r: Result<impl std::fmt::Debug, NetError>) -> RefusalCode {
+    match r {
+        Err(NetError::Refused(r)) => r.code,
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+fn outcome(report: &hearth_volume::primary::PushReport) -> &hearth_volume::primary::SyncOutcome {
+    match &report.results[0].1 {
+        Ok(o) => o,
+        Err(e) => panic!("sync failed: {e}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_incremental_unchanged_and_verify() {
+    let dir = tempfile::tempdir().unwrap();
+    let p_id = Identity::generate().unwrap();
+    let sb = Standby::start(dir.path(), &[&p_id]).await;
+    let cfg = primary(dir.path(), "p", &p_id, sb.target(), 1);
+    fill(&cfg.source, 40, 50_000, 1);
+
+    let metrics = Metrics::default();
+    let r = push_once(&cfg, &metrics).await.unwrap();
+    let first = outcome(&r).clone();
+    assert_eq!(first.kind, SyncKind::Full);
+    assert!(
+        first.bytes_sent >= 40 * 50_000 / 2,
+        "sent {}",
+        first.bytes_sent
+    );
+    common::assert_same_tree(&cfg.source, &sb.live);
+    assert_eq!(sb.state().epoch, 1);
+
+    // One file changed: only its chunks travel.
+    let f = cfg.source.join("d3/f3");
+    let mut body = fs::read(&f).unwrap();
+    body[100] ^= 0xff;
+    fs::write(&f, body).unwrap();
+    let r = push_once(&cfg, &metrics).await.unwrap();
+    let second = outcome(&r).clone();
+    assert_eq!(second.kind, SyncKind::Incremental);
+    assert!(
+        second.bytes_sent > 0 && second.bytes_sent <= 50_000,
+        "sent {}",
+        second.bytes_sent
+    );
+    common::assert_same_tree(&cfg.source, &sb.live);
+
+    let r = push_once(&cfg, &metrics).await.unwrap();
+    assert_eq!(outcome(&r).kind, SyncKind::Unchanged);
+    assert_eq!(outcome(&r).bytes_sent, 0);
+
+    let v = verify(&cfg, &sb.target()).await.unwrap();
+    assert!(v.equal(), "{v:?}");
+    // A change made on the standby behind hearth's back is found, with its path.
+    fs::write(sb.live.join("d1/f1"), b"changed on the standby").unwrap();
+    let v = verify(&cfg, &sb.target()).await.unwrap();
+    assert!(!v.equal());
+    assert_eq!(v.differences, vec!["differs: /d1/f1".to_string()], "{v:?}");
+
+    // The primary's status knows the standby.
+    let st: state::PrimaryState =
+        state::load(&VolumeDirs::new(&cfg.state_dir, "v").primary()).unwrap();
+    let rec = &st.standbys[&sb.addr];
+    assert_eq!(
+        (rec.full_syncs, rec.incremental_syncs, rec.unchanged_syncs),
+        (1, 1, 1)
+    );
+    assert!(rec.last_common.is_some() && rec.last_error.is_none());
+    sb.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_keys_unknown_volume_and_lower_epoch_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let p_id = Identity::generate().unwrap();
+    let stranger = Identity::generate().unwrap();
+    let sb = Standby::start(dir.path(), &[&p_id]).await;
+    let good = primary(dir.path(), "p", &p_id, sb.target(), 5);
+    fill(&good.source, 3, 1000, 2);
+
+    // A primary whose key the standby does not allow.
+    let mut cfg = primary(dir.path(), "stranger", &stranger, sb.target(), 5);
+    fill(&cfg.source, 3, 1000, 2);
+    let r = push_once(&cfg, &Metrics::default()).await.unwrap();
+    let err = r.results[0].1.as_ref().unwrap_err();
+    assert!(matches!(err, NetError::Handshake { .. }), "{err}");
+    assert!(err.to_string().contains("does not allow"), "{err}");
+    assert!(!sb.live.exists());
+
+    // A standby that is not the pinned one.
+    cfg.identity = p_id.clone();
+    cfg.targets[0].id = stranger.id();
+    let r = push_once(&cfg, &Metrics::default()).await.unwrap();
+    let err = r.results[0].1.as_ref().unwrap_err();
+    assert!(matches!(err, NetError::Handshake { .. }), "{err}");
+    assert!(err.to_string().contains("expected"), "{err}");
+
+    // A volume the standby does not serve.
+    let mut other = primary(dir.path(), "p2", &p_id, sb.target(), 5);
+    other.volume = "nope".into();
+    fill(&other.source, 1, 10, 3);
+    let r = push_once(&other, &Metrics::default()).await.unwrap();
+    let err = r.results.into_iter().next().unwrap().1;
+    assert_eq!(refusal(err), RefusalCode::UnknownVolume);
+    assert!(
+        !sb.state.join("nope").exists(),
+        "nothing is written for an unknown volume"
+    );
+
+    // Epoch 5 syncs; epoch 3 afterwards is refused and changes nothing.
+    push_once(&good, &Metrics::default()).await.unwrap().results[0]
+        .1
+        .as_ref()
+        .unwrap();
+    let before = common::snapshot(&sb.live);
+    let mut old = primary(dir.path(), "old", &p_id, sb.target(), 3);
+    fill(&old.source, 2, 99, 9);
+    old.epoch = 3;
+    let r = push_once(&old, &Metrics::default()).await.unwrap();
+    let err = r.results.into_iter().next().unwrap().1;
+    match &err {
+        Err(NetError::Refused(r)) => {
+            assert_eq!(r.code, RefusalCode::LowerEpoch);
+            assert!(
+                r.message.contains("epoch 3") && r.message.contains("epoch 5"),
+                "{}",
+                r.message
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(common::snapshot(&sb.live), before);
+    assert_eq!(sb.state().epoch, 5);
+    sb.stop().await;
+}
+
+async fn hello(p_id: &Identity, sb: &Standby, epoch: u64) -> hearth_volume::primary::Link {
+    let h = Hello {
+        protocol: PROTOCOL_VERSION,
+        volume: "v".into(),
+        epoch,
+        sender: "raw".into(),
+    };
+    connect(p_id, &sb.target(), h, Duration::from_secs(10))
+        .await
+        .unwrap()
+        .0
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paths_outside_the_volume_and_corrupted_chunks_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let p_id = Identity::generate().unwrap();
+    let sb = Standby::start(dir.path(), &[&p_id]).await;
+
+    // A manifest that names a path outside the volume.
+    let entry = |path: &[u8], kind| Entry {
+        path: path.to_vec(),
+        kind,
+        mode: 0o755,
+        uid: 0,
+        gid: 0,
+        mtime_sec: 0,
+        mtime_nsec: 0,
+        xattrs: vec![],
+    };
+    let evil = Manifest {
+        chunking: Default::default(),
+        entries: vec![
+            entry(b"", EntryKind::Dir),
+            entry(
+                b"../escaped",
+                EntryKind::Symlink {
+                    target: b"/etc/passwd".to_vec(),
+                },
+            ),
+        ],
+    };
+    let encoded = evil.encode().unwrap();
+    let mut link = hello(&p_id, &sb, 1).await;
+    link.send(&Request::Offer(Offer {
+        tree_hash: evil.tree_hash().unwrap(),
+        parent: None,
+        captured_at_ms: 0,
+        manifest_len: encoded.len() as u64,
+    }))
+    .await
+    .unwrap();
+    link.send_manifest(&encoded).await.unwrap();
+    let err = link.recv().await.unwrap_err();
+    match err {
+        NetError::Refused(r) => {
+            assert_eq!(r.code, RefusalCode::InvalidManifest);
+            assert!(r.message.contains("nothing was written"), "{}", r.message);
+        }
+        other => panic!("{other}"),
+    }
+    assert!(!dir.path().join("standby/data/escaped").exists());
+    assert!(!sb.live.exists());
+
+    // A chunk whose bytes do not match its id.
+    let src = dir.path().join("src");
+    fs::create_dir_all(&src).unwrap();
+    fs::write(src.join("a"), vec![7u8; 70_000]).unwrap();
+    let cap = hearth_volume::capture(&src, &CaptureOptions::default(), None).unwrap();
+    let encoded = cap.manifest.encode().unwrap();
+    let mut link = hello(&p_id, &sb, 1).await;
+    link.send(&Request::Offer(Offer {
+        tree_hash: cap.manifest.tree_hash().unwrap(),
+        parent: None,
+        captured_at_ms: 0,
+        manifest_len: encoded.len() as u64,
+    }))
+    .await
+    .unwrap();
+    link.send_manifest(&encoded).await.unwrap();
+    let ids = match link.recv().await.unwrap() {
+        Response::Want { ids, last: true } => ids,
+        other => panic!("{other:?}"),
+    };
+    assert!(!ids.is_empty());
+    let mut bad = vec![7u8; 70_000];
+    bad[5] = 8;
+    link.send(&Request::Chunk {
+        id: ids[0],
+        data: bad,
+    })
+    .await
+    .unwrap();
+    link.send(&Request::Commit).await.unwrap();
+    match link.recv().await.unwrap_err() {
+        NetError::Refused(r) => assert_eq!(r.code, RefusalCode::ChunkMismatch, "{}", r.message),
+        other => panic!("{other}"),
+    }
+    let stored = VolumeDirs::new(&sb.state, "v").chunks().join("chunks");
+    let n = walk_files(&stored);
+    assert_eq!(n, 0, "a refused chunk is never stored");
+    assert!(!sb.live.exists());
+    sb.stop().await;
+}
+
+fn walk_files(dir: &Path) -> usize {
+    let Ok(rd) = fs::read_dir(dir) else { return 0 };
+    rd.map(|e| e.unwrap().path())
+        .map(|p| if p.is_dir() { walk_files(&p) } else { 1 })
+        .sum()
+}
+
+/// A TCP relay that forwards both ways and, after `cut_after` bytes from the client, either
+/// drops the connection or flips one byte and goes on.
+async fn relay(upstream: String, cut_after: usize, flip: bool) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    tokio::spawn(async move {
+        while let Ok((mut client, _)) = listener.accept().await {
+            let mut server = TcpStream::connect(&upstream).await.unwrap();
+            tokio::spawn(async move {
+                let (mut cr, mut cw) = client.split();
+                let (mut sr, mut sw) = server.split();
+                let up = async {
+                    let mut seen = 0usize;
+                    let mut buf = vec![0u8; 16384];
+                    loop {
+                        let n = cr.read(&mut buf).await.unwrap_or(0);
+                        if n == 0 {
+                            break;
+                        }
+                        if seen + n > cut_after {
+                            if !flip {
+                                break;
+                            }
+                            let at = cut_after.saturating_sub(seen).min(n - 1);
+                            if seen <= cut_after {
+                                buf[at] ^= 0x40;
+                            }
+                        }
+                        seen += n;
+                        if sw.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                };
+                let down = tokio::io::copy(&mut sr, &mut cw);
+                tokio::select! {
+                    _ = up => {}
+                    _ = down => {}
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_first_sync_resumes_and_a_tampered_stream_is_rejected() {
+    let dir = tempfile::tempdir().unwrap();
+    let p_id = Identity::generate().unwrap();
+    let sb = Standby::start(dir.path(), &[&p_id]).await;
+    let mut cfg = primary(dir.path(), "p", &p_id, sb.target(), 1);
+    // Random-looking content, so it does not compress or dedupe: about 6 MB.
+    let mut x: u64 = 12345;
+    for i in 0..12 {
+        let body: Vec<u8> = (0..500_000)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        fs::write(cfg.source.join(format!("big{i}")), body).unwrap();
+    }
+    // A byte flipped inside the TLS stream breaks the record's authentication: the standby
+    // drops the connection and applies nothing.
+    cfg.targets[0].addr = relay(sb.addr.clone(), 3_000_000, true).await;
+    let r = push_once(&cfg, &Metrics::default()).await.unwrap();
+    assert!(r.results[0].1.is_err(), "a tampered stream must fail");
+    assert!(!sb.live.exists());
+
+    // A link cut after ~3 MB: the standby keeps what arrived.
+    cfg.targets[0].addr = relay(sb.addr.clone(), 3_000_000, false).await;
+    let r = push_once(&cfg, &Metrics::default()).await.unwrap();
+    assert!(r.results[0].1.is_err(), "the cut push must fail");
+    assert!(!sb.live.exists(), "nothing half-applied");
+
+    // The next push over a good link sends only the rest.
+    cfg.targets[0].addr = sb.addr.clone();
+    let r = push_once(&cfg, &Metrics::default()).await.unwrap();
+    let o = outcome(&r);
+    assert!(
+        o.bytes_sent < 5_000_000,
+        "resumed push sent {} of ~6 MB",
+        o.bytes_sent
+    );
+    common::assert_same_tree(&cfg.source, &sb.live);
+    sb.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tree_from_another_history_is_kept_aside_read_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let a_id = Identity::generate().unwrap();
+    let b_id = Identity::generate().unwrap();
+    let sb = Standby::start(dir.path(), &[&a_id, &b_id]).await;
+    let a = primary(dir.path(), "a", &a_id, sb.target(), 1);
+    fill(&a.source, 5, 3000, 4);
+    push_once(&a, &Metrics::default()).await.unwrap().results[0]
+        .1
+        .as_ref()
+        .unwrap();
+    let a_tree = common::snapshot(&sb.live);
+
+    // A new primary (epoch 2) that never saw A's tree.
+    let b = primary(dir.path(), "b", &b_id, sb.target(), 2);
+    fill(&b.source, 4, 2000, 5);
+    let r = push_once(&b, &Metrics::default()).await.unwrap();
+    let o = outcome(&r);
+    assert_eq!(o.kind, SyncKind::Full);
+    let kept = &o.applied.as_ref().unwrap().kept_aside;
+    assert_eq!(kept.len(), 1, "{kept:?}");
+    let aside = PathBuf::from(&kept[0]);
+    assert!(
+        aside
+            .file_name()
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .contains("diverged.e2."),
+        "{aside:?}"
+    );
+    common::assert_same_tree(&b.source, &sb.live);
+    // The old tree is intact (its top directory made read-only) and recorded in the state.
+    let mode = fs::metadata(&aside).unwrap().permissions();
+    assert_eq!(std::os::unix::fs::PermissionsExt::mode(&mode) & 0o222, 0);
+    let mut now = common::snapshot(&aside);
+    // Only the top directory's mode changed.
+    let top = now.nodes.get_mut(&Vec::new()).unwrap();
+    top.mode = a_tree.nodes[&Vec::new()].mode;
+    assert_eq!(now, a_tree);
+    let st = sb.state();
+    assert_eq!(st.epoch, 2);
+    assert_eq!(st.kept_aside.len(), 1);
+    assert!(
+        st.kept_aside[0].reason.contains("history"),
+        "{:?}",
+        st.kept_aside
+    );
+    sb.stop().await;
+}
