@@ -22,6 +22,7 @@ pub mod metrics;
 pub mod net;
 pub mod primary;
 mod reuse;
+pub mod schedule;
 pub mod standby;
 pub mod state;
 mod store;

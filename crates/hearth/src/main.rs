@@ -5,6 +5,7 @@ mod litestream;
 mod litestream_args;
 mod metrics;
 mod sqlite;
+mod volume;
 
 use std::process::ExitCode;
 
@@ -36,6 +37,8 @@ enum Command {
     },
     /// Find data hazards in Nomad jobspecs and rewrite storage references.
     Jobspec(jobspec::JobspecArgs),
+    /// Replicate a service data directory from a primary to standbys over mutual TLS.
+    Volume(volume::VolumeArgs),
 }
 
 /// Sets up logging to stderr: `RUST_LOG` if set, else `level` (default `info`).
@@ -68,5 +71,6 @@ fn main() -> ExitCode {
         Command::Sqlite(args) => sqlite::main(args),
         Command::Litestream { args } => litestream::main(args),
         Command::Jobspec(args) => jobspec::main(args),
+        Command::Volume(args) => volume::main(args),
     }
 }
