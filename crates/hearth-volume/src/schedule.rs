@@ -77,18 +77,19 @@ impl ChangeWatcher {
     /// Starts watching `root` and everything below it.
     pub fn new(root: &Path) -> Result<Self, notify::Error> {
         let (tx, rx) = tokio::sync::mpsc::channel(1);
-        let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-            // Access events (reads) change nothing; everything else, errors included (an
-            // overflowed queue means changes were lost), counts as a change.
-            let relevant = match &event {
-                Ok(e) => !matches!(e.kind, notify::EventKind::Access(_)),
-                Err(_) => true,
-            };
-            if relevant {
-                // A full channel already says "changed"; dropping this event loses nothing.
-                let _ = tx.try_send(());
-            }
-        })?;
+        let mut watcher =
+            notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+                // Access events (reads) change nothing; everything else, errors included (an
+                // overflowed queue means changes were lost), counts as a change.
+                let relevant = match &event {
+                    Ok(e) => !matches!(e.kind, notify::EventKind::Access(_)),
+                    Err(_) => true,
+                };
+                if relevant {
+                    // A full channel already says "changed"; dropping this event loses nothing.
+                    let _ = tx.try_send(());
+                }
+            })?;
         watcher.watch(root, RecursiveMode::Recursive)?;
         Ok(ChangeWatcher {
             _watcher: watcher,
@@ -134,13 +135,49 @@ mod tests {
             last_change: change.map(|c| t0 + s(c)),
         };
         let cases = [
-            ("every: not due", every, st(false, None), 10, Next::WaitUntil(t0 + s(300))),
+            (
+                "every: not due",
+                every,
+                st(false, None),
+                10,
+                Next::WaitUntil(t0 + s(300)),
+            ),
             ("every: due", every, st(false, None), 300, Next::Push),
-            ("every: failed retries sooner", every, st(true, None), 10, Next::Push),
-            ("every: changes ignored", every, st(false, Some(1)), 10, Next::WaitUntil(t0 + s(300))),
-            ("continuous: change not yet quiet", cont, st(false, Some(5)), 6, Next::WaitUntil(t0 + s(7))),
-            ("continuous: change quiet", cont, st(false, Some(5)), 7, Next::Push),
-            ("continuous: no change", cont, st(false, None), 6, Next::WaitUntil(t0 + s(300))),
+            (
+                "every: failed retries sooner",
+                every,
+                st(true, None),
+                10,
+                Next::Push,
+            ),
+            (
+                "every: changes ignored",
+                every,
+                st(false, Some(1)),
+                10,
+                Next::WaitUntil(t0 + s(300)),
+            ),
+            (
+                "continuous: change not yet quiet",
+                cont,
+                st(false, Some(5)),
+                6,
+                Next::WaitUntil(t0 + s(7)),
+            ),
+            (
+                "continuous: change quiet",
+                cont,
+                st(false, Some(5)),
+                7,
+                Next::Push,
+            ),
+            (
+                "continuous: no change",
+                cont,
+                st(false, None),
+                6,
+                Next::WaitUntil(t0 + s(300)),
+            ),
             ("once: stop", once, st(false, Some(1)), 6, Next::Stop),
         ];
         for (name, sched, state, at, want) in cases {

@@ -41,6 +41,10 @@ const SYNC_EVERY_BYTES: u64 = 256 << 20;
 /// Chunks are stored in batches of about this many bytes per blocking task.
 const PUT_BATCH_BYTES: usize = 8 << 20;
 
+/// How long a new exchange waits for a running one on the same volume to end before it is
+/// refused as busy.
+const BUSY_WAIT: Duration = Duration::from_secs(10);
+
 /// How a standby serves.
 #[derive(Clone, Debug)]
 pub struct ServeConfig {
@@ -193,11 +197,25 @@ async fn connection(
     let Some(live) = live else {
         return Err(NetError::Protocol("accepted an unknown volume".into()));
     };
-    let claimed = shared
-        .busy
-        .lock()
-        .map_err(|_| NetError::Protocol("busy set poisoned".into()))?
-        .insert(hello.volume.clone());
+    // A primary that died a moment ago may still hold the volume here until its connection's end
+    // is noticed (or its last batch is stored); wait a little before calling the volume busy.
+    let mut claimed = false;
+    let deadline = tokio::time::Instant::now() + BUSY_WAIT;
+    loop {
+        if shared
+            .busy
+            .lock()
+            .map_err(|_| NetError::Protocol("busy set poisoned".into()))?
+            .insert(hello.volume.clone())
+        {
+            claimed = true;
+            break;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     if !claimed {
         let r = Refusal::new(
             RefusalCode::Busy,

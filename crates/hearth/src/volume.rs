@@ -181,7 +181,12 @@ fn usage(e: anyhow::Error) -> Failure {
 fn keygen(dir: &Path, print: bool) -> Result<ExitCode, Failure> {
     let id = if print {
         Identity::load(dir)
-            .with_context(|| format!("read the key in {} (make one with `hearth volume keygen`)", dir.display()))?
+            .with_context(|| {
+                format!(
+                    "read the key in {} (make one with `hearth volume keygen`)",
+                    dir.display()
+                )
+            })?
             .id()
     } else {
         let identity = Identity::create(dir).context("make a key")?;
@@ -205,9 +210,11 @@ fn load_identity(dir: &Path) -> Result<Identity, Failure> {
 }
 
 fn parse_volume(spec: &str) -> Result<(String, PathBuf), Failure> {
-    let (name, path) = spec
-        .split_once('=')
-        .ok_or_else(|| usage(anyhow!("`--volume {spec}`: expected NAME=PATH, e.g. gitea=/data/services/gitea")))?;
+    let (name, path) = spec.split_once('=').ok_or_else(|| {
+        usage(anyhow!(
+            "`--volume {spec}`: expected NAME=PATH, e.g. gitea=/data/services/gitea"
+        ))
+    })?;
     if !state::valid_volume_name(name) {
         return Err(usage(anyhow!(
             "`{name}` is not a usable volume name: letters, digits, `-`, `_`, `.`, at most 64, not starting with `.`"
@@ -215,7 +222,9 @@ fn parse_volume(spec: &str) -> Result<(String, PathBuf), Failure> {
     }
     let path = PathBuf::from(path);
     if !path.is_absolute() {
-        return Err(usage(anyhow!("`--volume {spec}`: the path must be absolute")));
+        return Err(usage(anyhow!(
+            "`--volume {spec}`: the path must be absolute"
+        )));
     }
     Ok((name.to_owned(), path))
 }
@@ -224,12 +233,18 @@ fn parse_targets(specs: &[String]) -> Result<Vec<Target>, Failure> {
     specs
         .iter()
         .map(|spec| {
-            let (addr, id) = spec
-                .rsplit_once('=')
-                .ok_or_else(|| usage(anyhow!("`--to {spec}`: expected ADDR=ID, e.g. standby1:7431=hv1-…")))?;
-            let id: PeerId = id.parse().map_err(|e| usage(anyhow!("`--to {spec}`: {e}")))?;
+            let (addr, id) = spec.rsplit_once('=').ok_or_else(|| {
+                usage(anyhow!(
+                    "`--to {spec}`: expected ADDR=ID, e.g. standby1:7431=hv1-…"
+                ))
+            })?;
+            let id: PeerId = id
+                .parse()
+                .map_err(|e| usage(anyhow!("`--to {spec}`: {e}")))?;
             if !addr.contains(':') {
-                return Err(usage(anyhow!("`--to {spec}`: the address needs a port, e.g. standby1:7431")));
+                return Err(usage(anyhow!(
+                    "`--to {spec}`: the address needs a port, e.g. standby1:7431"
+                )));
             }
             Ok(Target {
                 addr: addr.to_owned(),
@@ -239,7 +254,9 @@ fn parse_targets(specs: &[String]) -> Result<Vec<Target>, Failure> {
         .collect()
 }
 
-async fn start_metrics(addr: Option<&str>) -> Result<(Metrics, Option<crate::metrics::MetricsServer>), Failure> {
+async fn start_metrics(
+    addr: Option<&str>,
+) -> Result<(Metrics, Option<crate::metrics::MetricsServer>), Failure> {
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = Metrics::register(&mut registry);
     let server = match addr {
@@ -260,7 +277,10 @@ async fn serve_cmd(
     let identity = load_identity(&common.identity)?;
     let allowed = allow
         .iter()
-        .map(|a| a.parse::<PeerId>().map_err(|e| usage(anyhow!("`--allow {a}`: {e}"))))
+        .map(|a| {
+            a.parse::<PeerId>()
+                .map_err(|e| usage(anyhow!("`--allow {a}`: {e}")))
+        })
         .collect::<Result<Vec<_>, _>>()?;
     let mut vols = BTreeMap::new();
     for spec in volumes {
@@ -297,16 +317,25 @@ async fn serve_cmd(
     };
     // Shutdown order: a signal stops accepting; running exchanges get 5 s (an apply in progress
     // is atomic, so cutting it off costs only the work done); then the process exits.
-    serve(listener, config, metrics, shutdown_signal(), Duration::from_secs(5))
-        .await
-        .context("serve")?;
+    serve(
+        listener,
+        config,
+        metrics,
+        shutdown_signal(),
+        Duration::from_secs(5),
+    )
+    .await
+    .context("serve")?;
     Ok(ExitCode::SUCCESS)
 }
 
 /// Resolves on SIGTERM or SIGINT.
 async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
-    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
         (Ok(mut term), Ok(mut int)) => {
             tokio::select! {
                 _ = term.recv() => {}
@@ -323,7 +352,10 @@ async fn shutdown_signal() {
 fn push_config(p: &PushArgs) -> Result<PushConfig, Failure> {
     let (volume, source) = parse_volume(&p.volume)?;
     if !source.is_dir() {
-        return Err(usage(anyhow!("volume `{volume}`: {} is not a directory", source.display())));
+        return Err(usage(anyhow!(
+            "volume `{volume}`: {} is not a directory",
+            source.display()
+        )));
     }
     let identity = load_identity(&p.common.identity)?;
     let targets = parse_targets(&p.to)?;
@@ -365,7 +397,10 @@ fn print_report(r: &PushReport) -> bool {
                 o.applied
                     .as_ref()
                     .filter(|a| !a.kept_aside.is_empty())
-                    .map(|a| format!("; the standby kept its old tree aside at {}", a.kept_aside.join(", ")))
+                    .map(|a| format!(
+                        "; the standby kept its old tree aside at {}",
+                        a.kept_aside.join(", ")
+                    ))
                     .unwrap_or_default()
             ),
             Err(e) => eprintln!("{addr}: failed: {e}"),
@@ -450,7 +485,12 @@ async fn push_cmd(p: PushArgs) -> Result<ExitCode, Failure> {
     }
 }
 
-async fn verify_cmd(common: Common, volume: &str, to: &[String], epoch: u64) -> Result<ExitCode, Failure> {
+async fn verify_cmd(
+    common: Common,
+    volume: &str,
+    to: &[String],
+    epoch: u64,
+) -> Result<ExitCode, Failure> {
     let (name, source) = parse_volume(volume)?;
     let cfg = PushConfig {
         identity: load_identity(&common.identity)?,
@@ -482,7 +522,9 @@ async fn verify_cmd(common: Common, volume: &str, to: &[String], epoch: u64) -> 
                 "{}: DIFFERS from snapshot {}: the standby's tree hashes to {}",
                 t.addr,
                 &r.expected.tree_hash[..16],
-                r.actual.map(|h| h.to_string()[..16].to_owned()).unwrap_or_else(|| "nothing".into())
+                r.actual
+                    .map(|h| h.to_string()[..16].to_owned())
+                    .unwrap_or_else(|| "nothing".into())
             );
             for d in &r.differences {
                 println!("  {d}");
@@ -544,7 +586,11 @@ fn status_cmd(state_dir: &Path, only: Option<&str>, json: bool) -> Result<ExitCo
                 state_dir.display()
             )));
         }
-        Err(e) => return Err(Failure::Runtime(anyhow!(e).context(format!("list {}", state_dir.display())))),
+        Err(e) => {
+            return Err(Failure::Runtime(
+                anyhow!(e).context(format!("list {}", state_dir.display())),
+            ));
+        }
     };
     let mut names: Vec<String> = listing
         .filter_map(|e| e.ok())
@@ -556,7 +602,10 @@ fn status_cmd(state_dir: &Path, only: Option<&str>, json: bool) -> Result<ExitCo
     if let Some(o) = only
         && names.is_empty()
     {
-        return Err(usage(anyhow!("no state for volume `{o}` in {}", state_dir.display())));
+        return Err(usage(anyhow!(
+            "no state for volume `{o}` in {}",
+            state_dir.display()
+        )));
     }
     let now = now_ms();
     let lag = |captured: u64| (captured > 0).then(|| now.saturating_sub(captured) as f64 / 1000.0);
@@ -566,7 +615,11 @@ fn status_cmd(state_dir: &Path, only: Option<&str>, json: bool) -> Result<ExitCo
         let primary = if dirs.primary().exists() {
             let st: PrimaryState = state::load(&dirs.primary()).context("read primary state")?;
             let pinned_bytes = std::fs::read_dir(dirs.trees())
-                .map(|it| it.filter_map(|e| e.ok()?.metadata().ok()).map(|m| m.len()).sum())
+                .map(|it| {
+                    it.filter_map(|e| e.ok()?.metadata().ok())
+                        .map(|m| m.len())
+                        .sum()
+                })
                 .unwrap_or(0);
             Some(PrimaryStatus {
                 snapshots: st.history.len(),
@@ -601,7 +654,10 @@ fn status_cmd(state_dir: &Path, only: Option<&str>, json: bool) -> Result<ExitCo
         });
     }
     if json {
-        println!("{}", serde_json::to_string_pretty(&out).context("encode status")?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&out).context("encode status")?
+        );
         return Ok(ExitCode::SUCCESS);
     }
     for v in &out {
@@ -621,14 +677,24 @@ fn status_cmd(state_dir: &Path, only: Option<&str>, json: bool) -> Result<ExitCo
                 println!(
                     "  standby {}: last common {}, lag {}, last success {}, sent {} bytes, full {} incremental {} unchanged {}{}",
                     s.addr,
-                    r.last_common.as_ref().map(|c| c.tree_hash[..16].to_owned()).unwrap_or_else(|| "none".into()),
-                    s.lag_seconds.map(|l| format!("{l:.1} s")).unwrap_or_else(|| "-".into()),
-                    r.last_success_ms.map(fmt_time).unwrap_or_else(|| "never".into()),
+                    r.last_common
+                        .as_ref()
+                        .map(|c| c.tree_hash[..16].to_owned())
+                        .unwrap_or_else(|| "none".into()),
+                    s.lag_seconds
+                        .map(|l| format!("{l:.1} s"))
+                        .unwrap_or_else(|| "-".into()),
+                    r.last_success_ms
+                        .map(fmt_time)
+                        .unwrap_or_else(|| "never".into()),
                     r.bytes_sent,
                     r.full_syncs,
                     r.incremental_syncs,
                     r.unchanged_syncs,
-                    r.last_error.as_ref().map(|e| format!(", last error: {e}")).unwrap_or_default()
+                    r.last_error
+                        .as_ref()
+                        .map(|e| format!(", last error: {e}"))
+                        .unwrap_or_default()
                 );
             }
         }
@@ -639,14 +705,23 @@ fn status_cmd(state_dir: &Path, only: Option<&str>, json: bool) -> Result<ExitCo
                 s.state
                     .live
                     .as_ref()
-                    .map(|l| format!("{} (captured {})", &l.tree_hash[..16], fmt_time(l.captured_at_ms)))
+                    .map(|l| format!(
+                        "{} (captured {})",
+                        &l.tree_hash[..16],
+                        fmt_time(l.captured_at_ms)
+                    ))
                     .unwrap_or_else(|| "none".into()),
-                s.lag_seconds.map(|l| format!("{l:.1} s")).unwrap_or_else(|| "-".into()),
+                s.lag_seconds
+                    .map(|l| format!("{l:.1} s"))
+                    .unwrap_or_else(|| "-".into()),
                 s.state.applies,
                 s.state.bytes_received
             );
             for k in &s.state.kept_aside {
-                println!("  kept aside (read-only): {} ({}; epoch {})", k.path, k.reason, k.epoch);
+                println!(
+                    "  kept aside (read-only): {} ({}; epoch {})",
+                    k.path, k.reason, k.epoch
+                );
             }
         }
     }

@@ -1,0 +1,364 @@
+//! `hearth volume` as a user runs it: real processes, real TLS on loopback. The crash test kills
+//! either side with SIGKILL at random points of a transfer, many times, and checks that the
+//! standby always holds one whole snapshot of the primary and that the next push completes.
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use rand::{Rng, SeedableRng};
+
+fn hearth() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_hearth"));
+    c.env("RUST_LOG", "warn");
+    c
+}
+
+fn run(args: &[&str]) -> Output {
+    hearth().args(args).output().unwrap()
+}
+
+fn keygen(dir: &Path) -> String {
+    let out = run(&["volume", "keygen", "--identity", dir.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+struct Setup {
+    root: PathBuf,
+    src: PathBuf,
+    live: PathBuf,
+    p_id: String,
+    s_id: String,
+    port: u16,
+}
+
+impl Setup {
+    fn new(root: &Path) -> Setup {
+        let src = root.join("src");
+        fs::create_dir_all(&src).unwrap();
+        fs::create_dir_all(root.join("standby")).unwrap();
+        let p_id = keygen(&root.join("pk"));
+        let s_id = keygen(&root.join("sk"));
+        let port = hearth_testkit::free_port().unwrap();
+        Setup {
+            root: root.to_owned(),
+            live: root.join("standby/data"),
+            src,
+            p_id,
+            s_id,
+            port,
+        }
+    }
+
+    fn serve(&self) -> Child {
+        let child = hearth()
+            .args(["volume", "serve", "--identity"])
+            .arg(self.root.join("sk"))
+            .arg("--state")
+            .arg(self.root.join("sstate"))
+            .args(["--listen", &format!("127.0.0.1:{}", self.port)])
+            .args(["--allow", &self.p_id])
+            .arg("--volume")
+            .arg(format!("data={}", self.live.display()))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        // Wait until it listens.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < deadline, "serve did not start listening");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        child
+    }
+
+    fn push_cmd(&self, extra: &[&str]) -> Command {
+        let mut c = hearth();
+        c.args(["volume", "push", "--identity"])
+            .arg(self.root.join("pk"))
+            .arg("--state")
+            .arg(self.root.join("pstate"))
+            .arg("--volume")
+            .arg(format!("data={}", self.src.display()))
+            .args(["--to", &format!("127.0.0.1:{}={}", self.port, self.s_id)])
+            .args(extra);
+        c
+    }
+
+    fn push(&self, extra: &[&str]) -> Output {
+        self.push_cmd(extra).output().unwrap()
+    }
+}
+
+/// What must survive replication, read with plain `std::fs`: kind, mode, content, link target.
+type Tree = BTreeMap<String, (u32, Vec<u8>)>;
+
+fn tree(root: &Path) -> Option<Tree> {
+    if !root.exists() {
+        return None;
+    }
+    let mut out = Tree::new();
+    for e in walkdir::WalkDir::new(root).sort_by_file_name() {
+        let e = e.unwrap();
+        let md = fs::symlink_metadata(e.path()).unwrap();
+        let rel = e.path().strip_prefix(root).unwrap().display().to_string();
+        let body = if md.is_file() {
+            fs::read(e.path()).unwrap()
+        } else if md.file_type().is_symlink() {
+            fs::read_link(e.path())
+                .unwrap()
+                .display()
+                .to_string()
+                .into_bytes()
+        } else {
+            Vec::new()
+        };
+        out.insert(rel, (md.permissions().mode(), body));
+    }
+    Some(out)
+}
+
+/// A digest of a tree, so that many versions can be remembered without keeping their bytes.
+fn digest(t: &Tree) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    t.hash(&mut h);
+    h.finish()
+}
+
+fn kill9(c: &mut Child) {
+    let _ = c.kill();
+    let _ = c.wait();
+}
+
+#[test]
+fn push_status_verify_and_refusals_from_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Setup::new(dir.path());
+    fs::write(s.src.join("config.yml"), b"a: 1\n").unwrap();
+    fs::create_dir(s.src.join("db")).unwrap();
+    fs::write(s.src.join("db/data"), vec![3u8; 300_000]).unwrap();
+    let mut serve = s.serve();
+
+    let out = s.push(&[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains(": full "), "{stdout}");
+    assert_eq!(tree(&s.live), tree(&s.src));
+
+    // status on both sides, human and JSON.
+    let out = run(&[
+        "volume",
+        "status",
+        "--state",
+        dir.path().join("pstate").to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let standby = &v[0]["primary"]["standbys"][0];
+    assert_eq!(standby["full_syncs"], 1);
+    assert!(standby["lag_seconds"].as_f64().unwrap() < 60.0);
+    let out = run(&[
+        "volume",
+        "status",
+        "--state",
+        dir.path().join("sstate").to_str().unwrap(),
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("standby: epoch 1, live "), "{text}");
+
+    // verify: equal, then a change on the standby is reported with exit code 1.
+    let verify = |s: &Setup| {
+        hearth()
+            .args(["volume", "verify", "--identity"])
+            .arg(s.root.join("pk"))
+            .arg("--state")
+            .arg(s.root.join("pstate"))
+            .arg("--volume")
+            .arg(format!("data={}", s.src.display()))
+            .args(["--to", &format!("127.0.0.1:{}={}", s.port, s.s_id)])
+            .output()
+            .unwrap()
+    };
+    let out = verify(&s);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    fs::write(s.live.join("config.yml"), b"a: 2\n").unwrap();
+    let out = verify(&s);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("differs: /config.yml"));
+
+    // A lower epoch is refused with exit code 1 and a message naming both epochs.
+    let out = s.push(&["--epoch", "3"]);
+    assert!(out.status.success());
+    let out = s.push(&["--epoch", "2"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("epoch 2 is lower than epoch 3"), "{err}");
+
+    // Bad input: exit code 2 and a message naming the fix.
+    for (args, needle) in [
+        (vec!["--volume", "data"], "expected NAME=PATH"),
+        (vec!["--volume", "../x=/tmp"], "not a usable volume name"),
+    ] {
+        let out = hearth()
+            .args(["volume", "push", "--identity"])
+            .arg(s.root.join("pk"))
+            .args(&args)
+            .args(["--to", &format!("127.0.0.1:{}={}", s.port, s.s_id)])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains(needle),
+            "{args:?}"
+        );
+    }
+    let out = s
+        .push_cmd(&[])
+        .args(["--to", "127.0.0.1:1=hv1-nothex"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is not a peer id"));
+    let out = run(&[
+        "volume",
+        "push",
+        "--identity",
+        "/nonexistent",
+        "--volume",
+        "a=/tmp",
+        "--to",
+        "x:1=hv1-00",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("hearth volume keygen"));
+    kill9(&mut serve);
+}
+
+#[test]
+fn kill_9_either_side_during_transfers() {
+    let cycles: usize = std::env::var("HEARTH_VOLUME_CRASH_CYCLES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(40);
+    let dir = tempfile::tempdir().unwrap();
+    let s = Setup::new(dir.path());
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    // About 24 MB in 60 files of random bytes plus small files, so a push takes long enough to
+    // be cut in every phase (capture, offer, chunks, apply).
+    for i in 0..60 {
+        let d = s.src.join(format!("d{}", i % 6));
+        fs::create_dir_all(&d).unwrap();
+        let mut body = vec![0u8; 400_000];
+        rng.fill(&mut body[..]);
+        fs::write(d.join(format!("f{i}")), body).unwrap();
+        fs::write(d.join(format!("small{i}")), format!("small {i}")).unwrap();
+    }
+    let mut versions = vec![digest(&tree(&s.src).unwrap())];
+    let mut serve = Some(s.serve());
+    let mut kills = (0, 0);
+    let mut mid_transfer = 0;
+    for cycle in 0..cycles {
+        let mut push = s
+            .push_cmd(&[])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(rng.random_range(0..700)));
+        if push.try_wait().unwrap().is_none() {
+            mid_transfer += 1;
+        }
+        if rng.random_bool(0.5) {
+            kill9(&mut push);
+            kills.0 += 1;
+        } else {
+            if let Some(mut c) = serve.take() {
+                kill9(&mut c);
+            }
+            let _ = push.wait();
+            kills.1 += 1;
+        }
+        // A standby whose primary died may still be applying the tree it had received in full;
+        // wait until it lets go of the volume's lock, then look.
+        let lock = dir.path().join("sstate/data/lock");
+        if lock.exists() {
+            let ok = Command::new("flock")
+                .args(["-w", "60"])
+                .arg(&lock)
+                .arg("true")
+                .status()
+                .unwrap();
+            assert!(
+                ok.success(),
+                "the standby kept the volume locked for a minute"
+            );
+        }
+        // The standby holds nothing yet, or exactly one whole version of the primary.
+        if let Some(t) = tree(&s.live) {
+            assert!(
+                versions.contains(&digest(&t)),
+                "cycle {cycle}: the standby holds a tree that is no primary snapshot"
+            );
+        }
+        if serve.is_none() {
+            serve = Some(s.serve());
+        }
+        // Change the primary before every cycle, so every push has work to do: a new file of
+        // 3 MB of fresh bytes, part of an old file rewritten, a small file removed.
+        let mut body = vec![0u8; 3_000_000];
+        rng.fill(&mut body[..]);
+        fs::write(s.src.join(format!("new{cycle}")), body).unwrap();
+        if cycle > 0 {
+            let _ = fs::remove_file(s.src.join(format!("new{}", cycle - 1)));
+        }
+        let victim = s.src.join(format!("d{}/f{}", cycle % 6, cycle % 60));
+        if let Ok(mut body) = fs::read(&victim) {
+            let at = rng.random_range(0..body.len() - 1000);
+            rng.fill(&mut body[at..at + 1000]);
+            fs::write(&victim, body).unwrap();
+        }
+        let _ = fs::remove_file(s.src.join(format!("d{}/small{}", cycle % 6, cycle)));
+        versions.push(digest(&tree(&s.src).unwrap()));
+    }
+    // With both sides up, the next push completes and the standby equals the newest version.
+    let out = s.push(&[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(tree(&s.live), tree(&s.src));
+    assert_eq!(Some(&digest(&tree(&s.live).unwrap())), versions.last());
+    assert!(
+        kills.0 > 0 && kills.1 > 0,
+        "both sides were killed: {kills:?}"
+    );
+    assert!(
+        mid_transfer * 3 >= cycles,
+        "only {mid_transfer} of {cycles} kills hit a running push"
+    );
+    if let Some(mut c) = serve {
+        kill9(&mut c);
+    }
+}
