@@ -344,10 +344,18 @@ impl Session {
     {
         let timeout = self.shared.config.timeout;
         loop {
-            let Some(req) = recv(rd, timeout).await? else {
-                // The primary went away; what arrived stays stored for the next attempt.
-                self.put_batch().await.ok();
-                return Ok(());
+            // When the primary goes away, cleanly or not, the verified chunks that arrived are
+            // stored, so the next attempt does not send them again.
+            let req = match recv(rd, timeout).await {
+                Ok(Some(req)) => req,
+                Ok(None) => {
+                    self.put_batch().await.ok();
+                    return Ok(());
+                }
+                Err(e) => {
+                    self.put_batch().await.ok();
+                    return Err(e);
+                }
             };
             let outcome = match req {
                 Request::Offer(offer) => self.offer(offer, rd, wr).await,
@@ -430,6 +438,24 @@ impl Session {
             }
             Err(e) => return Err(e.into()),
         };
+        // A volume is service data; a device node in it would give whoever controls the primary
+        // raw access to a disk on the standby.
+        if let Some(dev) = manifest.entries.iter().find(|e| {
+            matches!(
+                e.kind,
+                crate::manifest::EntryKind::CharDevice { .. }
+                    | crate::manifest::EntryKind::BlockDevice { .. }
+            )
+        }) {
+            return Err(Stop::Refuse(Refusal::new(
+                RefusalCode::InvalidManifest,
+                format!(
+                    "volume `{}`: the tree holds a device node (/{}); standbys do not accept device nodes; nothing was written",
+                    self.hello.volume,
+                    String::from_utf8_lossy(&dev.path)
+                ),
+            )));
+        }
         if manifest.tree_hash()? != offer.tree_hash {
             return Err(Stop::Refuse(Refusal::new(
                 RefusalCode::InvalidManifest,

@@ -321,6 +321,34 @@ async fn paths_outside_the_volume_and_corrupted_chunks_are_refused() {
     assert!(!dir.path().join("standby/data/escaped").exists());
     assert!(!sb.live.exists());
 
+    // A device node is refused the same way.
+    let dev = Manifest {
+        chunking: Default::default(),
+        entries: vec![
+            entry(b"", EntryKind::Dir),
+            entry(b"sda", EntryKind::BlockDevice { rdev: 0x800 }),
+        ],
+    };
+    let encoded = dev.encode().unwrap();
+    let mut link = hello(&p_id, &sb, 1).await;
+    link.send(&Request::Offer(Offer {
+        tree_hash: dev.tree_hash().unwrap(),
+        parent: None,
+        captured_at_ms: 0,
+        manifest_len: encoded.len() as u64,
+    }))
+    .await
+    .unwrap();
+    link.send_manifest(&encoded).await.unwrap();
+    match link.recv().await.unwrap_err() {
+        NetError::Refused(r) => {
+            assert_eq!(r.code, RefusalCode::InvalidManifest);
+            assert!(r.message.contains("device node"), "{}", r.message);
+        }
+        other => panic!("{other}"),
+    }
+    assert!(!sb.live.exists());
+
     // A chunk whose bytes do not match its id.
     let src = dir.path().join("src");
     fs::create_dir_all(&src).unwrap();
