@@ -156,14 +156,18 @@ pub struct ApplyReport {
     /// Regular files whose data was taken from an unchanged file of the live tree (cloned or
     /// copied) instead of being built from chunks.
     pub reused: u64,
-    /// How many of the [`reused`](Self::reused) files were cloned (`FICLONE`, sharing extents);
-    /// the rest were copied because the filesystem cannot clone.
+    /// How many of the [`reused`](Self::reused) files were cloned (`FICLONE`, sharing extents).
     pub cloned: u64,
+    /// How many of the [`reused`](Self::reused) files were hard-linked (content and metadata
+    /// unchanged, on a filesystem that cannot clone); the rest of the reused files were copied.
+    pub linked: u64,
     /// Bytes of file data taken from the live tree.
     pub reused_bytes: u64,
-    /// Live files (absolute paths) that held the wanted content when they were applied but had
-    /// been changed, replaced or removed on the standby since, so they were not reused; the new
-    /// tree got those files from chunks, and the changed copies stay in the replaced tree.
+    /// Live files (absolute paths) that were found unchanged by the check before the build but
+    /// had changed by the time they were to be reused (someone wrote to the standby during the
+    /// apply); the new tree got those files from chunks, and the changed copies stay in the
+    /// replaced tree. Files changed before the apply make the whole live tree count as changed
+    /// instead ([`ApplyReport::set_aside`]).
     pub changed_live: Vec<PathBuf>,
 }
 
@@ -198,6 +202,28 @@ pub fn apply(
     manifest: &Manifest,
     live: &Path,
 ) -> Result<ApplyReport, VolumeError> {
+    apply_inner(store, manifest, live, None).map(|(report, _)| report)
+}
+
+/// [`apply`], and [`prune_previous`] so that `keep` replaced trees remain once the new tree is
+/// live. Pruning happens before the new tree's stamps are taken: deleting an old tree unlinks
+/// inodes it shares with the live tree (hard links on filesystems without clones), which moves
+/// their ctimes; done later, the next apply would have to read those files again to trust them.
+pub fn apply_and_prune(
+    store: &ChunkStore,
+    manifest: &Manifest,
+    live: &Path,
+    keep: usize,
+) -> Result<(ApplyReport, PruneReport), VolumeError> {
+    apply_inner(store, manifest, live, Some(keep))
+}
+
+fn apply_inner(
+    store: &ChunkStore,
+    manifest: &Manifest,
+    live: &Path,
+    keep: Option<usize>,
+) -> Result<(ApplyReport, PruneReport), VolumeError> {
     manifest.validate()?;
     let missing = store.missing(manifest);
     if !missing.is_empty() {
@@ -228,6 +254,7 @@ pub fn apply(
         bytes: 0,
         reused: 0,
         cloned: 0,
+        linked: 0,
         reused_bytes: 0,
         changed_live: Vec::new(),
     };
@@ -240,7 +267,7 @@ pub fn apply(
         && current.tree_hash()? == report.tree_hash
     {
         report.unchanged = true;
-        return Ok(report);
+        return Ok((report, PruneReport::default()));
     }
     if exists(&staging) {
         if exists(&marker) {
@@ -257,14 +284,24 @@ pub fn apply(
             report.set_aside = Some(aside);
         }
     }
-    let live_files = reusable_files(&names)?;
+    // Whether the live tree is exactly as the last apply left it decides where it goes after the
+    // switch (a `prev` tree, or kept aside as diverged) and whether its files may be linked. It is
+    // checked now, before linking changes the shared inodes' ctimes.
+    let (live_files, live_clean) = reusable_files(&names)?;
     File::create(&marker).ctx("creating", &marker)?;
     fs::create_dir(&staging).ctx("creating", &staging)?;
     sync_dir(&names.parent)?;
 
     build(store, manifest, &staging, live_files.as_ref(), &mut report)?;
+    report.changed_live.sort();
+    report.changed_live.dedup();
     // Stamps are taken after the whole tree is built, because creating a hard link or setting
     // metadata changes a file's ctime.
+    let pruned = match keep {
+        // The live tree becomes a replaced tree at the switch: keep one fewer now.
+        Some(keep) => prune_previous(&live, keep.saturating_sub(1))?,
+        None => PruneReport::default(),
+    };
     let mut stamps = Vec::new();
     for entry in &manifest.entries {
         if let EntryKind::File { .. } = entry.kind {
@@ -303,14 +340,30 @@ pub fn apply(
         rustix::fs::renameat_with(CWD, &staging, CWD, &live, RenameFlags::EXCHANGE)
             .ctx("exchanging the new tree with", &live)?;
         let ns = now_ns();
-        let prev = names.previous(ns);
-        fs::rename(&staging, &prev).ctx("moving the old tree to", &prev)?;
         let live_manifest = names.live_manifest();
-        if exists(&live_manifest) {
-            fs::rename(&live_manifest, names.previous_manifest(ns))
-                .ctx("moving aside", &live_manifest)?;
+        match &live_clean {
+            LiveCheck::Clean => {
+                let prev = names.previous(ns);
+                fs::rename(&staging, &prev).ctx("moving the old tree to", &prev)?;
+                if exists(&live_manifest) {
+                    fs::rename(&live_manifest, names.previous_manifest(ns))
+                        .ctx("moving aside", &live_manifest)?;
+                }
+                report.previous = Some(prev);
+            }
+            LiveCheck::Changed(reason) => {
+                // Data the primary never had: kept under a name pruning never deletes.
+                let aside = names.diverged(ns);
+                fs::rename(&staging, &aside).ctx("moving the old tree to", &aside)?;
+                if exists(&live_manifest) {
+                    let mut to = aside.clone().into_os_string();
+                    to.push(".manifest");
+                    fs::rename(&live_manifest, &to).ctx("moving aside", &live_manifest)?;
+                }
+                tracing::warn!(path = %aside.display(), %reason, "the replaced tree had changed on the standby; kept aside");
+                report.set_aside = Some(aside);
+            }
         }
-        report.previous = Some(prev);
     } else {
         rustix::fs::renameat_with(CWD, &staging, CWD, &live, RenameFlags::NOREPLACE)
             .ctx("moving the new tree to", &live)?;
@@ -320,18 +373,33 @@ pub fn apply(
     // they are never used with the new manifest even if a crash stops us here.
     fs::rename(&next_stamps, names.live_stamps()).ctx("renaming", &next_stamps)?;
     sync_dir(&names.parent)?;
-    Ok(report)
+    Ok((report, pruned))
 }
 
-/// The live tree's files that apply may reuse: none unless the live tree, its manifest and its
-/// stamps are all there and belong together. A damaged or missing stamps file only costs speed.
-fn reusable_files(names: &TreeNames) -> Result<Option<LiveFiles>, VolumeError> {
+/// Whether the live tree is exactly as the last apply left it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum LiveCheck {
+    /// Yes (or there is no live tree).
+    Clean,
+    /// No, or it cannot be told; the reason.
+    Changed(String),
+}
+
+/// The live tree's files that apply may reuse, and whether the live tree is unchanged since the
+/// last apply. The check captures the live tree with a cache made from the recorded stamps, so
+/// only files changed since apply are read, and compares tree hashes: anything that differs (a
+/// file, a directory's mode, an entry added or removed) makes the tree changed. Without usable
+/// stamps every file is read. A tree that changed gives nothing to reuse.
+fn reusable_files(names: &TreeNames) -> Result<(Option<LiveFiles>, LiveCheck), VolumeError> {
     let live = names.live();
     if !exists(&live) {
-        return Ok(None);
+        return Ok((None, LiveCheck::Clean));
     }
     let Ok(Some(manifest)) = read_live_manifest(&live) else {
-        return Ok(None);
+        return Ok((
+            None,
+            LiveCheck::Changed("the tree has no manifest (not written by hearth)".into()),
+        ));
     };
     let path = names.live_stamps();
     let stamps = match fs::read(&path) {
@@ -339,11 +407,48 @@ fn reusable_files(names: &TreeNames) -> Result<Option<LiveFiles>, VolumeError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
         Err(e) => return Err(VolumeError::io("reading", path, e)),
     };
-    let Some(stamps) = stamps else {
-        tracing::info!(path = %path.display(), "no usable stamps for the live tree; building every file from chunks");
-        return Ok(None);
+    let cache = match &stamps {
+        Some(st) => crate::reuse::cache_for(&manifest, st)?,
+        None => None,
     };
-    LiveFiles::new(&live, &manifest, &stamps).map(Some)
+    let opts = CaptureOptions {
+        chunking: manifest.chunking,
+        max_retries: 0,
+        unstable: UnstablePolicy::Fail,
+        allow_devices: true,
+    };
+    let now = match capture(&live, &opts, cache.as_ref()) {
+        Ok(now) => now,
+        Err(e) => {
+            return Ok((
+                None,
+                LiveCheck::Changed(format!("could not be read whole: {e}")),
+            ));
+        }
+    };
+    let now_hash = now.manifest.tree_hash()?;
+    if stamps.is_none() {
+        tracing::info!(path = %path.display(), "no usable stamps for the live tree; it was read whole to check it");
+    }
+    // Reuse goes by what this capture saw: the tree as it is now, each file with the identity it
+    // has now. A file whose ctime moved without a change of content (our own links and unlinks
+    // of shared inodes move it) was read again above and proved unchanged, so it stays reusable.
+    let current = AppliedStamps::from_capture(now_hash, &now.cache);
+    let files = LiveFiles::new(&live, &now.manifest, &current)?;
+    if now_hash == manifest.tree_hash()? {
+        Ok((Some(files), LiveCheck::Clean))
+    } else {
+        // Unchanged files of a changed tree may still be cloned or copied (each is checked
+        // again when it is taken), but not hard-linked: the tree is kept aside as diverged and
+        // must not share inodes with the new live tree.
+        Ok((
+            Some(files.without_links()),
+            LiveCheck::Changed(format!(
+                "changed on the standby since it was applied ({} file(s) read again)",
+                now.report.files_read
+            )),
+        ))
+    }
 }
 
 /// The manifest of the tree last applied at `live`, if any.
@@ -414,6 +519,24 @@ fn build(
                 dirs.push(entry);
             }
             EntryKind::File { size, chunks } => {
+                if let Some(l) = live_files.filter(|l| l.prefers_links()) {
+                    match l.link(entry, *size, chunks, &path)? {
+                        Attempt::Done(_) => {
+                            // Content and metadata are the live file's: nothing else to set.
+                            report.files += 1;
+                            report.reused += 1;
+                            report.linked += 1;
+                            report.reused_bytes +=
+                                chunks.iter().map(|c| u64::from(c.len)).sum::<u64>();
+                            continue;
+                        }
+                        Attempt::Changed(live_path) => {
+                            tracing::warn!(path = %live_path.display(), "a live file changed on the standby; building it from chunks, the changed copy stays in the replaced tree");
+                            report.changed_live.push(live_path);
+                        }
+                        Attempt::NoCandidate => {}
+                    }
+                }
                 let file = OpenOptions::new()
                     .write(true)
                     .create_new(true)
@@ -421,8 +544,6 @@ fn build(
                     .open(&path)
                     .ctx("creating", &path)?;
                 // An unchanged file of the live tree is cloned or copied rather than rebuilt.
-                // Never hard-linked: the live tree is kept aside after the switch and must not
-                // change along with the new one (see the `reuse` module).
                 let attempt = match live_files {
                     Some(l) => l.fill(*size, chunks, &file)?,
                     None => Attempt::NoCandidate,
@@ -533,6 +654,51 @@ pub fn keep_aside_live(live: &Path, epoch: u64) -> Result<Option<PathBuf>, Volum
     Ok(Some(aside))
 }
 
+/// Whether the tree at `root` has exactly the entries of `manifest`, each of the same kind, size
+/// (regular files), symlink target, mode, owner and mtime. File contents are not read.
+fn matches_by_metadata(root: &Path, manifest: &Manifest) -> bool {
+    let mut seen = 0usize;
+    for entry in &manifest.entries {
+        let path = join(root, &entry.path);
+        let Ok(md) = fs::symlink_metadata(&path) else {
+            return false;
+        };
+        let ft = md.file_type();
+        let kind_ok = match &entry.kind {
+            EntryKind::Dir => ft.is_dir(),
+            EntryKind::File { size, .. } => ft.is_file() && md.len() == *size,
+            EntryKind::HardLink { target } => {
+                ft.is_file()
+                    && fs::symlink_metadata(join(root, target)).is_ok_and(|t| t.ino() == md.ino())
+            }
+            EntryKind::Symlink { target } => {
+                ft.is_symlink()
+                    && fs::read_link(&path)
+                        .is_ok_and(|t| t.as_os_str().as_bytes() == target.as_slice())
+            }
+            EntryKind::Fifo | EntryKind::CharDevice { .. } | EntryKind::BlockDevice { .. } => {
+                !ft.is_dir() && !ft.is_file() && !ft.is_symlink()
+            }
+        };
+        let meta_ok = matches!(entry.kind, EntryKind::HardLink { .. })
+            || (md.uid() == entry.uid
+                && md.gid() == entry.gid
+                && (ft.is_symlink() || md.mode() & 0o7777 == entry.mode)
+                && md.mtime() == entry.mtime_sec
+                && md.mtime_nsec() == i64::from(entry.mtime_nsec));
+        if !kind_ok || !meta_ok {
+            return false;
+        }
+        seen += 1;
+    }
+    // Nothing added: the tree has as many entries as the manifest.
+    let count = walkdir::WalkDir::new(root)
+        .into_iter()
+        .filter(|e| e.is_ok())
+        .count();
+    count == seen
+}
+
 /// What [`prune_previous`] did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PruneReport {
@@ -551,10 +717,10 @@ pub fn select_for_prune(previous: &[u128], keep: usize) -> Vec<u128> {
     sorted.into_iter().skip(keep).collect()
 }
 
-/// Cleans up replaced trees beyond the newest `keep`. Each is captured again and compared with
-/// the manifest it was applied from: only an unchanged tree is deleted. A tree that changed
-/// while it was live holds data the primary never had; it is renamed to a `diverged` name and
-/// reported, never deleted.
+/// Cleans up replaced trees beyond the newest `keep`. A tree is only ever replaced (and named
+/// `prev`) when it was exactly as applied; here each is compared again with the manifest it was
+/// applied from, by metadata (see `matches_by_metadata`), and only an unchanged tree is deleted.
+/// One that changed since is renamed to a `diverged` name and reported, never deleted.
 pub fn prune_previous(live: &Path, keep: usize) -> Result<PruneReport, VolumeError> {
     let names = TreeNames::of(live)?;
     let mut report = PruneReport::default();
@@ -565,19 +731,11 @@ pub fn prune_previous(live: &Path, keep: usize) -> Result<PruneReport, VolumeErr
             Ok(bytes) => Manifest::decode(&bytes).ok(),
             Err(_) => None,
         };
+        // Replaced trees were checked to be exactly as applied when they were replaced (a changed
+        // one is kept aside at once), so a walk comparing names, kinds, sizes, modes, owners and
+        // mtimes with the manifest suffices to notice later edits without reading every file.
         let unchanged = match &recorded {
-            Some(m) => {
-                let opts = CaptureOptions {
-                    chunking: m.chunking,
-                    max_retries: 0,
-                    unstable: UnstablePolicy::Fail,
-                    allow_devices: true,
-                };
-                match capture(&tree, &opts, None) {
-                    Ok(now) => now.manifest.tree_hash()? == m.tree_hash()?,
-                    Err(_) => false,
-                }
-            }
+            Some(m) => matches_by_metadata(&tree, m),
             None => false,
         };
         if unchanged {

@@ -151,6 +151,54 @@ impl CaptureCache {
         postcard::from_bytes(body).ok()
     }
 
+    /// A cache describing a tree that apply built, from its manifest and the identity of each
+    /// file as apply recorded it, so that capturing that tree reads only files changed since.
+    /// `now_ns` is the time the cache counts as its capture's start (for the racy rule).
+    pub(crate) fn from_applied(
+        chunking: ChunkParams,
+        now_ns: i128,
+        files: impl IntoIterator<Item = AppliedFile>,
+    ) -> Self {
+        CaptureCache {
+            started_ns: now_ns,
+            chunking: Some(chunking),
+            files: files
+                .into_iter()
+                .map(|f| {
+                    (
+                        f.path,
+                        CachedFile {
+                            stamp: Stamp {
+                                dev: f.dev,
+                                ino: f.ino,
+                                size: f.size,
+                                mode: f.mode,
+                                mtime_ns: f.mtime_ns,
+                                ctime_ns: f.ctime_ns,
+                            },
+                            xattrs: f.xattrs,
+                            chunks: f.chunks,
+                        },
+                    )
+                })
+                .collect(),
+        }
+    }
+
+    /// Each cached file's path and identity: `(path, dev, ino, size, mtime_ns, ctime_ns)`.
+    pub(crate) fn identities(&self) -> impl Iterator<Item = (&[u8], u64, u64, u64, i128, i128)> {
+        self.files.iter().map(|(p, f)| {
+            (
+                p.as_slice(),
+                f.stamp.dev,
+                f.stamp.ino,
+                f.stamp.size,
+                f.stamp.mtime_ns,
+                f.stamp.ctime_ns,
+            )
+        })
+    }
+
     fn lookup(&self, path: &[u8], stamp: &Stamp, chunking: ChunkParams) -> Option<&CachedFile> {
         if self.chunking != Some(chunking) {
             return None;
@@ -159,6 +207,21 @@ impl CaptureCache {
         (cached.stamp == *stamp && stamp.ctime_ns < self.started_ns - Self::RACY_MARGIN_NS)
             .then_some(cached)
     }
+}
+
+/// One regular file as apply left it, for [`CaptureCache::from_applied`].
+#[derive(Clone, Debug)]
+pub(crate) struct AppliedFile {
+    pub(crate) path: Vec<u8>,
+    pub(crate) dev: u64,
+    pub(crate) ino: u64,
+    pub(crate) size: u64,
+    /// The whole `st_mode`, file type bits included.
+    pub(crate) mode: u32,
+    pub(crate) mtime_ns: i128,
+    pub(crate) ctime_ns: i128,
+    pub(crate) xattrs: Vec<Xattr>,
+    pub(crate) chunks: Vec<ChunkRef>,
 }
 
 /// The first bytes of an encoded capture cache.

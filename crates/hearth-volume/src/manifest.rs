@@ -112,7 +112,7 @@ pub struct ChunkRef {
 }
 
 /// One extended attribute, name and value as raw bytes.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct Xattr {
     /// Full name including its namespace, such as `user.comment`.
     pub name: Vec<u8>,

@@ -8,13 +8,21 @@
 //! changed through the filesystem, because the kernel sets the ctime on every such change and
 //! nobody but the kernel can set it. The stamps file format is in `docs/formats/volume-tree.md`.
 //!
-//! Hard links from the staging tree to the live tree's inodes are never used instead of a
-//! clone or copy: the live tree is kept aside unchanged after the switch (as a `prev` tree that
-//! pruning compares with its manifest), and a shared inode would make it change along with the
-//! new live tree, so a write on the standby would silently alter both snapshots.
+//! A file whose content *and* metadata (mode, owner, mtime, xattrs) are unchanged is hard-linked
+//! from the live tree into the staging tree when the filesystem cannot clone (ext4): copying
+//! every unchanged byte on every sync would make an incremental sync cost as much as a full one.
+//! The replaced tree then shares those inodes with the new live tree, as rsync's `--link-dest`
+//! snapshots do. This is safe because the live tree is checked to be exactly as apply left it
+//! before anything is linked (a tree that changed on the standby is kept aside as diverged, not
+//! linked from), each live file is linked into at most one new path (so no hard link appears that
+//! the primary does not have), and nothing hearth does writes into a linked file: a later write on
+//! the standby to the live file changes the shared inode, which the next apply notices by its
+//! stamp and keeps aside with the tree. What a shared inode gives up is that a replaced (`prev`)
+//! tree no longer stays byte-for-byte what it was if someone writes to the live copy; pruning
+//! then keeps it as diverged instead of deleting it.
 
-use std::cell::Cell;
-use std::collections::HashMap;
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
@@ -22,8 +30,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
+use crate::capture::{AppliedFile, CaptureCache};
 use crate::error::{IoContext, VolumeError};
-use crate::manifest::{ChunkId, ChunkRef, EntryKind, Manifest, TreeHash};
+use crate::manifest::{ChunkId, ChunkRef, Entry, EntryKind, Manifest, TreeHash, Xattr};
 
 const MAGIC: &[u8; 8] = b"HEARTHST";
 const STAMPS_VERSION: u16 = 1;
@@ -60,6 +69,47 @@ impl FileStamp {
         }
     }
 
+    /// The stamp of a file as a capture saw it (see [`CaptureCache::identities`]).
+    pub(crate) fn from_capture(
+        dev: u64,
+        ino: u64,
+        size: u64,
+        mtime_ns: i128,
+        ctime_ns: i128,
+    ) -> Self {
+        let split = |ns: i128| {
+            (
+                i64::try_from(ns.div_euclid(1_000_000_000)).unwrap_or(0),
+                ns.rem_euclid(1_000_000_000) as i64,
+            )
+        };
+        let (mtime_sec, mtime_nsec) = split(mtime_ns);
+        let (ctime_sec, ctime_nsec) = split(ctime_ns);
+        FileStamp {
+            dev,
+            ino,
+            size,
+            mtime_sec,
+            mtime_nsec,
+            ctime_sec,
+            ctime_nsec,
+        }
+    }
+
+    fn applied_file(&self, entry: &Entry, chunks: &[ChunkRef]) -> AppliedFile {
+        AppliedFile {
+            path: entry.path.clone(),
+            dev: self.dev,
+            ino: self.ino,
+            size: self.size,
+            mode: 0o100000 | entry.mode,
+            mtime_ns: i128::from(self.mtime_sec) * 1_000_000_000 + i128::from(self.mtime_nsec),
+            ctime_ns: i128::from(self.ctime_sec) * 1_000_000_000 + i128::from(self.ctime_nsec),
+            xattrs: entry.xattrs.clone(),
+            chunks: chunks.to_vec(),
+        }
+    }
+
     fn ctime(&self) -> Duration {
         let secs = u64::try_from(self.ctime_sec).unwrap_or(0);
         let nanos = u32::try_from(self.ctime_nsec).unwrap_or(0);
@@ -77,6 +127,19 @@ pub(crate) struct AppliedStamps {
 }
 
 impl AppliedStamps {
+    /// The stamps a capture of the tree with hash `tree_hash` recorded (its output cache).
+    pub(crate) fn from_capture(tree_hash: TreeHash, cache: &CaptureCache) -> Self {
+        AppliedStamps {
+            tree_hash: tree_hash.0,
+            files: cache
+                .identities()
+                .map(|(p, dev, ino, size, m, c)| {
+                    (p.to_vec(), FileStamp::from_capture(dev, ino, size, m, c))
+                })
+                .collect(),
+        }
+    }
+
     pub(crate) fn new(tree_hash: TreeHash, files: Vec<(Vec<u8>, FileStamp)>) -> Self {
         AppliedStamps {
             tree_hash: tree_hash.0,
@@ -126,6 +189,38 @@ impl AppliedStamps {
     }
 }
 
+/// A capture cache for the tree applied from `manifest` with `stamps`, so that capturing it
+/// again reads only the files changed since apply left them; `None` when the stamps belong to
+/// another tree.
+pub(crate) fn cache_for(
+    manifest: &Manifest,
+    stamps: &AppliedStamps,
+) -> Result<Option<CaptureCache>, VolumeError> {
+    if manifest.tree_hash()?.0 != stamps.tree_hash {
+        return Ok(None);
+    }
+    let by_path: HashMap<&[u8], &FileStamp> = stamps
+        .files
+        .iter()
+        .map(|(p, s)| (p.as_slice(), s))
+        .collect();
+    let files = manifest.entries.iter().filter_map(|e| match &e.kind {
+        EntryKind::File { chunks, .. } => by_path
+            .get(e.path.as_slice())
+            .map(|s| s.applied_file(e, chunks)),
+        _ => None,
+    });
+    let now_ns = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i128)
+        .unwrap_or(0);
+    Ok(Some(CaptureCache::from_applied(
+        manifest.chunking,
+        now_ns,
+        files,
+    )))
+}
+
 /// Waits until the wall clock has passed `not_before` (a time since the epoch). Usually it
 /// already has, because flushing the staging tree takes longer than the margin.
 pub(crate) fn wait_until(not_before: Duration) {
@@ -151,9 +246,28 @@ fn content_key(size: u64, chunks: &[ChunkRef]) -> ContentKey {
     )
 }
 
+/// The metadata a hard-linked file shares with its live original, which must be equal.
+type MetaKey = (u32, u32, u32, i64, u32, Vec<Xattr>);
+
+/// Live files (path and stamp) by content and metadata: the candidates for a hard link.
+type ByIdentity = HashMap<(ContentKey, MetaKey), Vec<(Vec<u8>, FileStamp)>>;
+
+fn meta_key(e: &Entry) -> MetaKey {
+    (
+        e.mode,
+        e.uid,
+        e.gid,
+        e.mtime_sec,
+        e.mtime_nsec,
+        e.xattrs.clone(),
+    )
+}
+
 /// How a file of the new tree got its data from the live tree.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Reused {
+    /// By a hard link to the live file (content and metadata equal, filesystem cannot clone).
+    Linked,
     /// By `FICLONE`: the new file shares the old one's extents (copy-on-write).
     Cloned,
     /// By copying the data ranges (`copy_file_range`, or reads and writes).
@@ -176,6 +290,10 @@ pub(crate) enum Attempt {
 pub(crate) struct LiveFiles {
     root: PathBuf,
     by_content: HashMap<ContentKey, (Vec<u8>, FileStamp)>,
+    /// Live files by content and metadata, for hard links.
+    by_identity: ByIdentity,
+    /// Live files already linked into the new tree: each at most once.
+    linked: RefCell<HashSet<Vec<u8>>>,
     /// Cleared after the filesystem said it cannot clone, so it is not asked for every file.
     clone_works: Cell<bool>,
     /// Cleared after `copy_file_range` was refused, for the same reason.
@@ -191,6 +309,7 @@ impl LiveFiles {
         stamps: &AppliedStamps,
     ) -> Result<Self, VolumeError> {
         let mut by_content = HashMap::new();
+        let mut by_identity = ByIdentity::new();
         if manifest.tree_hash()?.0 == stamps.tree_hash {
             let by_path: HashMap<&[u8], &FileStamp> = stamps
                 .files
@@ -206,8 +325,13 @@ impl LiveFiles {
                     continue;
                 }
                 if let Some(stamp) = by_path.get(entry.path.as_slice()) {
+                    let key = content_key(*size, chunks);
+                    by_identity
+                        .entry((key.clone(), meta_key(entry)))
+                        .or_default()
+                        .push((entry.path.clone(), **stamp));
                     by_content
-                        .entry(content_key(*size, chunks))
+                        .entry(key)
                         .or_insert_with(|| (entry.path.clone(), **stamp));
                 }
             }
@@ -215,9 +339,56 @@ impl LiveFiles {
         Ok(LiveFiles {
             root: root.to_owned(),
             by_content,
+            by_identity,
+            linked: RefCell::new(HashSet::new()),
             clone_works: Cell::new(true),
             copy_range_works: Cell::new(true),
         })
+    }
+
+    /// The same files, for cloning or copying only: used when the live tree changed on the
+    /// standby, whose inodes must not be shared with the new tree.
+    pub(crate) fn without_links(mut self) -> Self {
+        self.by_identity.clear();
+        self
+    }
+
+    /// Whether hard links are the way to reuse on this filesystem: only where cloning is not
+    /// possible, since a clone gives an independent inode at no cost.
+    pub(crate) fn prefers_links(&self) -> bool {
+        !self.clone_works.get()
+    }
+
+    /// Hard-links an unchanged live file with the same content and metadata as `entry` to
+    /// `dst` (which must not exist). Each live file is linked at most once.
+    pub(crate) fn link(
+        &self,
+        entry: &Entry,
+        size: u64,
+        chunks: &[ChunkRef],
+        dst: &Path,
+    ) -> Result<Attempt, VolumeError> {
+        if chunks.is_empty() {
+            return Ok(Attempt::NoCandidate);
+        }
+        let Some(candidates) = self
+            .by_identity
+            .get(&(content_key(size, chunks), meta_key(entry)))
+        else {
+            return Ok(Attempt::NoCandidate);
+        };
+        let mut linked = self.linked.borrow_mut();
+        let Some((rel, stamp)) = candidates.iter().find(|(p, _)| !linked.contains(p)) else {
+            return Ok(Attempt::NoCandidate);
+        };
+        let path = crate::apply::join(&self.root, rel);
+        match std::fs::symlink_metadata(&path) {
+            Ok(md) if md.is_file() && FileStamp::of(&md) == *stamp => {}
+            _ => return Ok(Attempt::Changed(path)),
+        }
+        std::fs::hard_link(&path, dst).ctx("linking", dst)?;
+        linked.insert(rel.clone());
+        Ok(Attempt::Done(Reused::Linked))
     }
 
     /// Fills the empty file `dst` with the data of content `(size, chunks)` from a live file

@@ -14,7 +14,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 
-use crate::apply::{apply, keep_aside_live, prune_previous, read_live_manifest};
+use crate::apply::{apply_and_prune, keep_aside_live, read_live_manifest};
 use crate::capture::{CaptureOptions, UnstablePolicy, capture};
 use crate::error::VolumeError;
 use crate::manifest::{ChunkId, Manifest};
@@ -594,13 +594,14 @@ impl Session {
                 }
             }
         }
-        let report = {
+        let keep = self.shared.config.keep;
+        let applied = {
             let store = store.clone();
             let m = manifest.clone();
             let l = live.clone();
-            blocking(move || apply(&store, &m, &l)).await
+            blocking(move || apply_and_prune(&store, &m, &l, keep)).await
         };
-        let report = match report {
+        let (report, pruned) = match applied {
             Ok(r) => r,
             // A chunk lost or torn since it was stored (a crash before the store was synced, or
             // a bad disk): ask for the chunks again instead of failing the whole sync.
@@ -619,10 +620,13 @@ impl Session {
         };
         if let Some(aside) = &report.set_aside {
             kept.push(aside.display().to_string());
+            self.st.kept_aside.push(KeptAside {
+                path: aside.display().to_string(),
+                reason: "the replaced tree had changed on the standby".into(),
+                epoch: self.hello.epoch,
+                at_ms: now_ms(),
+            });
         }
-        let keep = self.shared.config.keep;
-        let l = live.clone();
-        let pruned = blocking(move || prune_previous(&l, keep)).await?;
         for d in &pruned.diverged {
             kept.push(d.display().to_string());
             self.st.kept_aside.push(KeptAside {

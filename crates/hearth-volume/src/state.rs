@@ -427,7 +427,13 @@ mod tests {
     fn hello_decisions() {
         use HelloDecision::*;
         // (name, hello, volume configured, epoch seen, accepted with raised epoch or refused)
-        type Case = (&'static str, Hello, bool, u64, Result<Option<u64>, RefusalCode>);
+        type Case = (
+            &'static str,
+            Hello,
+            bool,
+            u64,
+            Result<Option<u64>, RefusalCode>,
+        );
         let cases: Vec<Case> = vec![
             ("first contact", hello(1, 1), true, 0, Ok(Some(1))),
             ("same epoch", hello(1, 4), true, 4, Ok(None)),
