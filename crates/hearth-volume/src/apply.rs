@@ -225,10 +225,6 @@ fn apply_inner(
     keep: Option<usize>,
 ) -> Result<(ApplyReport, PruneReport), VolumeError> {
     manifest.validate()?;
-    let missing = store.missing(manifest);
-    if !missing.is_empty() {
-        return Err(VolumeError::MissingChunks { ids: missing });
-    }
     let names = TreeNames::of(live)?;
     let live = names.live();
     match fs::symlink_metadata(&live) {
@@ -288,6 +284,16 @@ fn apply_inner(
     // switch (a `prev` tree, or kept aside as diverged) and whether its files may be linked. It is
     // checked now, before linking changes the shared inodes' ctimes.
     let (live_files, live_clean) = reusable_files(&names)?;
+    // Every chunk must come from the store or from a live file that holds it (checked now, before
+    // anything is built; each is verified again when it is read).
+    let missing: Vec<_> = store
+        .missing(manifest)
+        .into_iter()
+        .filter(|id| !live_files.as_ref().is_some_and(|l| l.has_chunk(id)))
+        .collect();
+    if !missing.is_empty() {
+        return Err(VolumeError::MissingChunks { ids: missing });
+    }
     File::create(&marker).ctx("creating", &marker)?;
     fs::create_dir(&staging).ctx("creating", &staging)?;
     sync_dir(&names.parent)?;
@@ -560,7 +566,19 @@ fn build(
                             report.changed_live.push(live_path);
                         }
                         for chunk in chunks {
-                            let data = store.get(&chunk.id)?;
+                            let data = match store.get(&chunk.id) {
+                                Ok(d) => d,
+                                // Not stored (the store keeps no chunks between syncs) or
+                                // damaged: an unchanged live file may hold it.
+                                Err(
+                                    e @ (VolumeError::MissingChunks { .. }
+                                    | VolumeError::ChunkMismatch { .. }),
+                                ) => match live_files.and_then(|l| l.read_chunk(&chunk.id)) {
+                                    Some(d) => d,
+                                    None => return Err(e),
+                                },
+                                Err(e) => return Err(e),
+                            };
                             file.write_all_at(&data, chunk.offset)
                                 .ctx("writing", &path)?;
                             report.bytes += data.len() as u64;

@@ -292,6 +292,8 @@ pub(crate) struct LiveFiles {
     by_content: HashMap<ContentKey, (Vec<u8>, FileStamp)>,
     /// Live files by content and metadata, for hard links.
     by_identity: ByIdentity,
+    /// Where each chunk of the live tree is: path, offset, length.
+    chunk_at: HashMap<ChunkId, (Vec<u8>, u64, u32)>,
     /// Live files already linked into the new tree: each at most once.
     linked: RefCell<HashSet<Vec<u8>>>,
     /// Cleared after the filesystem said it cannot clone, so it is not asked for every file.
@@ -310,6 +312,7 @@ impl LiveFiles {
     ) -> Result<Self, VolumeError> {
         let mut by_content = HashMap::new();
         let mut by_identity = ByIdentity::new();
+        let mut chunk_at = HashMap::new();
         if manifest.tree_hash()?.0 == stamps.tree_hash {
             let by_path: HashMap<&[u8], &FileStamp> = stamps
                 .files
@@ -323,6 +326,11 @@ impl LiveFiles {
                 // Nothing to gain for a file without data: it is only a length.
                 if chunks.is_empty() {
                     continue;
+                }
+                for c in chunks {
+                    chunk_at
+                        .entry(c.id)
+                        .or_insert_with(|| (entry.path.clone(), c.offset, c.len));
                 }
                 if let Some(stamp) = by_path.get(entry.path.as_slice()) {
                     let key = content_key(*size, chunks);
@@ -340,10 +348,31 @@ impl LiveFiles {
             root: root.to_owned(),
             by_content,
             by_identity,
+            chunk_at,
             linked: RefCell::new(HashSet::new()),
             clone_works: Cell::new(true),
             copy_range_works: Cell::new(true),
         })
+    }
+
+    /// Whether some live file holds chunk `id` (as of the check before the build).
+    pub(crate) fn has_chunk(&self, id: &ChunkId) -> bool {
+        self.chunk_at.contains_key(id)
+    }
+
+    /// Reads chunk `id` from the live file that holds it; `None` when it is not there any more
+    /// (the bytes are checked against the id, so a file changed since cannot pass wrong data).
+    pub(crate) fn read_chunk(&self, id: &ChunkId) -> Option<Vec<u8>> {
+        let (rel, offset, len) = self.chunk_at.get(id)?;
+        let path = crate::apply::join(&self.root, rel);
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+            .open(&path)
+            .ok()?;
+        let mut buf = vec![0u8; *len as usize];
+        file.read_exact_at(&mut buf, *offset).ok()?;
+        (ChunkId::of(&buf) == *id).then_some(buf)
     }
 
     /// The same files, for cloning or copying only: used when the live tree changed on the

@@ -465,7 +465,8 @@ impl Session {
         let store = self.store()?;
         let manifest = Arc::new(manifest);
         let m = manifest.clone();
-        let missing = blocking(move || Ok(store.missing(&m))).await?;
+        let live = self.live.clone();
+        let missing = blocking(move || wanted_chunks(&store, &m, &live)).await?;
         tracing::info!(volume = %self.hello.volume, tree = %offer.tree_hash, missing = missing.len(), "tree offered");
         self.wanted = missing.iter().copied().collect();
         send_want(wr, &missing).await?;
@@ -606,11 +607,19 @@ impl Session {
             // A chunk lost or torn since it was stored (a crash before the store was synced, or
             // a bad disk): ask for the chunks again instead of failing the whole sync.
             Err(NetError::Volume(
-                VolumeError::MissingChunks { .. } | VolumeError::ChunkMismatch { .. },
+                e @ (VolumeError::MissingChunks { .. } | VolumeError::ChunkMismatch { .. }),
             )) => {
-                let m = manifest.clone();
-                let s = store.clone();
-                let missing = blocking(move || Ok(s.missing(&m))).await?;
+                // Apply names what neither the store nor a live file holds; after a damaged
+                // chunk (moved out of the store when found) the list is worked out again.
+                let missing = match e {
+                    VolumeError::MissingChunks { ids } => ids,
+                    _ => {
+                        let m = manifest.clone();
+                        let s = store.clone();
+                        let l = live.clone();
+                        blocking(move || wanted_chunks(&s, &m, &l)).await?
+                    }
+                };
                 tracing::warn!(volume = %self.hello.volume, missing = missing.len(), "chunks missing at apply; asking for them again");
                 self.wanted = missing.iter().copied().collect();
                 send_want(wr, &missing).await?;
@@ -636,9 +645,10 @@ impl Session {
                 at_ms: now_ms(),
             });
         }
-        let keep_ids = manifest.chunk_ids();
+        // The live tree now holds every chunk it needs; the store keeps nothing between syncs,
+        // so the standby needs room for the volume once (plus replaced trees), not twice.
         let s = store.clone();
-        blocking(move || s.retain(&keep_ids)).await?;
+        blocking(move || s.retain(&HashSet::new())).await?;
         self.st.version = STATE_VERSION;
         self.st.applies += 1;
         self.st.bytes_received += self.bytes;
@@ -708,6 +718,24 @@ impl Session {
         wire::flush(wr).await?;
         Ok(())
     }
+}
+
+/// The chunks of `manifest` the standby must be sent: neither in the store nor in its live tree
+/// (apply takes those from the live files; if one changed meanwhile, apply finds the chunk
+/// missing and it is asked for then).
+fn wanted_chunks(
+    store: &ChunkStore,
+    manifest: &Manifest,
+    live: &std::path::Path,
+) -> Result<Vec<ChunkId>, VolumeError> {
+    let in_live = read_live_manifest(live)?
+        .map(|l| l.chunk_ids())
+        .unwrap_or_default();
+    Ok(store
+        .missing(manifest)
+        .into_iter()
+        .filter(|id| !in_live.contains(id))
+        .collect())
 }
 
 fn live_content(live: &std::path::Path) -> Result<LiveContent, VolumeError> {

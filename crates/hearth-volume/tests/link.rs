@@ -538,3 +538,68 @@ async fn a_tree_from_another_history_is_kept_aside_read_only() {
     );
     sb.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_store_keeps_nothing_and_lost_live_chunks_are_asked_for_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let p_id = Identity::generate().unwrap();
+    let sb = Standby::start(dir.path(), &[&p_id]).await;
+    let cfg = primary(dir.path(), "p", &p_id, sb.target(), 1);
+    let mut x: u64 = 99;
+    let mut random = |n: usize| -> Vec<u8> {
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    };
+    fs::write(cfg.source.join("big"), random(3_000_000)).unwrap();
+    fs::write(cfg.source.join("other"), random(1_000_000)).unwrap();
+    push_once(&cfg, &Metrics::default()).await.unwrap().results[0]
+        .1
+        .as_ref()
+        .unwrap();
+    let store = VolumeDirs::new(&sb.state, "v").chunks().join("chunks");
+    assert_eq!(
+        walk_files(&store),
+        0,
+        "the live tree holds the data; the store keeps none"
+    );
+
+    // A few bytes change in the middle of the big file: only the chunks around them travel,
+    // the rest of the file is read from the standby's live copy.
+    let mut big = fs::read(cfg.source.join("big")).unwrap();
+    big[1_500_000..1_500_010].copy_from_slice(b"0123456789");
+    fs::write(cfg.source.join("big"), &big).unwrap();
+    let r = push_once(&cfg, &Metrics::default()).await.unwrap();
+    let o = outcome(&r);
+    assert_eq!(o.kind, SyncKind::Incremental);
+    assert!(o.bytes_sent < 600_000, "sent {}", o.bytes_sent);
+    common::assert_same_tree(&cfg.source, &sb.live);
+
+    // Behind hearth's back the standby's copy of `other` is damaged; the primary changes `big`
+    // again. The standby did not ask for `other`'s chunks (its live tree had them), finds at
+    // apply that it has not, asks again, and keeps the damaged tree aside.
+    let f = fs::OpenOptions::new()
+        .write(true)
+        .open(sb.live.join("other"))
+        .unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, b"damage", 10).unwrap();
+    drop(f);
+    big[10..20].copy_from_slice(b"abcdefghij");
+    fs::write(cfg.source.join("big"), &big).unwrap();
+    let r = push_once(&cfg, &Metrics::default()).await.unwrap();
+    let o = outcome(&r);
+    // Only the damaged chunk of `other` and the changed chunk of `big` travel.
+    assert!(
+        o.bytes_sent > 0 && o.bytes_sent < 600_000,
+        "sent {}",
+        o.bytes_sent
+    );
+    assert_eq!(o.applied.as_ref().unwrap().kept_aside.len(), 1, "{o:?}");
+    common::assert_same_tree(&cfg.source, &sb.live);
+    sb.stop().await;
+}
