@@ -61,6 +61,10 @@ impl Setup {
     }
 
     fn serve(&self) -> Child {
+        self.serve_with(&[])
+    }
+
+    fn serve_with(&self, extra: &[&str]) -> Child {
         let child = hearth()
             .args(["volume", "serve", "--identity"])
             .arg(self.root.join("sk"))
@@ -70,6 +74,7 @@ impl Setup {
             .args(["--allow", &self.p_id])
             .arg("--volume")
             .arg(format!("data={}", self.live.display()))
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -361,4 +366,87 @@ fn kill_9_either_side_during_transfers() {
     if let Some(mut c) = serve {
         kill9(&mut c);
     }
+}
+
+/// GETs `/metrics` from `port` and returns the body.
+fn scrape(port: u16) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).unwrap();
+    body
+}
+
+/// Polls `cond` for up to `secs` seconds.
+fn eventually(secs: u64, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while Instant::now() < deadline {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    false
+}
+
+#[test]
+fn continuous_push_follows_changes_and_both_sides_serve_metrics() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Setup::new(dir.path());
+    fs::write(s.src.join("a"), b"one").unwrap();
+    let serve_metrics = hearth_testkit::free_port().unwrap();
+    let push_metrics = hearth_testkit::free_port().unwrap();
+    let mut serve = s.serve_with(&["--metrics", &format!("127.0.0.1:{serve_metrics}")]);
+    let mut push = s
+        .push_cmd(&[
+            "--continuous",
+            "--quiet",
+            "300ms",
+            "--metrics",
+            &format!("127.0.0.1:{push_metrics}"),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // The first push happens at once; each change is followed after the quiet period.
+    assert!(eventually(20, || fs::read(s.live.join("a"))
+        .ok()
+        .as_deref()
+        == Some(b"one")));
+    fs::write(s.src.join("a"), b"two").unwrap();
+    fs::create_dir(s.src.join("new")).unwrap();
+    fs::write(s.src.join("new/b"), b"three").unwrap();
+    assert!(
+        eventually(20, || tree(&s.live) == tree(&s.src)),
+        "the standby did not follow the change"
+    );
+    let m = scrape(push_metrics);
+    assert!(m.contains("hearth_volume_syncs_total{"), "{m}");
+    assert!(
+        m.contains("kind=\"full\"") && m.contains("kind=\"incremental\""),
+        "{m}"
+    );
+    assert!(m.contains("hearth_volume_lag_seconds{"), "{m}");
+    let m = scrape(serve_metrics);
+    let applies: u64 = m
+        .lines()
+        .find_map(|l| l.strip_prefix("hearth_volume_applies_total{volume=\"data\"} "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no applies counter in {m}"));
+    assert!(applies >= 2, "{m}");
+    // SIGTERM ends the loop cleanly.
+    let pid = push.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    assert!(eventually(10, || push.try_wait().unwrap().is_some()));
+    assert_eq!(push.wait().unwrap().code(), Some(0));
+    kill9(&mut serve);
 }
