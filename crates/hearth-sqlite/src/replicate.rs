@@ -353,12 +353,22 @@ pub async fn replicate_db(
     // Final flush: capture what is committed and upload it, within the budget.
     let deadline = Instant::now() + opts.shutdown_budget;
     let flush = async {
-        if let Ok(Some(c)) = tokio::task::block_in_place(|| capture.sync(None)) {
+        // A rebase still pending (shutdown came before the first tick, as with `--once`) is
+        // carried out here, or the first image of the database would never be written.
+        if let Ok(Some(c)) = tokio::task::block_in_place(|| capture.sync(rebase.take())) {
             log_captured(&db.path, &c);
+            if c.rebase.is_some() && seed_txid.is_none() {
+                seed_txid = Some(c.txid);
+            }
         }
         let local = list_local_files(capture.meta())?;
         let upto = capture.state().txid;
-        for r in &mut replicas {
+        for (i, r) in replicas.iter_mut().enumerate() {
+            if needs_seed[i]
+                && let Some(seed) = seed_txid
+            {
+                r.seed(&capture.local_file(seed), seed).await?;
+            }
             r.upload(&local, upto).await?;
         }
         Ok::<_, ReplicateError>(())

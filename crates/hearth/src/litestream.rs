@@ -48,14 +48,14 @@ pub fn main(args: Vec<String>) -> ExitCode {
                 Ok(ExitCode::SUCCESS)
             }
             LitestreamCommand::Replicate(a) => {
-                if a.once {
+                if a.force_snapshot || a.enforce_retention {
                     return Err(Failure::Runtime(anyhow::anyhow!(
-                        "-once is not supported by hearth yet; run `hearth sqlite replicate` and stop it with SIGTERM"
+                        "-force-snapshot and -enforce-retention are not supported by hearth; hearth snapshots and enforces retention on its own schedule"
                     )));
                 }
                 let source = Source { config: a.config, no_expand_env: a.no_expand_env, db_and_urls: a.db_and_urls };
                 let exec = a.exec.map(|e| sqlite_shell_words(&e));
-                sqlite::replicate_cmd(&source, false, exec).await
+                sqlite::replicate_cmd(&source, false, exec, a.once).await
             }
             LitestreamCommand::Restore(a) => {
                 let args = RestoreArgs {

@@ -30,6 +30,9 @@ enum SqliteCommand {
         /// Replicate even over a non-empty replica that this database has no history with.
         #[arg(long)]
         force: bool,
+        /// Sync what is committed now to every replica, then exit (Litestream's `-once`).
+        #[arg(long)]
+        once: bool,
     },
     /// Restore a database from its replicas.
     Restore(RestoreArgs),
@@ -137,13 +140,17 @@ pub fn main(args: SqliteArgs) -> ExitCode {
     };
     exit(runtime.block_on(async {
         match args.command {
-            SqliteCommand::Replicate { source, force } => replicate_cmd(&source, force, None).await,
+            SqliteCommand::Replicate {
+                source,
+                force,
+                once,
+            } => replicate_cmd(&source, force, None, once).await,
             SqliteCommand::Restore(r) => restore_cmd(&r).await,
             SqliteCommand::Run {
                 source,
                 force,
                 command,
-            } => replicate_cmd(&source, force, Some(command)).await,
+            } => replicate_cmd(&source, force, Some(command), false).await,
             SqliteCommand::Status { source, json } => status_cmd(&source, json),
         }
     }))
@@ -184,12 +191,27 @@ pub async fn replicate_cmd(
     source: &Source,
     force: bool,
     command: Option<Vec<String>>,
+    once: bool,
 ) -> Result<ExitCode, Failure> {
     let config = load_config(source)?;
     if config.dbs.is_empty() {
         return Err(Failure::Usage(anyhow!(
             "the configuration lists no databases (dbs:)"
         )));
+    }
+    if once {
+        if command.is_some() || config.exec.is_some() {
+            return Err(Failure::Usage(anyhow!(
+                "cannot replicate once and run a command (exec)"
+            )));
+        }
+        // A one-off sync of a database that is not there would succeed at nothing.
+        if let Some(db) = config.dbs.iter().find(|db| !db.path.exists()) {
+            return Err(Failure::Usage(anyhow!(
+                "{} does not exist; nothing to replicate once",
+                db.path.display()
+            )));
+        }
     }
     let command = command.or_else(|| config.exec.as_ref().map(|e| shell_words(e)));
     if command.is_some() {
@@ -215,6 +237,14 @@ pub async fn replicate_cmd(
     }
     let mut opts = ReplicateOptions::from_config(&config, force);
     let (stop_tx, stop_rx) = watch::channel(false);
+    if once {
+        // The one-off sync is the final flush of a replication stopped at once; the user asked
+        // for it, so it is not cut short by the shutdown budget meant for Nomad's kill timeout.
+        opts.shutdown_budget = opts
+            .shutdown_budget
+            .max(std::time::Duration::from_secs(3600));
+        let _ = stop_tx.send(true);
+    }
     // The metrics server lives exactly as long as this command: it stops after replication has flushed.
     let _metrics_server = match &config.addr {
         Some(addr) => {

@@ -372,3 +372,73 @@ fn invoked_as_litestream_it_takes_litestreams_command_lines() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
 }
+
+#[test]
+fn replicate_once_syncs_what_is_committed_and_exits() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("app.db");
+    make_db(&db, 300);
+    let url = format!("file://{}/replica", dir.path().display());
+    // A fresh database: the first image is written and the command exits 0.
+    let out = hearth()
+        .args(["sqlite", "replicate", "--once"])
+        .arg(&db)
+        .arg(&url)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let restored = dir.path().join("restored.db");
+    let out = hearth()
+        .args(["sqlite", "restore", "-o"])
+        .arg(&restored)
+        .arg(&url)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(count(&restored), 300);
+
+    // Litestream's spelling continues the same history.
+    make_db(&db, 200);
+    let out = hearth()
+        .args(["litestream", "replicate", "-once"])
+        .arg(&db)
+        .arg(&url)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::remove_file(&restored).unwrap();
+    let out = hearth()
+        .args(["sqlite", "restore", "-o"])
+        .arg(&restored)
+        .arg(&url)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(count(&restored), 500);
+
+    // A missing database is an error, not a quiet success.
+    let out = hearth()
+        .args(["sqlite", "replicate", "--once"])
+        .arg(dir.path().join("missing.db"))
+        .arg(&url)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("does not exist"));
+}
