@@ -48,6 +48,9 @@ pub fn main(args: Vec<String>) -> ExitCode {
                 Ok(ExitCode::SUCCESS)
             }
             LitestreamCommand::Replicate(a) => {
+                if let Some(level) = &a.log_level {
+                    crate::set_log_level_flag(level);
+                }
                 if a.force_snapshot || a.enforce_retention {
                     return Err(Failure::Runtime(anyhow::anyhow!(
                         "-force-snapshot and -enforce-retention are not supported by hearth; hearth snapshots and enforces retention on its own schedule"

@@ -41,17 +41,66 @@ enum Command {
     Volume(volume::VolumeArgs),
 }
 
-/// Sets up logging to stderr: `RUST_LOG` if set, else `level` (default `info`).
+use tracing_subscriber::{EnvFilter, Registry, layer::Layered, reload};
+
+type LogBase = Layered<reload::Layer<EnvFilter, Registry>, Registry>;
+type LogFormat = Box<dyn tracing_subscriber::Layer<LogBase> + Send + Sync>;
+
+/// The handles that let a configuration file change the log level and format after start-up
+/// (`logging:` in litestream.yml is only known once the file is read).
+static LOG_RELOAD: std::sync::OnceLock<(
+    reload::Handle<EnvFilter, Registry>,
+    reload::Handle<LogFormat, LogBase>,
+)> = std::sync::OnceLock::new();
+
+fn log_filter(level: Option<&str>) -> EnvFilter {
+    EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level.unwrap_or("info")))
+}
+
+fn log_format(json: bool) -> LogFormat {
+    use tracing_subscriber::Layer;
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    if json {
+        fmt.json().boxed()
+    } else {
+        // Colour only on a terminal: logs written to a file or collected by Nomad stay plain text.
+        fmt.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .boxed()
+    }
+}
+
+/// Sets up logging to stderr as text: `RUST_LOG` if set, else `level` (default `info`).
 pub fn init_logging(level: Option<&str>) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level.unwrap_or("info")));
-    // Colour only on a terminal: logs written to a file or collected by Nomad stay plain text.
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(ansi)
-        .try_init();
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let (filter, filter_handle) = reload::Layer::new(log_filter(level));
+    let (format, format_handle) = reload::Layer::new(log_format(false));
+    if tracing_subscriber::registry()
+        .with(filter)
+        .with(format)
+        .try_init()
+        .is_ok()
+    {
+        let _ = LOG_RELOAD.set((filter_handle, format_handle));
+    }
+}
+
+/// A level given on the command line (Litestream's `-log-level`), which wins over the file's.
+static LOG_LEVEL_FLAG: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// Sets the log level from a command-line flag; a configuration file read later cannot change it.
+pub fn set_log_level_flag(level: &str) {
+    let _ = LOG_LEVEL_FLAG.set(level.to_owned());
+    reconfigure_logging(None, false);
+}
+
+/// Switches the log level and format (JSON lines or text), as a configuration file asks.
+pub fn reconfigure_logging(level: Option<&str>, json: bool) {
+    let level = LOG_LEVEL_FLAG.get().map(String::as_str).or(level);
+    if let Some((filter, format)) = LOG_RELOAD.get() {
+        let _ = filter.reload(log_filter(level));
+        let _ = format.reload(log_format(json));
+    }
 }
 
 fn main() -> ExitCode {

@@ -177,6 +177,11 @@ pub fn load_config(source: &Source) -> Result<Config, Failure> {
         Config::load(&path, !source.no_expand_env)
     };
     let config = config.map_err(config_failure)?;
+    // `logging:` of the file: JSON lines and the level take effect from here on. Logs stay on
+    // standard error (hearth's convention) whatever `stderr:` says.
+    if config.log_json || config.log_level.is_some() {
+        crate::reconfigure_logging(config.log_level.as_deref(), config.log_json);
+    }
     for warning in &config.warnings {
         tracing::warn!("{warning}");
     }
