@@ -565,6 +565,7 @@ impl Session {
             let store = store.clone();
             blocking(move || store.sync()).await?;
         }
+        tracing::info!(volume = %self.hello.volume, chunks = self.chunks, bytes = self.bytes, "chunks received and stored; applying");
         let live = self.live.clone();
         let content = {
             let live = live.clone();
