@@ -59,6 +59,9 @@ pub enum VolumeError {
         /// The path relative to the captured root.
         path: PathBuf,
     },
+    /// A btrfs operation failed (the `btrfs` backend).
+    #[error(transparent)]
+    Btrfs(#[from] crate::btrfs::BtrfsError),
     /// The live path cannot be used as a target (for example its parent does not exist).
     #[error("cannot use {} as a volume: {reason}", path.display())]
     BadTarget {
@@ -89,6 +92,7 @@ impl VolumeError {
             | VolumeError::MissingChunks { .. }
             | VolumeError::SourceChanged { .. }
             | VolumeError::ChunkMismatch { .. } => true,
+            VolumeError::Btrfs(e) => e.is_retryable(),
             VolumeError::Unsupported { .. }
             | VolumeError::InvalidManifest(_)
             | VolumeError::BadTarget { .. } => false,

@@ -17,6 +17,7 @@ mod capture;
 mod diff;
 mod durable;
 mod error;
+pub mod link_btrfs;
 mod manifest;
 pub mod metrics;
 pub mod net;

@@ -44,9 +44,23 @@ pub struct Target {
     pub id: PeerId,
 }
 
+/// Which backend replicates a volume.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// `btrfs` when the volume is a btrfs subvolume, else `files`.
+    Auto,
+    /// Content-defined chunks; any filesystem.
+    Files,
+    /// Snapshots and `btrfs send`/`receive`; the volume must be a subvolume and the standby's
+    /// folder on btrfs.
+    Btrfs,
+}
+
 /// How to push one volume.
 #[derive(Clone, Debug)]
 pub struct PushConfig {
+    /// Which backend.
+    pub backend: Backend,
     /// This node's key.
     pub identity: Identity,
     /// The volume's name (as the standbys know it).
@@ -135,6 +149,17 @@ pub async fn push_once(cfg: &PushConfig, metrics: &Metrics) -> Result<PushReport
             ),
         }
         .into());
+    }
+    let btrfs = match cfg.backend {
+        Backend::Files => false,
+        Backend::Btrfs => true,
+        Backend::Auto => {
+            let source = cfg.source.clone();
+            blocking(move || Ok(crate::btrfs::is_subvolume(&source).unwrap_or(false))).await?
+        }
+    };
+    if btrfs {
+        return crate::link_btrfs::push_btrfs(cfg, metrics).await;
     }
     let dirs = VolumeDirs::new(&cfg.state_dir, &cfg.volume);
     let Some(_lock) = VolumeLock::try_acquire(&dirs)? else {
@@ -236,6 +261,7 @@ async fn capture_and_record(
         captured_at_ms,
         bytes: manifest.file_bytes(),
         entries: manifest.entries.len() as u64,
+        snapshot_path: None,
     };
     let tree_path = dirs.tree(&snapshot.tree_hash);
     if !tree_path.exists() {
@@ -275,7 +301,7 @@ fn forget_unneeded_trees(dirs: &VolumeDirs, st: &PrimaryState) -> Result<(), Net
     Ok(())
 }
 
-fn record(
+pub(crate) fn record(
     st: &mut PrimaryState,
     cfg: &PushConfig,
     target: &Target,
@@ -672,6 +698,8 @@ pub struct VerifyReport {
     pub standby: String,
     /// The primary snapshot compared against (the standby's last common one).
     pub expected: Snapshot,
+    /// Its tree hash (for btrfs, of the snapshot captured now).
+    pub expected_tree: Option<TreeHash>,
     /// The tree hash of the standby's copy as captured now; `None` when it holds no tree.
     pub actual: Option<TreeHash>,
     /// Paths that differ (added, removed or changed), at most [`MAX_DIFFERENCES`].
@@ -681,8 +709,7 @@ pub struct VerifyReport {
 impl VerifyReport {
     /// Whether the standby's copy equals the snapshot.
     pub fn equal(&self) -> bool {
-        self.actual
-            .is_some_and(|h| h.to_string() == self.expected.tree_hash)
+        self.actual.is_some_and(|h| Some(h) == self.expected_tree)
     }
 }
 
@@ -705,9 +732,23 @@ pub async fn verify(cfg: &PushConfig, target: &Target) -> Result<VerifyReport, N
                 cfg.volume, target.addr
             ),
         })?;
-    let tree_path = dirs.tree(&expected.tree_hash);
-    let bytes = std::fs::read(&tree_path).map_err(|e| NetError::io("reading", &tree_path, e))?;
-    let ours = Manifest::decode(&bytes)?;
+    let ours = match &expected.snapshot_path {
+        // btrfs: the snapshot is still on disk (pinned); capture it for the comparison.
+        Some(path) => {
+            let path = std::path::PathBuf::from(path);
+            let opts = CaptureOptions {
+                allow_devices: true,
+                ..CaptureOptions::default()
+            };
+            blocking(move || Ok(capture(&path, &opts, None)?.manifest)).await?
+        }
+        None => {
+            let tree_path = dirs.tree(&expected.tree_hash);
+            let bytes =
+                std::fs::read(&tree_path).map_err(|e| NetError::io("reading", &tree_path, e))?;
+            Manifest::decode(&bytes)?
+        }
+    };
     let hello = Hello {
         protocol: PROTOCOL_VERSION,
         volume: cfg.volume.clone(),
@@ -730,6 +771,7 @@ pub async fn verify(cfg: &PushConfig, target: &Target) -> Result<VerifyReport, N
         return Ok(VerifyReport {
             standby: target.addr.clone(),
             expected,
+            expected_tree: Some(ours.tree_hash()?),
             actual: None,
             differences: vec!["(the standby holds no tree)".into()],
         });
@@ -750,6 +792,7 @@ pub async fn verify(cfg: &PushConfig, target: &Target) -> Result<VerifyReport, N
     Ok(VerifyReport {
         standby: target.addr.clone(),
         expected,
+        expected_tree: Some(ours.tree_hash()?),
         actual: Some(theirs.tree_hash()?),
         differences: differing_paths(&ours, &theirs, MAX_DIFFERENCES),
     })

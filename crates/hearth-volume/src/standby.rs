@@ -22,8 +22,8 @@ use crate::metrics::{Metrics, ReasonLabels, VolumeLabels};
 use crate::net::NetError;
 use crate::net::identity::{Identity, PeerId};
 use crate::net::wire::{
-    self, Applied, Hello, LiveTree, MANIFEST_PART, Offer, PROTOCOL_VERSION, Refusal, RefusalCode,
-    Request, Response, WANT_PART, Welcome,
+    self, Applied, BtrfsOffer, Hello, LiveTree, MANIFEST_PART, Offer, PROTOCOL_VERSION, Refusal,
+    RefusalCode, Request, Response, WANT_PART, Welcome,
 };
 use crate::state::{
     self, HelloDecision, KeptAside, LiveAction, LiveContent, LiveRecord, STATE_VERSION,
@@ -250,12 +250,17 @@ async fn connection(
         tracing::info!(volume = %hello.volume, epoch, "raised the volume's epoch");
     }
     let live_tree = current_live(&live, &st).await?;
+    let btrfs_received = {
+        let l = live.clone();
+        blocking(move || crate::link_btrfs::standby_received(&l)).await?
+    };
     send(
         &mut wr,
         &Response::Welcome(Welcome {
             protocol: PROTOCOL_VERSION,
             epoch: st.epoch,
             live: live_tree,
+            btrfs_received,
         }),
     )
     .await?;
@@ -364,6 +369,10 @@ impl Session {
                 Request::Commit => self.commit(wr).await,
                 Request::Verify => self.verify(wr).await,
                 Request::Done => return Ok(()),
+                Request::BtrfsOffer(offer) => self.btrfs_offer(offer, rd, wr).await,
+                Request::StreamPart(_) | Request::StreamEnd { .. } => Err(Stop::Refuse(
+                    Refusal::new(RefusalCode::BadRequest, "a stream without an offer"),
+                )),
                 Request::Hello(_) | Request::ManifestPart(_) => Err(Stop::Refuse(Refusal::new(
                     RefusalCode::BadRequest,
                     "unexpected message",
@@ -686,6 +695,147 @@ impl Session {
         Ok(())
     }
 
+    async fn btrfs_offer<R, W>(
+        &mut self,
+        offer: BtrfsOffer,
+        rd: &mut R,
+        wr: &mut W,
+    ) -> Result<(), Stop>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        use crate::link_btrfs as lb;
+        let live = self.live.clone();
+        let parent_dir = live
+            .parent()
+            .unwrap_or(std::path::Path::new("/"))
+            .to_owned();
+        if !lb::on_btrfs(&parent_dir) {
+            return Err(Stop::Refuse(Refusal::new(
+                RefusalCode::BadRequest,
+                format!(
+                    "volume `{}`: {} is not on btrfs on this standby; push with --backend files",
+                    self.hello.volume,
+                    parent_dir.display()
+                ),
+            )));
+        }
+        let staging = lb::staging_dir(&live);
+        let (received, source) = {
+            let (l, st) = (live.clone(), staging.clone());
+            blocking(move || {
+                std::fs::create_dir_all(&st).map_err(|e| VolumeError::io("creating", &st, e))?;
+                let received = crate::btrfs::received_uuids(&st).map_err(VolumeError::Btrfs)?;
+                Ok((received, lb::live_source(&l)?))
+            })
+            .await?
+        };
+        if let Some(p) = &offer.parent
+            && !received.iter().any(|u| u.eq_ignore_ascii_case(p))
+        {
+            return Err(Stop::Refuse(Refusal::new(
+                RefusalCode::BadRequest,
+                format!("the parent snapshot {p} is not on this standby; a full stream is needed"),
+            )));
+        }
+        let action = lb::decide_btrfs_live(
+            live.exists(),
+            source.as_deref(),
+            offer.parent.as_deref(),
+            &offer.history,
+        );
+        tracing::info!(volume = %self.hello.volume, snapshot = %offer.uuid, parent = ?offer.parent, "receiving a btrfs stream");
+        let (tx, rx) = tokio::io::duplex(4 << 20);
+        let timeout = self.shared.config.timeout;
+        let (received, len) =
+            lb::receive_checked(&staging, rx, lb::feed_stream(tx, rd, timeout)).await?;
+        let epoch = self.hello.epoch;
+        let mut kept = Vec::new();
+        let mut reasons = Vec::new();
+        if let lb::BtrfsLiveAction::KeepAside { reason } = action {
+            let name = aside_name(&live, epoch, "");
+            let l = live.clone();
+            let aside = blocking(move || lb::keep_aside_subvolume(&l, &name)).await?;
+            tracing::warn!(volume = %self.hello.volume, path = %aside.display(), %reason, "kept the standby's subvolume aside, read-only");
+            kept.push(aside.display().to_string());
+            reasons.push(reason);
+        }
+        let keep = self.shared.config.keep.max(1);
+        let report = {
+            let (r, l, name, st) = (
+                received.clone(),
+                live.clone(),
+                aside_name(&live, epoch, ".replaced"),
+                staging.clone(),
+            );
+            blocking(move || {
+                let report =
+                    crate::btrfs::switch_live(&r, &l, &name).map_err(VolumeError::Btrfs)?;
+                // Received snapshots: the newest `keep` stay, and always the one just made live
+                // (the parent of the next incremental stream).
+                let all = crate::btrfs::list_snapshots(&st).map_err(VolumeError::Btrfs)?;
+                let pin: Vec<String> = r.received_uuid.iter().cloned().collect();
+                for d in crate::btrfs::select_for_prune(&all, keep, &pin) {
+                    crate::btrfs::delete_subvolume(&d.path).map_err(VolumeError::Btrfs)?;
+                }
+                Ok(report)
+            })
+            .await?
+        };
+        for r in [&report.replaced, &report.leftover].into_iter().flatten() {
+            if let crate::btrfs::Replaced::KeptAside { path, reason, .. } = r {
+                kept.push(path.display().to_string());
+                reasons.push(reason.to_string());
+            }
+        }
+        for (path, reason) in kept.iter().zip(&reasons) {
+            self.st.kept_aside.push(KeptAside {
+                path: path.clone(),
+                reason: reason.clone(),
+                epoch,
+                at_ms: now_ms(),
+            });
+            self.shared
+                .metrics
+                .kept_aside
+                .get_or_create(&VolumeLabels {
+                    volume: self.hello.volume.clone(),
+                })
+                .inc();
+        }
+        self.st.version = STATE_VERSION;
+        self.st.applies += 1;
+        self.st.bytes_received += len;
+        self.st.live = Some(LiveRecord {
+            tree_hash: offer.uuid.clone(),
+            captured_at_ms: offer.captured_at_ms,
+            applied_at_ms: now_ms(),
+            sender: self.peer.to_string(),
+            epoch,
+        });
+        state::save(&self.dirs.standby(), &self.st)?;
+        let labels = VolumeLabels {
+            volume: self.hello.volume.clone(),
+        };
+        self.shared.metrics.applies.get_or_create(&labels).inc();
+        self.shared
+            .metrics
+            .bytes_received
+            .get_or_create(&labels)
+            .inc_by(len);
+        tracing::info!(volume = %self.hello.volume, snapshot = %offer.uuid, "snapshot applied");
+        send(
+            wr,
+            &Response::BtrfsApplied {
+                uuid: offer.uuid,
+                kept_aside: kept,
+            },
+        )
+        .await?;
+        Ok(())
+    }
+
     async fn verify<W: AsyncWrite + Unpin>(&mut self, wr: &mut W) -> Result<(), Stop> {
         let live = self.live.clone();
         let chunking = {
@@ -694,9 +844,17 @@ impl Session {
                 .await?
                 .map(|m| m.chunking)
         };
-        let Some(chunking) = chunking else {
-            send(wr, &Response::Verifying { manifest_len: None }).await?;
-            return Ok(());
+        // A btrfs volume has no manifest; its tree is captured with the default chunk sizes, as
+        // the primary captures its snapshot for the comparison.
+        let chunking = match chunking {
+            Some(c) => c,
+            None if std::fs::symlink_metadata(&live).is_ok_and(|m| m.is_dir()) => {
+                crate::manifest::ChunkParams::default()
+            }
+            None => {
+                send(wr, &Response::Verifying { manifest_len: None }).await?;
+                return Ok(());
+            }
         };
         // A fresh capture, without cache, so the answer is about the bytes on disk now.
         let opts = CaptureOptions {
@@ -737,6 +895,19 @@ fn wanted_chunks(
         .into_iter()
         .filter(|id| !in_live.contains(id))
         .collect())
+}
+
+/// A name beside `live` for a subvolume kept aside: `.<name>.hearth-diverged.e<epoch>.<ns><suffix>`.
+fn aside_name(live: &std::path::Path, epoch: u64, suffix: &str) -> String {
+    let name = live
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let ns = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!(".{name}.hearth-diverged.e{epoch}.{ns}{suffix}")
 }
 
 fn live_content(live: &std::path::Path) -> Result<LiveContent, VolumeError> {

@@ -46,6 +46,10 @@ pub struct Snapshot {
     pub bytes: u64,
     /// Entries in it.
     pub entries: u64,
+    /// btrfs backend: where the read-only snapshot is on the primary (`tree_hash` then holds the
+    /// snapshot's UUID as `btrfs send` names it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot_path: Option<String>,
 }
 
 /// What the primary knows about one standby.
@@ -86,6 +90,10 @@ pub struct PrimaryState {
     pub history: Vec<Snapshot>,
     /// Standbys by address.
     pub standbys: BTreeMap<String, StandbyRecord>,
+    /// btrfs backend: bytes held only by the snapshots pinned for standbys (exclusive data, from
+    /// `btrfs filesystem du`), as of the last push.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pinned_bytes: Option<u64>,
 }
 
 impl PrimaryState {
@@ -504,6 +512,7 @@ mod tests {
             captured_at_ms: u64::from(n),
             bytes: 0,
             entries: 0,
+            snapshot_path: None,
         };
         let mut st = PrimaryState::default();
         assert!(st.record_snapshot(snap(1), 2).is_empty());

@@ -15,7 +15,7 @@ use hearth_volume::metrics::Metrics;
 use hearth_volume::net::NetError;
 use hearth_volume::net::identity::Identity;
 use hearth_volume::net::wire::{Hello, Offer, PROTOCOL_VERSION, RefusalCode, Request, Response};
-use hearth_volume::primary::{PushConfig, SyncKind, Target, connect, push_once, verify};
+use hearth_volume::primary::{Backend, PushConfig, SyncKind, Target, connect, push_once, verify};
 use hearth_volume::standby::{ServeConfig, serve};
 use hearth_volume::state::{self, StandbyState, VolumeDirs};
 use hearth_volume::{CaptureOptions, Entry, EntryKind, Manifest};
@@ -94,6 +94,7 @@ fn primary(dir: &Path, name: &str, identity: &Identity, target: Target, epoch: u
     let source = dir.join(name).join("src");
     fs::create_dir_all(&source).unwrap();
     PushConfig {
+        backend: Backend::Files,
         identity: identity.clone(),
         volume: "v".into(),
         source,

@@ -9,7 +9,7 @@ use anyhow::{Context, anyhow};
 use clap::{Args, Subcommand};
 use hearth_volume::metrics::Metrics;
 use hearth_volume::net::identity::{Identity, PeerId};
-use hearth_volume::primary::{PushConfig, PushReport, Target, push_once, verify};
+use hearth_volume::primary::{Backend, PushConfig, PushReport, Target, push_once, verify};
 use hearth_volume::schedule::{ChangeWatcher, LoopState, Next, Schedule, next};
 use hearth_volume::standby::{ServeConfig, serve};
 use hearth_volume::state::{self, PrimaryState, StandbyState, VolumeDirs, now_ms};
@@ -112,6 +112,9 @@ struct PushArgs {
     /// This primary's epoch; standbys refuse epochs lower than one they have seen.
     #[arg(long, default_value_t = 1)]
     epoch: u64,
+    /// Backend: `auto` (btrfs when the volume is a btrfs subvolume), `files` or `btrfs`.
+    #[arg(long, value_enum, default_value = "auto")]
+    backend: BackendArg,
     /// Repeat: push at least this often (e.g. 30s, 5m).
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
     every: Option<Duration>,
@@ -133,6 +136,13 @@ struct PushArgs {
     /// Serve Prometheus metrics on this address.
     #[arg(long, value_name = "ADDR")]
     metrics: Option<String>,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum BackendArg {
+    Auto,
+    Files,
+    Btrfs,
 }
 
 pub fn main(args: VolumeArgs) -> ExitCode {
@@ -363,6 +373,11 @@ fn push_config(p: &PushArgs) -> Result<PushConfig, Failure> {
         .map(|s| s.trim().to_owned())
         .unwrap_or_else(|_| "unknown".into());
     Ok(PushConfig {
+        backend: match p.backend {
+            BackendArg::Auto => Backend::Auto,
+            BackendArg::Files => Backend::Files,
+            BackendArg::Btrfs => Backend::Btrfs,
+        },
         identity,
         volume,
         source,
@@ -493,6 +508,7 @@ async fn verify_cmd(
 ) -> Result<ExitCode, Failure> {
     let (name, source) = parse_volume(volume)?;
     let cfg = PushConfig {
+        backend: Backend::Files,
         identity: load_identity(&common.identity)?,
         volume: name,
         source,

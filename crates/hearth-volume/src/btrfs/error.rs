@@ -8,7 +8,9 @@ use std::process::ExitStatus;
 #[derive(Debug, thiserror::Error)]
 pub enum BtrfsError {
     /// The `btrfs` program could not be started at all (not installed, not executable).
-    #[error("cannot run the btrfs tool ({program}): {source}; install btrfs-progs (scripts/install-deps)")]
+    #[error(
+        "cannot run the btrfs tool ({program}): {source}; install btrfs-progs (scripts/install-deps)"
+    )]
     ToolMissing {
         /// The program that was looked for.
         program: String,
@@ -116,6 +118,15 @@ pub enum BtrfsError {
         /// The live path.
         path: PathBuf,
     },
+    /// A name or path given by the caller cannot be used (a snapshot name with a slash, a live path
+    /// without a parent folder).
+    #[error("cannot use {name:?}: {reason}")]
+    InvalidName {
+        /// The name or path.
+        name: String,
+        /// Why not.
+        reason: &'static str,
+    },
     /// The JSON state file next to the live path cannot be read.
     #[error("state file {} is damaged: {reason}", path.display())]
     BadState {
@@ -141,7 +152,9 @@ impl BtrfsError {
                         .iter()
                         .any(|w| stderr.contains(w))
             }
-            BtrfsError::Io { source, .. } | BtrfsError::StreamRead { source } => io_retryable(source),
+            BtrfsError::Io { source, .. } | BtrfsError::StreamRead { source } => {
+                io_retryable(source)
+            }
             BtrfsError::BadStream { .. } | BtrfsError::IncompleteReceive { .. } => true,
             BtrfsError::ToolMissing { .. }
             | BtrfsError::Parse { .. }
@@ -151,6 +164,7 @@ impl BtrfsError {
             | BtrfsError::NotReadOnly { .. }
             | BtrfsError::Exists { .. }
             | BtrfsError::LiveNotSubvolume { .. }
+            | BtrfsError::InvalidName { .. }
             | BtrfsError::BadState { .. } => false,
         }
     }
@@ -210,8 +224,12 @@ mod tests {
             .is_retryable()
         );
         assert!(
-            !BtrfsError::io("reading", "/x", io::Error::from(io::ErrorKind::PermissionDenied))
-                .is_retryable()
+            !BtrfsError::io(
+                "reading",
+                "/x",
+                io::Error::from(io::ErrorKind::PermissionDenied)
+            )
+            .is_retryable()
         );
     }
 
@@ -222,7 +240,12 @@ mod tests {
             nested: vec!["/data/app/db".into(), "/data/app/cache".into()],
         };
         let text = e.to_string();
-        for part in ["/data/app/db", "/data/app/cache", "own volume", "empty folders"] {
+        for part in [
+            "/data/app/db",
+            "/data/app/cache",
+            "own volume",
+            "empty folders",
+        ] {
             assert!(text.contains(part), "{text}");
         }
     }

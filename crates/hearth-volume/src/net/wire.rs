@@ -50,6 +50,34 @@ pub enum Request {
     Verify,
     /// Nothing more to do on this connection.
     Done,
+    /// btrfs backend: a snapshot's send stream follows in [`Request::StreamPart`]s and ends with
+    /// [`Request::StreamEnd`].
+    BtrfsOffer(BtrfsOffer),
+    /// A piece of a `btrfs send` stream.
+    StreamPart(Vec<u8>),
+    /// The stream is complete: its length and BLAKE3 hash, which the standby checks before it
+    /// makes the received snapshot live.
+    StreamEnd {
+        /// Bytes in the stream.
+        len: u64,
+        /// BLAKE3 of the stream.
+        hash: [u8; 32],
+    },
+}
+
+/// A btrfs snapshot on offer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BtrfsOffer {
+    /// The snapshot's identity in the stream (the UUID the standby will record as received UUID).
+    pub uuid: String,
+    /// The parent the stream is relative to (`btrfs send -p`), by the same kind of UUID; `None`
+    /// for a full stream.
+    pub parent: Option<String>,
+    /// Every snapshot the primary holds (same kind of UUID): its history. A standby whose live
+    /// subvolume came from none of them keeps it aside instead of replacing it.
+    pub history: Vec<String>,
+    /// When the primary took the snapshot.
+    pub captured_at_ms: u64,
 }
 
 /// The first message: who is pushing what.
@@ -111,6 +139,13 @@ pub enum Response {
     },
     /// A part of the manifest announced by [`Response::Verifying`].
     ManifestPart(Vec<u8>),
+    /// btrfs backend: the offered snapshot is live.
+    BtrfsApplied {
+        /// The live subvolume's source snapshot (the offered UUID).
+        uuid: String,
+        /// Subvolumes the standby kept aside instead of deleting them.
+        kept_aside: Vec<String>,
+    },
 }
 
 /// The standby's greeting.
@@ -122,6 +157,9 @@ pub struct Welcome {
     pub epoch: u64,
     /// The standby's live tree.
     pub live: Option<LiveTree>,
+    /// When the volume's directory is on btrfs: the received UUIDs of the snapshots the standby
+    /// holds (candidates for the parent of an incremental send). `None` elsewhere.
+    pub btrfs_received: Option<Vec<String>>,
 }
 
 /// A tree a standby holds.

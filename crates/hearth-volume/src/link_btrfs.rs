@@ -1,0 +1,463 @@
+//! The `btrfs` backend on the link: the primary snapshots the volume's subvolume and sends
+//! `btrfs send` streams (incremental from the newest snapshot the standby holds, matched by UUID);
+//! the standby receives them into a staging folder beside the live subvolume and switches a writable
+//! snapshot of the received one in atomically. The local parts (snapshots, send, receive, switch) are
+//! in [`crate::btrfs`]; this module is the exchange and the decisions about history.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+
+use crate::btrfs::{self, BtrfsError, ParentChoice, SubvolInfo};
+use crate::error::VolumeError;
+use crate::metrics::Metrics;
+use crate::net::NetError;
+use crate::net::wire::{self, BtrfsOffer, Hello, PROTOCOL_VERSION, Request, Response};
+use crate::primary::{PushConfig, PushReport, SyncKind, SyncOutcome, Target, connect, record};
+use crate::standby::blocking;
+use crate::state::{self, PrimaryState, STATE_VERSION, Snapshot, VolumeDirs, VolumeLock, now_ms};
+
+/// The magic number `statfs` reports for btrfs.
+const BTRFS_SUPER_MAGIC: i64 = 0x9123_683E;
+
+/// Pieces of a send stream on the wire.
+const STREAM_PART: usize = 1 << 20;
+
+/// Whether `path` is on a btrfs filesystem.
+// `f_type`'s integer type differs between architectures, so the cast stays.
+#[allow(clippy::unnecessary_cast)]
+pub fn on_btrfs(path: &Path) -> bool {
+    rustix::fs::statfs(path).is_ok_and(|s| s.f_type as i64 == BTRFS_SUPER_MAGIC)
+}
+
+/// Where the standby keeps received snapshots of the live subvolume `live`: a hidden folder beside it
+/// (same filesystem, as `btrfs receive` and snapshots need).
+pub fn staging_dir(live: &Path) -> PathBuf {
+    hidden(live, "hearth-received")
+}
+
+/// Where the primary keeps its read-only snapshots of the volume `source`.
+pub fn snapshot_dir(source: &Path) -> PathBuf {
+    hidden(source, "hearth-snapshots")
+}
+
+fn hidden(path: &Path, suffix: &str) -> PathBuf {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    path.parent()
+        .unwrap_or(Path::new("/"))
+        .join(format!(".{name}.{suffix}"))
+}
+
+fn vol(e: BtrfsError) -> NetError {
+    NetError::Volume(VolumeError::Btrfs(e))
+}
+
+/// What the standby does with its live subvolume before a received snapshot replaces it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BtrfsLiveAction {
+    /// Let the switch replace it (it deletes the old subvolume only if hearth made it and it is
+    /// unchanged, and keeps it aside otherwise).
+    Switch,
+    /// Keep it aside first: it did not come from the sender's history.
+    KeepAside {
+        /// Why, for logs and status.
+        reason: String,
+    },
+}
+
+/// Decides about the live subvolume, given the primary snapshot it was made from (`live_source`,
+/// `None` when it was not made from a received snapshot or there is none), the offered parent and
+/// the sender's history. Pure.
+pub fn decide_btrfs_live(
+    live_exists: bool,
+    live_source: Option<&str>,
+    parent: Option<&str>,
+    history: &[String],
+) -> BtrfsLiveAction {
+    if !live_exists {
+        return BtrfsLiveAction::Switch;
+    }
+    match live_source {
+        Some(s)
+            if parent.is_some_and(|p| p.eq_ignore_ascii_case(s))
+                || history.iter().any(|h| h.eq_ignore_ascii_case(s)) =>
+        {
+            BtrfsLiveAction::Switch
+        }
+        Some(s) => BtrfsLiveAction::KeepAside {
+            reason: format!(
+                "the standby's subvolume came from snapshot {s}, which is not in the sender's history"
+            ),
+        },
+        None => BtrfsLiveAction::KeepAside {
+            reason: "the standby's subvolume was not made from a snapshot hearth received".into(),
+        },
+    }
+}
+
+/// The standby's view before a stream: the received UUIDs it holds, cleaning partial receives
+/// first. `None` when the live path's folder is not on btrfs.
+pub fn standby_received(live: &Path) -> Result<Option<Vec<String>>, VolumeError> {
+    let parent = live.parent().unwrap_or(Path::new("/"));
+    if !on_btrfs(parent) {
+        return Ok(None);
+    }
+    let staging = staging_dir(live);
+    if !staging.exists() {
+        // Created by the first receive; a `files` volume on btrfs never gets one.
+        return Ok(Some(Vec::new()));
+    }
+    let cleaned = btrfs::clean_partial_receives(&staging).map_err(VolumeError::Btrfs)?;
+    for c in cleaned {
+        tracing::info!(path = %c.display(), "removed a partial receive");
+    }
+    Ok(Some(
+        btrfs::received_uuids(&staging).map_err(VolumeError::Btrfs)?,
+    ))
+}
+
+/// The primary snapshot the live subvolume at `live` was made from: the received UUID of the
+/// received snapshot it is a writable snapshot of.
+pub fn live_source(live: &Path) -> Result<Option<String>, VolumeError> {
+    if std::fs::symlink_metadata(live).is_err() {
+        return Ok(None);
+    }
+    let info = btrfs::subvolume_info(live).map_err(VolumeError::Btrfs)?;
+    let Some(parent) = info.parent_uuid else {
+        return Ok(None);
+    };
+    let received = btrfs::list_snapshots(&staging_dir(live)).map_err(VolumeError::Btrfs)?;
+    Ok(received
+        .into_iter()
+        .find(|r| r.uuid.eq_ignore_ascii_case(&parent))
+        .and_then(|r| r.received_uuid))
+}
+
+/// Moves the live subvolume aside, read-only, under `name` beside it.
+pub fn keep_aside_subvolume(live: &Path, name: &str) -> Result<PathBuf, VolumeError> {
+    let aside = live.parent().unwrap_or(Path::new("/")).join(name);
+    std::fs::rename(live, &aside).map_err(|e| VolumeError::io("moving aside", live, e))?;
+    btrfs::set_readonly(&aside).map_err(VolumeError::Btrfs)?;
+    crate::durable::sync_parent(&aside).map_err(|e| VolumeError::io("syncing", &aside, e))?;
+    Ok(aside)
+}
+
+/// Receives a stream fed by `next_part` (which returns the stream's pieces and finally its
+/// announced length and hash) into `staging`, and checks it. A damaged or cut stream leaves a
+/// partial subvolume, which the next [`standby_received`] removes; a stream whose hash does not
+/// match has its snapshot deleted (it is hearth's own incoming copy, not user data).
+pub async fn receive_checked<R: AsyncRead + Unpin + Send>(
+    staging: &Path,
+    stream: R,
+    expected: impl std::future::Future<Output = Result<(u64, [u8; 32], u64, [u8; 32]), NetError>>,
+) -> Result<(SubvolInfo, u64), NetError> {
+    let (received, sums) = tokio::join!(btrfs::receive(staging, stream), expected);
+    let (len, hash, got_len, got_hash) = sums?;
+    let received = received.map_err(vol)?;
+    if (len, hash) != (got_len, got_hash) {
+        let path = received.path.clone();
+        let _ = blocking(move || btrfs::delete_subvolume(&path).map_err(VolumeError::Btrfs)).await;
+        return Err(NetError::Protocol(format!(
+            "the send stream arrived with {got_len} bytes and another hash than the {len} announced; the received snapshot was deleted"
+        )));
+    }
+    Ok((received, got_len))
+}
+
+/// Feeds a stream's pieces, read as frames from `rd`, into `tx`, hashing them; returns the
+/// announced and the actual length and hash.
+pub async fn feed_stream<W, R>(
+    mut tx: W,
+    rd: &mut R,
+    timeout: std::time::Duration,
+) -> Result<(u64, [u8; 32], u64, [u8; 32]), NetError>
+where
+    W: tokio::io::AsyncWrite + Unpin,
+    R: AsyncRead + Unpin,
+{
+    let mut hasher = blake3::Hasher::new();
+    let mut got = 0u64;
+    loop {
+        let frame = tokio::time::timeout(timeout, wire::read_frame(rd))
+            .await
+            .map_err(|_| {
+                NetError::Link(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "the primary went silent",
+                ))
+            })??;
+        match frame {
+            Some(Request::StreamPart(bytes)) => {
+                hasher.update(&bytes);
+                got += bytes.len() as u64;
+                // A receive that failed stops reading; the error comes from its side.
+                if tx.write_all(&bytes).await.is_err() {
+                    return Err(NetError::Link(io::Error::new(
+                        io::ErrorKind::BrokenPipe,
+                        "btrfs receive stopped reading",
+                    )));
+                }
+            }
+            Some(Request::StreamEnd { len, hash }) => {
+                tx.shutdown().await.ok();
+                return Ok((len, hash, got, *hasher.finalize().as_bytes()));
+            }
+            Some(other) => {
+                return Err(NetError::Protocol(format!(
+                    "expected a stream part, got {other:?}"
+                )));
+            }
+            None => {
+                return Err(NetError::Link(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the primary closed the connection in the middle of a stream",
+                )));
+            }
+        }
+    }
+}
+
+/// One push of a btrfs volume: snapshot (unless nothing changed since the last one), then each
+/// standby brought to it.
+pub async fn push_btrfs(cfg: &PushConfig, metrics: &Metrics) -> Result<PushReport, NetError> {
+    let dirs = VolumeDirs::new(&cfg.state_dir, &cfg.volume);
+    let Some(_lock) = VolumeLock::try_acquire(&dirs)? else {
+        return Err(VolumeError::BadTarget {
+            path: dirs.lock(),
+            reason: "another hearth process is pushing this volume (its lock is held)".into(),
+        }
+        .into());
+    };
+    let source = cfg.source.clone();
+    let snapdir = snapshot_dir(&cfg.source);
+    let keep = cfg.keep.max(1);
+    let captured_at_ms = now_ms();
+    let name = format!("{}.{captured_at_ms}", cfg.volume);
+    let (snap, local) = {
+        let snapdir = snapdir.clone();
+        blocking(move || {
+            btrfs::check_no_nested(&source).map_err(VolumeError::Btrfs)?;
+            std::fs::create_dir_all(&snapdir)
+                .map_err(|e| VolumeError::io("creating", &snapdir, e))?;
+            let snap =
+                btrfs::take_snapshot(&source, &snapdir, &name).map_err(VolumeError::Btrfs)?;
+            let local = btrfs::list_snapshots(&snapdir).map_err(VolumeError::Btrfs)?;
+            Ok((snap, local))
+        })
+        .await?
+    };
+    let snapshot = Snapshot {
+        tree_hash: snap.send_uuid().to_owned(),
+        captured_at_ms,
+        bytes: 0,
+        entries: 0,
+        snapshot_path: Some(snap.path.display().to_string()),
+    };
+    let history: Vec<String> = local.iter().map(|s| s.send_uuid().to_owned()).collect();
+    let older: Arc<Vec<SubvolInfo>> = Arc::new(
+        local
+            .iter()
+            .filter(|s| s.uuid != snap.uuid)
+            .cloned()
+            .collect(),
+    );
+    let mut tasks = Vec::new();
+    for t in &cfg.targets {
+        let (cfg, t, snap, history, older) = (
+            cfg.clone(),
+            t.clone(),
+            snap.clone(),
+            history.clone(),
+            older.clone(),
+        );
+        tasks.push(async move {
+            let r = sync_btrfs(&cfg, &t, &snap, &history, &older, captured_at_ms).await;
+            (t, r)
+        });
+    }
+    let outcomes = futures::future::join_all(tasks).await;
+    let mut st: PrimaryState = state::load(&dirs.primary())?;
+    st.version = STATE_VERSION;
+    st.record_snapshot(snapshot.clone(), keep);
+    let mut results = Vec::new();
+    for (t, outcome) in outcomes {
+        record(&mut st, cfg, &t, &snapshot, &outcome, metrics);
+        results.push((t.addr.clone(), outcome));
+    }
+    // Retention: the newest `keep` snapshots and each standby's last common one stay.
+    let pinned: Vec<String> = st
+        .standbys
+        .values()
+        .filter_map(|r| r.last_common.as_ref().map(|s| s.tree_hash.clone()))
+        .collect();
+    let (pruned, pinned_bytes) = {
+        let pinned = pinned.clone();
+        blocking(move || {
+            let all = btrfs::list_snapshots(&snapdir).map_err(VolumeError::Btrfs)?;
+            let doomed = btrfs::select_for_prune(&all, keep, &pinned);
+            for d in &doomed {
+                btrfs::delete_subvolume(&d.path).map_err(VolumeError::Btrfs)?;
+            }
+            let pinned_paths: Vec<PathBuf> = all
+                .iter()
+                .filter(|s| pinned.iter().any(|p| p.eq_ignore_ascii_case(s.send_uuid())))
+                .map(|s| s.path.clone())
+                .collect();
+            // Space is informative; a failure to measure it does not fail the push.
+            let bytes = btrfs::exclusive_bytes(&pinned_paths)
+                .ok()
+                .map(|v| v.iter().map(|u| u.exclusive).sum::<u64>());
+            Ok((doomed.len(), bytes))
+        })
+        .await?
+    };
+    if pruned > 0 {
+        tracing::info!(volume = %cfg.volume, pruned, "deleted old snapshots beyond retention");
+    }
+    st.pinned_bytes = pinned_bytes;
+    state::save(&dirs.primary(), &st)?;
+    Ok(PushReport {
+        snapshot,
+        capture: Default::default(),
+        results,
+    })
+}
+
+async fn sync_btrfs(
+    cfg: &PushConfig,
+    target: &Target,
+    snap: &SubvolInfo,
+    history: &[String],
+    older: &[SubvolInfo],
+    captured_at_ms: u64,
+) -> Result<SyncOutcome, NetError> {
+    let started = Instant::now();
+    let hello = Hello {
+        protocol: PROTOCOL_VERSION,
+        volume: cfg.volume.clone(),
+        epoch: cfg.epoch,
+        sender: cfg.sender.clone(),
+    };
+    let (mut link, welcome) = connect(&cfg.identity, target, hello, cfg.timeout).await?;
+    let Some(received) = welcome.btrfs_received else {
+        link.send(&Request::Done).await.ok();
+        return Err(VolumeError::BadTarget {
+            path: cfg.source.clone(),
+            reason: format!(
+                "the standby {} does not keep this volume on btrfs; push with --backend files",
+                target.addr
+            ),
+        }
+        .into());
+    };
+    if received
+        .iter()
+        .any(|u| u.eq_ignore_ascii_case(snap.send_uuid()))
+    {
+        link.send(&Request::Done).await?;
+        return Ok(SyncOutcome {
+            kind: SyncKind::Unchanged,
+            chunks_sent: 0,
+            bytes_sent: 0,
+            applied: None,
+            duration: started.elapsed(),
+        });
+    }
+    let (kind, parent) = match btrfs::choose_parent(older, &received) {
+        ParentChoice::Incremental { parent } => (SyncKind::Incremental, Some(parent)),
+        ParentChoice::Full { reason } => {
+            // Never silent: a full send of a large volume is the expensive case.
+            tracing::warn!(volume = %cfg.volume, standby = %target.addr, %reason, "sending the whole snapshot");
+            (SyncKind::Full, None)
+        }
+    };
+    link.send(&Request::BtrfsOffer(BtrfsOffer {
+        uuid: snap.send_uuid().to_owned(),
+        parent: parent.as_ref().map(|p| p.send_uuid().to_owned()),
+        history: history.to_vec(),
+        captured_at_ms,
+    }))
+    .await?;
+    let mut stream = btrfs::send(snap, parent.as_ref()).map_err(vol)?;
+    let mut hasher = blake3::Hasher::new();
+    let mut len = 0u64;
+    let mut buf = vec![0u8; STREAM_PART];
+    loop {
+        let n = stream
+            .read(&mut buf)
+            .await
+            .map_err(|e| vol(BtrfsError::StreamRead { source: e }))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        len += n as u64;
+        link.queue(&Request::StreamPart(buf[..n].to_vec())).await?;
+    }
+    stream.finish().await.map_err(vol)?;
+    link.send(&Request::StreamEnd {
+        len,
+        hash: *hasher.finalize().as_bytes(),
+    })
+    .await?;
+    match link.recv_within(cfg.timeout * 60).await? {
+        Response::BtrfsApplied { uuid, kept_aside } => {
+            link.send(&Request::Done).await.ok();
+            if uuid != snap.send_uuid() {
+                return Err(NetError::Protocol(format!(
+                    "the standby applied {uuid}, not {}",
+                    snap.send_uuid()
+                )));
+            }
+            tracing::info!(volume = %cfg.volume, standby = %target.addr, kind = kind.as_str(), bytes = len, "standby is in sync");
+            Ok(SyncOutcome {
+                kind,
+                chunks_sent: 0,
+                bytes_sent: len,
+                applied: Some(wire::Applied {
+                    tree_hash: crate::manifest::TreeHash([0; 32]),
+                    unchanged: false,
+                    files: 0,
+                    bytes: len,
+                    reused: 0,
+                    kept_aside,
+                }),
+                duration: started.elapsed(),
+            })
+        }
+        other => Err(NetError::Protocol(format!(
+            "expected BtrfsApplied, got {other:?}"
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn live_decisions() {
+        let h = vec!["a".to_string(), "b".to_string()];
+        let keep = |a: BtrfsLiveAction| matches!(a, BtrfsLiveAction::KeepAside { .. });
+        assert_eq!(
+            decide_btrfs_live(false, None, None, &h),
+            BtrfsLiveAction::Switch
+        );
+        assert_eq!(
+            decide_btrfs_live(true, Some("B"), None, &h),
+            BtrfsLiveAction::Switch
+        );
+        assert_eq!(
+            decide_btrfs_live(true, Some("p"), Some("p"), &h),
+            BtrfsLiveAction::Switch
+        );
+        assert!(keep(decide_btrfs_live(true, Some("z"), Some("a"), &h)));
+        assert!(keep(decide_btrfs_live(true, None, Some("a"), &h)));
+    }
+}
