@@ -476,6 +476,18 @@ pub async fn connect(
     }
 }
 
+async fn within<T>(
+    timeout: Duration,
+    f: impl std::future::Future<Output = Result<T, NetError>>,
+) -> Result<T, NetError> {
+    tokio::time::timeout(timeout, f).await.unwrap_or_else(|_| {
+        Err(NetError::Link(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "the standby stopped taking data",
+        )))
+    })
+}
+
 /// Both halves of a TLS connection to a standby.
 pub struct Link {
     rd: tokio::io::ReadHalf<tokio_rustls::client::TlsStream<TcpStream>>,
@@ -484,13 +496,22 @@ pub struct Link {
 }
 
 impl Link {
+    /// Sends one message and flushes. Like every write here it must finish within the link's
+    /// timeout: a peer that vanished without closing the connection (a cut cable, a partition)
+    /// would otherwise block the write until TCP gives up, many minutes later.
     pub async fn send(&mut self, req: &Request) -> Result<(), NetError> {
-        wire::write_frame(&mut self.wr, req).await?;
-        wire::flush(&mut self.wr).await
+        let timeout = self.timeout;
+        within(timeout, async {
+            wire::write_frame(&mut self.wr, req).await?;
+            wire::flush(&mut self.wr).await
+        })
+        .await
     }
 
+    /// Queues one message without flushing (see [`Link::send`] for the timeout).
     pub async fn queue(&mut self, req: &Request) -> Result<(), NetError> {
-        wire::write_frame(&mut self.wr, req).await
+        let timeout = self.timeout;
+        within(timeout, wire::write_frame(&mut self.wr, req)).await
     }
 
     pub async fn recv_within(&mut self, timeout: Duration) -> Result<Response, NetError> {
