@@ -7,7 +7,6 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::time::Duration;
 
 use hearth_testkit::btrfs::BtrfsLoop;
@@ -19,7 +18,7 @@ use hearth_volume::standby::{ServeConfig, serve};
 use tokio::net::TcpListener;
 
 /// Loop devices are a machine-wide resource: one test at a time.
-static SERIAL: Mutex<()> = Mutex::new(());
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 struct Sides {
     primary: BtrfsLoop,
@@ -145,7 +144,7 @@ fn hidden(dir: &Path, part: &str) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_then_incremental_by_uuid_and_verify() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _serial = SERIAL.lock().await;
     let s = Sides::new().await;
     let big: Vec<u8> = (0..4_000_000u32)
         .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
@@ -182,7 +181,7 @@ async fn full_then_incremental_by_uuid_and_verify() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lost_parent_gives_a_full_send_and_another_history_is_kept_aside() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _serial = SERIAL.lock().await;
     let s = Sides::new().await;
     write(&s.src(), "a", b"one");
     let cfg = s.cfg(1, "p");
@@ -239,7 +238,7 @@ async fn lost_parent_gives_a_full_send_and_another_history_is_kept_aside() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nested_subvolumes_are_refused_with_their_path() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _serial = SERIAL.lock().await;
     let s = Sides::new().await;
     write(&s.src(), "a", b"one");
     s.primary.create_subvolume("vol/inner").unwrap();
