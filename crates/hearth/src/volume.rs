@@ -680,7 +680,7 @@ fn status_cmd(state_dir: &Path, only: Option<&str>, json: bool) -> Result<ExitCo
         println!("volume {}", v.volume);
         if let Some(p) = &v.primary {
             println!(
-                "  primary: {} snapshot(s), newest {}, kept manifests {} bytes",
+                "  primary: {} snapshot(s), newest {}, pinned/kept {} bytes",
                 p.snapshots,
                 p.newest_snapshot
                     .as_ref()
