@@ -44,15 +44,20 @@ struct Setup {
 
 impl Setup {
     fn new(root: &Path) -> Setup {
-        let src = root.join("src");
+        Setup::with_paths(root, root.join("src"), root.join("standby/data"))
+    }
+
+    /// A set-up whose volume is `src` (which must exist or is created) and whose standby copy is
+    /// `live` (its parent is created).
+    fn with_paths(root: &Path, src: PathBuf, live: PathBuf) -> Setup {
         fs::create_dir_all(&src).unwrap();
-        fs::create_dir_all(root.join("standby")).unwrap();
+        fs::create_dir_all(live.parent().unwrap()).unwrap();
         let p_id = keygen(&root.join("pk"));
         let s_id = keygen(&root.join("sk"));
         let port = hearth_testkit::free_port().unwrap();
         Setup {
             root: root.to_owned(),
-            live: root.join("standby/data"),
+            live,
             src,
             p_id,
             s_id,
@@ -262,12 +267,43 @@ fn push_status_verify_and_refusals_from_the_command_line() {
 
 #[test]
 fn kill_9_either_side_during_transfers() {
-    let cycles: usize = std::env::var("HEARTH_VOLUME_CRASH_CYCLES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(40);
     let dir = tempfile::tempdir().unwrap();
     let s = Setup::new(dir.path());
+    kill_cycles(&s, crash_cycles(40));
+}
+
+#[test]
+fn kill_9_either_side_during_btrfs_transfers() {
+    let dir = tempfile::tempdir().unwrap();
+    let primary = hearth_testkit::btrfs::BtrfsLoop::new(1024).unwrap();
+    let standby = hearth_testkit::btrfs::BtrfsLoop::new(1024).unwrap();
+    let src = primary.create_subvolume("vol").unwrap();
+    let s = Setup::with_paths(dir.path(), src, standby.mount().join("data/data"));
+    kill_cycles(&s, crash_cycles(20));
+    // Every push went the btrfs way: the standby holds received snapshots, and no chunk store.
+    assert!(standby.mount().join("data/.data.hearth-received").is_dir());
+    assert!(
+        !dir.path().join("sstate/data/store/chunks").exists()
+            || walkdir::WalkDir::new(dir.path().join("sstate/data/store/chunks"))
+                .into_iter()
+                .filter(|e| e.as_ref().is_ok_and(|e| e.file_type().is_file()))
+                .count()
+                == 0
+    );
+}
+
+/// Cycles from `HEARTH_VOLUME_CRASH_CYCLES`, else `default`.
+fn crash_cycles(default: usize) -> usize {
+    std::env::var("HEARTH_VOLUME_CRASH_CYCLES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Pushes from `s.src` to `s.live` `cycles` times, killing either side with SIGKILL at a random
+/// moment of each push, and checks that the standby always holds one whole version of the primary
+/// and that a final push completes.
+fn kill_cycles(s: &Setup, cycles: usize) {
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
     // About 24 MB in 60 files of random bytes plus small files, so a push takes long enough to
     // be cut in every phase (capture, offer, chunks, apply).
@@ -306,7 +342,7 @@ fn kill_9_either_side_during_transfers() {
         }
         // A standby whose primary died may still be applying the tree it had received in full;
         // wait until it lets go of the volume's lock, then look.
-        let lock = dir.path().join("sstate/data/lock");
+        let lock = s.root.join("sstate/data/lock");
         if lock.exists() {
             let ok = Command::new("flock")
                 .args(["-w", "60"])
