@@ -38,4 +38,4 @@ pub use error::VolumeError;
 pub use manifest::{
     ChunkId, ChunkParams, ChunkRef, Entry, EntryKind, FORMAT_VERSION, Manifest, TreeHash, Xattr,
 };
-pub use store::{ChunkStore, Durability};
+pub use store::{ChunkStore, Durability, VerifiedChunk};

@@ -29,7 +29,7 @@ use crate::state::{
     self, HelloDecision, KeptAside, LiveAction, LiveContent, LiveRecord, STATE_VERSION,
     StandbyState, VolumeDirs, VolumeLock, decide_hello, decide_live, now_ms,
 };
-use crate::store::{ChunkStore, Durability};
+use crate::store::{ChunkStore, Durability, VerifiedChunk};
 
 /// The largest manifest a standby accepts (about ten million files).
 const MAX_MANIFEST: u64 = 2 << 30;
@@ -316,7 +316,7 @@ struct Session {
     store: Option<Arc<ChunkStore>>,
     offer: Option<(Offer, Arc<Manifest>)>,
     wanted: HashSet<ChunkId>,
-    batch: Vec<(ChunkId, Vec<u8>)>,
+    batch: Vec<VerifiedChunk>,
     batch_bytes: usize,
     unsynced: u64,
     chunks: u64,
@@ -490,18 +490,19 @@ impl Session {
                 format!("chunk {id} was not asked for"),
             )));
         }
-        // Checked here as well as in the store, so a bad chunk is refused before it is batched.
-        let actual = ChunkId::of(&data);
-        if actual != id {
-            return Err(Stop::Refuse(Refusal::new(
-                RefusalCode::ChunkMismatch,
-                format!(
-                    "chunk {id} arrived with bytes that hash to {actual}; nothing of it was written"
-                ),
-            )));
-        }
-        self.batch_bytes += data.len();
-        self.batch.push((id, data));
+        // Checked once, here, so a bad chunk is refused before it is batched; the store takes the
+        // checked chunk without hashing it again.
+        let chunk = match VerifiedChunk::new(id, data) {
+            Ok(c) => c,
+            Err(e) => {
+                return Err(Stop::Refuse(Refusal::new(
+                    RefusalCode::ChunkMismatch,
+                    format!("{e}; nothing of it was written"),
+                )));
+            }
+        };
+        self.batch_bytes += chunk.len();
+        self.batch.push(chunk);
         if self.batch_bytes >= PUT_BATCH_BYTES {
             self.put_batch().await?;
         }
@@ -516,7 +517,7 @@ impl Session {
         self.batch_bytes = 0;
         let store = self.store()?;
         let sync = {
-            let n: u64 = batch.iter().map(|(_, d)| d.len() as u64).sum();
+            let n: u64 = batch.iter().map(|c| c.len() as u64).sum();
             self.chunks += batch.len() as u64;
             self.bytes += n;
             self.unsynced += n;
@@ -533,8 +534,8 @@ impl Session {
             self.unsynced = 0;
         }
         blocking(move || {
-            for (id, data) in &batch {
-                store.put(id, data)?;
+            for chunk in &batch {
+                store.put_verified(chunk)?;
             }
             if sync {
                 store.sync()?;
