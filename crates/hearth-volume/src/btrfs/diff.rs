@@ -13,6 +13,7 @@
 //! (a write, a new or removed name, a mode, owner or xattr change) counts as changed.
 
 use std::ffi::OsString;
+use std::io::{Seek, SeekFrom};
 use std::os::unix::ffi::OsStringExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -191,35 +192,25 @@ pub(crate) fn only_access_times_changed(
         source.as_os_str(),
         replaced.as_os_str(),
     ];
-    let mut send = tool::base_command()
+    // The stream goes through an anonymous in-memory file rather than a pipe: `btrfs receive --dump`
+    // stops reading at the end command, and `btrfs send` could then die of SIGPIPE on its last write,
+    // which would read as a failure. Without data the stream is small (about a hundred bytes per changed
+    // file).
+    let fd = rustix::fs::memfd_create("hearth-btrfs-diff", rustix::fs::MemfdFlags::CLOEXEC)
+        .map_err(|e| BtrfsError::io("creating a buffer for", "btrfs send --no-data", e.into()))?;
+    let mut buffer = std::fs::File::from(fd);
+    let for_send = buffer
+        .try_clone()
+        .map_err(|e| BtrfsError::io("duplicating", "btrfs send buffer", e))?;
+    let sent = tool::base_command()
         .args(send_args)
         .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
+        .stdout(Stdio::from(for_send))
+        .output()
         .map_err(|source| BtrfsError::ToolMissing {
             program: tool::BTRFS.into(),
             source,
         })?;
-    let Some(stream) = send.stdout.take() else {
-        let _ = send.kill();
-        let _ = send.wait();
-        return Ok(false);
-    };
-    let dump = tool::base_command()
-        .args(["receive", "--dump"])
-        // A fixed zone, so the printed times are read back exactly.
-        .env("TZ", "UTC0")
-        .stdin(Stdio::from(stream))
-        .stderr(Stdio::null())
-        .output();
-    let sent = send
-        .wait_with_output()
-        .map_err(|e| BtrfsError::io("waiting for", "btrfs send --no-data", e))?;
-    let dump = dump.map_err(|source| BtrfsError::ToolMissing {
-        program: tool::BTRFS.into(),
-        source,
-    })?;
     if !sent.status.success() {
         return Err(BtrfsError::Command {
             command: tool::command_line(&send_args),
@@ -227,6 +218,20 @@ pub(crate) fn only_access_times_changed(
             stderr: String::from_utf8_lossy(&sent.stderr).trim().to_string(),
         });
     }
+    buffer
+        .seek(SeekFrom::Start(0))
+        .map_err(|e| BtrfsError::io("rewinding", "btrfs send buffer", e))?;
+    let dump = tool::base_command()
+        .args(["receive", "--dump"])
+        // A fixed zone, so the printed times are read back exactly.
+        .env("TZ", "UTC0")
+        .stdin(Stdio::from(buffer))
+        .stderr(Stdio::null())
+        .output()
+        .map_err(|source| BtrfsError::ToolMissing {
+            program: tool::BTRFS.into(),
+            source,
+        })?;
     if !dump.status.success() {
         return Ok(false);
     }
@@ -238,7 +243,11 @@ pub(crate) fn only_access_times_changed(
         let Ok(meta) = std::fs::symlink_metadata(source.join(&u.path)) else {
             return Ok(false);
         };
-        if meta.mtime() != u.mtime || meta.ctime() != u.ctime {
+        // The subvolume's root directory is the one renamed in and out by hearth's own exchanges, and a
+        // rename sets the change time of the renamed directory; so its change time is not compared. A
+        // real change in it (a name added or removed, a mode) appears as its own command anyway.
+        let ctime_moved = meta.ctime() != u.ctime && !u.path.as_os_str().is_empty();
+        if meta.mtime() != u.mtime || ctime_moved {
             return Ok(false);
         }
     }

@@ -231,9 +231,12 @@ fn read_only_since(info: &SubvolInfo, staging: &Path) -> bool {
 /// A writable snapshot of `received` is made at the hidden `next` name beside `live` and exchanged with
 /// the live subvolume in one `renameat2(RENAME_EXCHANGE)`, so `live` always holds one whole snapshot.
 /// The replaced subvolume is then deleted if hearth made it and its generation is the one recorded when it
-/// was made; otherwise (changed on this host, or not made by hearth) it is made read-only and renamed to
-/// `diverged_name` in the same folder, and reported. Leftovers of an interrupted earlier switch are
-/// settled the same way (kept ones get `diverged_name` + `.interrupted`). `diverged_name` must not exist.
+/// was made, or if the generation moved only because files were read (access times; checked against the
+/// received snapshot it was made from, looked up in `received`'s folder, the staging folder, so keep that
+/// snapshot until the switch is done); otherwise (changed on this host, or not made by hearth) it is made
+/// read-only and renamed to `diverged_name` in the same folder, and reported. Leftovers of an
+/// interrupted earlier switch are settled the same way (kept ones get `diverged_name` + `.interrupted`).
+/// `diverged_name` must not exist.
 ///
 /// This is blocking work (it runs the btrfs tool and fsyncs); call it from `spawn_blocking`.
 pub fn switch_live(

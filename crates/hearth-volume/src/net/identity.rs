@@ -127,6 +127,20 @@ impl Identity {
         let cert_path = dir.join(CERT_FILE);
         let cert = fs::read(&cert_path).map_err(|e| NetError::io("reading", &cert_path, e))?;
         let key = fs::read(&key_path).map_err(|e| NetError::io("reading", &key_path, e))?;
+        // Like ssh with its keys: a private key others can read is refused, not used.
+        let mode = fs::metadata(&key_path)
+            .map_err(|e| NetError::io("inspecting", &key_path, e))?
+            .permissions();
+        if std::os::unix::fs::PermissionsExt::mode(&mode) & 0o077 != 0 {
+            return Err(NetError::BadIdentity {
+                dir: dir.into(),
+                reason: format!(
+                    "{} can be read by other users; run `chmod 600 {}`",
+                    key_path.display(),
+                    key_path.display()
+                ),
+            });
+        }
         Self::from_pem(&cert, &key, dir)
     }
 
