@@ -142,8 +142,17 @@ pub fn live_source(live: &Path) -> Result<Option<String>, VolumeError> {
 /// Moves the live subvolume aside, read-only, under `name` beside it.
 pub fn keep_aside_subvolume(live: &Path, name: &str) -> Result<PathBuf, VolumeError> {
     let aside = live.parent().unwrap_or(Path::new("/")).join(name);
-    std::fs::rename(live, &aside).map_err(|e| VolumeError::io("moving aside", live, e))?;
-    btrfs::set_readonly(&aside).map_err(VolumeError::Btrfs)?;
+    // Read-only first, so it is never writable under its kept-aside name; the rename never
+    // replaces anything already there.
+    btrfs::set_readonly(live).map_err(VolumeError::Btrfs)?;
+    rustix::fs::renameat_with(
+        rustix::fs::CWD,
+        live,
+        rustix::fs::CWD,
+        &aside,
+        rustix::fs::RenameFlags::NOREPLACE,
+    )
+    .map_err(|e| VolumeError::io("moving aside", live, e.into()))?;
     crate::durable::sync_parent(&aside).map_err(|e| VolumeError::io("syncing", &aside, e))?;
     Ok(aside)
 }
@@ -296,7 +305,7 @@ pub async fn push_btrfs(cfg: &PushConfig, metrics: &Metrics) -> Result<PushRepor
         .values()
         .filter_map(|r| r.last_common.as_ref().map(|s| s.tree_hash.clone()))
         .collect();
-    let (pruned, pinned_bytes) = {
+    let pruned = {
         let pinned = pinned.clone();
         blocking(move || {
             let all = btrfs::list_snapshots(&snapdir).map_err(VolumeError::Btrfs)?;
@@ -304,23 +313,13 @@ pub async fn push_btrfs(cfg: &PushConfig, metrics: &Metrics) -> Result<PushRepor
             for d in &doomed {
                 btrfs::delete_subvolume(&d.path).map_err(VolumeError::Btrfs)?;
             }
-            let pinned_paths: Vec<PathBuf> = all
-                .iter()
-                .filter(|s| pinned.iter().any(|p| p.eq_ignore_ascii_case(s.send_uuid())))
-                .map(|s| s.path.clone())
-                .collect();
-            // Space is informative; a failure to measure it does not fail the push.
-            let bytes = btrfs::exclusive_bytes(&pinned_paths)
-                .ok()
-                .map(|v| v.iter().map(|u| u.exclusive).sum::<u64>());
-            Ok((doomed.len(), bytes))
+            Ok(doomed.len())
         })
         .await?
     };
     if pruned > 0 {
         tracing::info!(volume = %cfg.volume, pruned, "deleted old snapshots beyond retention");
     }
-    st.pinned_bytes = pinned_bytes;
     state::save(&dirs.primary(), &st)?;
     Ok(PushReport {
         snapshot,

@@ -90,10 +90,6 @@ pub struct PrimaryState {
     pub history: Vec<Snapshot>,
     /// Standbys by address.
     pub standbys: BTreeMap<String, StandbyRecord>,
-    /// btrfs backend: bytes held only by the snapshots pinned for standbys (exclusive data, from
-    /// `btrfs filesystem du`), as of the last push.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub pinned_bytes: Option<u64>,
 }
 
 impl PrimaryState {

@@ -572,7 +572,8 @@ struct VolumeStatus {
 struct PrimaryStatus {
     snapshots: usize,
     newest_snapshot: Option<state::Snapshot>,
-    /// Bytes of kept manifests (the files backend pins manifests, not data).
+    /// files backend: bytes of kept manifests (it pins descriptions, not data); btrfs: bytes only
+    /// the pinned snapshots hold.
     pinned_bytes: u64,
     standbys: Vec<StandbyView>,
 }
@@ -630,13 +631,34 @@ fn status_cmd(state_dir: &Path, only: Option<&str>, json: bool) -> Result<ExitCo
         let dirs = VolumeDirs::new(state_dir, &name);
         let primary = if dirs.primary().exists() {
             let st: PrimaryState = state::load(&dirs.primary()).context("read primary state")?;
-            let pinned_bytes = std::fs::read_dir(dirs.trees())
-                .map(|it| {
-                    it.filter_map(|e| e.ok()?.metadata().ok())
-                        .map(|m| m.len())
-                        .sum()
+            // btrfs: the data only the pinned snapshots hold (`btrfs filesystem du`, measured now:
+            // it reads every file's extent map, so only here, not on every push); files: the
+            // kept manifests.
+            let snapshot_paths: Vec<PathBuf> = st
+                .standbys
+                .values()
+                .filter_map(|r| {
+                    r.last_common
+                        .as_ref()?
+                        .snapshot_path
+                        .as_ref()
+                        .map(PathBuf::from)
                 })
-                .unwrap_or(0);
+                .filter(|p| p.exists())
+                .collect();
+            let pinned_bytes = if snapshot_paths.is_empty() {
+                std::fs::read_dir(dirs.trees())
+                    .map(|it| {
+                        it.filter_map(|e| e.ok()?.metadata().ok())
+                            .map(|m| m.len())
+                            .sum()
+                    })
+                    .unwrap_or(0)
+            } else {
+                hearth_volume::btrfs::exclusive_bytes(&snapshot_paths)
+                    .map(|v| v.iter().map(|u| u.exclusive).sum())
+                    .unwrap_or(0)
+            };
             Some(PrimaryStatus {
                 snapshots: st.history.len(),
                 newest_snapshot: st.history.last().cloned(),
