@@ -127,27 +127,14 @@ impl CaptureCache {
         let body = postcard::to_stdvec(self).map_err(|e| {
             VolumeError::InvalidManifest(format!("cannot encode the capture cache: {e}"))
         })?;
-        let mut out = Vec::with_capacity(body.len() + 42);
-        out.extend_from_slice(CACHE_MAGIC);
-        out.extend_from_slice(&CACHE_VERSION.to_le_bytes());
-        out.extend_from_slice(&body);
-        out.extend_from_slice(blake3::hash(&body).as_bytes());
-        Ok(out)
+        Ok(crate::envelope::seal(CACHE_MAGIC, CACHE_VERSION, &body))
     }
 
     /// Decodes a cache written by [`CaptureCache::encode`]; `None` when the bytes are not a
     /// whole cache of this version. The cache is only a speed-up, so a damaged one is dropped,
     /// never trusted.
     pub fn decode(bytes: &[u8]) -> Option<Self> {
-        let rest = bytes.strip_prefix(CACHE_MAGIC.as_slice())?;
-        let (version, rest) = rest.split_first_chunk::<2>()?;
-        if u16::from_le_bytes(*version) != CACHE_VERSION || rest.len() < 32 {
-            return None;
-        }
-        let (body, sum) = rest.split_at(rest.len() - 32);
-        if blake3::hash(body).as_bytes() != sum {
-            return None;
-        }
+        let body = crate::envelope::open(CACHE_MAGIC, CACHE_VERSION, bytes).ok()?;
         postcard::from_bytes(body).ok()
     }
 

@@ -16,6 +16,7 @@ pub mod btrfs;
 mod capture;
 mod diff;
 mod durable;
+mod envelope;
 mod error;
 pub mod link_btrfs;
 mod manifest;

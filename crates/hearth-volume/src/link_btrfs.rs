@@ -18,7 +18,7 @@ use crate::net::NetError;
 use crate::net::wire::{self, BtrfsOffer, Hello, PROTOCOL_VERSION, Request, Response};
 use crate::primary::{PushConfig, PushReport, SyncKind, SyncOutcome, Target, connect, record};
 use crate::standby::blocking;
-use crate::state::{self, PrimaryState, STATE_VERSION, Snapshot, VolumeDirs, VolumeLock, now_ms};
+use crate::state::{self, PrimaryState, STATE_VERSION, Snapshot, VolumeDirs, now_ms};
 
 /// The magic number `statfs` reports for btrfs.
 const BTRFS_SUPER_MAGIC: i64 = 0x9123_683E;
@@ -236,13 +236,7 @@ where
 /// standby brought to it.
 pub async fn push_btrfs(cfg: &PushConfig, metrics: &Metrics) -> Result<PushReport, NetError> {
     let dirs = VolumeDirs::new(&cfg.state_dir, &cfg.volume);
-    let Some(_lock) = VolumeLock::try_acquire(&dirs)? else {
-        return Err(VolumeError::BadTarget {
-            path: dirs.lock(),
-            reason: "another hearth process is pushing this volume (its lock is held)".into(),
-        }
-        .into());
-    };
+    let _lock = crate::primary::lock_for_push(&dirs)?;
     let source = cfg.source.clone();
     let snapdir = snapshot_dir(&cfg.source);
     let keep = cfg.keep.max(1);

@@ -10,6 +10,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+use crate::envelope::{self, EnvelopeError};
 use crate::error::VolumeError;
 
 /// The version written into every manifest; decoders refuse other versions.
@@ -191,37 +192,21 @@ pub struct Manifest {
 impl Manifest {
     /// Encodes the manifest: magic, version, postcard body, BLAKE3 of the body.
     pub fn encode(&self) -> Result<Vec<u8>, VolumeError> {
-        let body = self.body()?;
-        let mut out = Vec::with_capacity(body.len() + 42);
-        out.extend_from_slice(MAGIC);
-        out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
-        out.extend_from_slice(&body);
-        out.extend_from_slice(blake3::hash(&body).as_bytes());
-        Ok(out)
+        Ok(envelope::seal(MAGIC, FORMAT_VERSION, &self.body()?))
     }
 
     /// Decodes and validates an encoded manifest. Anything that breaks the format's rules is an
     /// error, so a decoded manifest is safe to apply.
     pub fn decode(bytes: &[u8]) -> Result<Self, VolumeError> {
         let bad = |m: &str| VolumeError::InvalidManifest(m.to_owned());
-        if bytes.len() < MAGIC.len() + 2 + 32 {
-            return Err(bad("too short"));
-        }
-        let (head, rest) = bytes.split_at(MAGIC.len());
-        if head != MAGIC {
-            return Err(bad("wrong magic bytes"));
-        }
-        let (version, rest) = rest.split_at(2);
-        let version = u16::from_le_bytes([version[0], version[1]]);
-        if version != FORMAT_VERSION {
-            return Err(VolumeError::InvalidManifest(format!(
-                "unsupported version {version}, this build reads {FORMAT_VERSION}"
-            )));
-        }
-        let (body, sum) = rest.split_at(rest.len() - 32);
-        if blake3::hash(body).as_bytes() != sum {
-            return Err(bad("checksum does not match the body"));
-        }
+        let body = envelope::open(MAGIC, FORMAT_VERSION, bytes).map_err(|e| match e {
+            EnvelopeError::TooShort => bad("too short"),
+            EnvelopeError::WrongMagic => bad("wrong magic bytes"),
+            EnvelopeError::Version(v) => VolumeError::InvalidManifest(format!(
+                "unsupported version {v}, this build reads {FORMAT_VERSION}"
+            )),
+            EnvelopeError::Checksum => bad("checksum does not match the body"),
+        })?;
         let manifest: Manifest = postcard::from_bytes(body)
             .map_err(|e| VolumeError::InvalidManifest(format!("cannot decode body: {e}")))?;
         // A canonical body re-encodes to the same bytes; anything else (trailing bytes,

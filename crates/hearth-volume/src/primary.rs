@@ -162,13 +162,7 @@ pub async fn push_once(cfg: &PushConfig, metrics: &Metrics) -> Result<PushReport
         return crate::link_btrfs::push_btrfs(cfg, metrics).await;
     }
     let dirs = VolumeDirs::new(&cfg.state_dir, &cfg.volume);
-    let Some(_lock) = VolumeLock::try_acquire(&dirs)? else {
-        return Err(VolumeError::BadTarget {
-            path: dirs.lock(),
-            reason: "another hearth process is pushing this volume (its lock is held)".into(),
-        }
-        .into());
-    };
+    let _lock = lock_for_push(&dirs)?;
     let started = Instant::now();
     let mut pending: Vec<Target> = cfg.targets.clone();
     let mut results: Vec<(String, Result<SyncOutcome, NetError>)> = Vec::new();
@@ -227,6 +221,17 @@ pub async fn push_once(cfg: &PushConfig, metrics: &Metrics) -> Result<PushReport
         }
         pending = retry;
     }
+}
+
+/// Takes the volume's lock for a push, or says that another push holds it.
+pub(crate) fn lock_for_push(dirs: &VolumeDirs) -> Result<VolumeLock, NetError> {
+    VolumeLock::try_acquire(dirs)?.ok_or_else(|| {
+        VolumeError::BadTarget {
+            path: dirs.lock(),
+            reason: "another hearth process is pushing this volume (its lock is held)".into(),
+        }
+        .into()
+    })
 }
 
 async fn capture_and_record(

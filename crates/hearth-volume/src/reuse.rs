@@ -151,29 +151,13 @@ impl AppliedStamps {
     pub(crate) fn encode(&self) -> Result<Vec<u8>, VolumeError> {
         let body = postcard::to_stdvec(self)
             .map_err(|e| VolumeError::InvalidManifest(format!("cannot encode stamps: {e}")))?;
-        let mut out = Vec::with_capacity(body.len() + 42);
-        out.extend_from_slice(MAGIC);
-        out.extend_from_slice(&STAMPS_VERSION.to_le_bytes());
-        out.extend_from_slice(&body);
-        out.extend_from_slice(blake3::hash(&body).as_bytes());
-        Ok(out)
+        Ok(crate::envelope::seal(MAGIC, STAMPS_VERSION, &body))
     }
 
     /// Decodes a stamps file; `None` for anything damaged or of another version, since stamps
     /// are only a speed-up and a tree without them is simply rebuilt from chunks.
     pub(crate) fn decode(bytes: &[u8]) -> Option<Self> {
-        let rest = bytes.strip_prefix(MAGIC.as_slice())?;
-        if rest.len() < 2 + 32 {
-            return None;
-        }
-        let (version, rest) = rest.split_at(2);
-        if u16::from_le_bytes([version[0], version[1]]) != STAMPS_VERSION {
-            return None;
-        }
-        let (body, sum) = rest.split_at(rest.len() - 32);
-        if blake3::hash(body).as_bytes() != sum {
-            return None;
-        }
+        let body = crate::envelope::open(MAGIC, STAMPS_VERSION, bytes).ok()?;
         postcard::from_bytes(body).ok()
     }
 

@@ -16,29 +16,28 @@ pub fn main(args: Vec<String>) -> ExitCode {
             return ExitCode::from(e.exit_code);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("Error: start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let result = runtime.block_on(async {
+    let Some(result) = crate::block_on("Error", async {
         match command {
             LitestreamCommand::Help(text) => {
                 print!("{text}");
                 Ok(ExitCode::SUCCESS)
             }
             LitestreamCommand::Version { .. } => {
-                println!("hearth {} (litestream 0.5 compatible)", env!("CARGO_PKG_VERSION"));
+                println!(
+                    "hearth {} (litestream 0.5 compatible)",
+                    env!("CARGO_PKG_VERSION")
+                );
                 Ok(ExitCode::SUCCESS)
             }
-            LitestreamCommand::Unsupported { message, .. } => Err(Failure::Runtime(anyhow::anyhow!(message))),
+            LitestreamCommand::Unsupported { message, .. } => {
+                Err(Failure::Runtime(anyhow::anyhow!(message)))
+            }
             LitestreamCommand::Databases(a) => {
-                let source = Source { config: a.config, no_expand_env: a.no_expand_env, db_and_urls: Vec::new() };
+                let source = Source {
+                    config: a.config,
+                    no_expand_env: a.no_expand_env,
+                    db_and_urls: Vec::new(),
+                };
                 let config = sqlite::load_config(&source)?;
                 println!("path\treplicas");
                 for db in &config.dbs {
@@ -56,7 +55,11 @@ pub fn main(args: Vec<String>) -> ExitCode {
                         "-force-snapshot and -enforce-retention are not supported by hearth; hearth snapshots and enforces retention on its own schedule"
                     )));
                 }
-                let source = Source { config: a.config, no_expand_env: a.no_expand_env, db_and_urls: a.db_and_urls };
+                let source = Source {
+                    config: a.config,
+                    no_expand_env: a.no_expand_env,
+                    db_and_urls: a.db_and_urls,
+                };
                 let exec = a.exec.map(|e| sqlite_shell_words(&e));
                 sqlite::replicate_cmd(&source, false, exec, a.once).await
             }
@@ -75,7 +78,9 @@ pub fn main(args: Vec<String>) -> ExitCode {
                 sqlite::restore_cmd(&args).await
             }
         }
-    });
+    }) else {
+        return ExitCode::FAILURE;
+    };
     // Litestream exits 1 for every error, including bad configuration.
     match result {
         Ok(code) => code,

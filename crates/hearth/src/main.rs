@@ -103,6 +103,21 @@ pub fn reconfigure_logging(level: Option<&str>, json: bool) {
     }
 }
 
+/// Runs `f` on a multi-threaded tokio runtime; `None` when the runtime cannot start (said on
+/// stderr, prefixed the way the calling command line prints errors).
+pub fn block_on<T>(prefix: &str, f: impl std::future::Future<Output = T>) -> Option<T> {
+    match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => Some(r.block_on(f)),
+        Err(e) => {
+            eprintln!("{prefix}: start the async runtime: {e}");
+            None
+        }
+    }
+}
+
 fn main() -> ExitCode {
     // Invoked as `litestream` (a symlink or a renamed copy): behave as Litestream's CLI.
     let argv: Vec<String> = std::env::args().collect();

@@ -128,17 +128,7 @@ pub fn exit(result: Result<ExitCode, Failure>) -> ExitCode {
 
 pub fn main(args: SqliteArgs) -> ExitCode {
     crate::init_logging(None);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("error: start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    exit(runtime.block_on(async {
+    let result = crate::block_on("error", async {
         match args.command {
             SqliteCommand::Replicate {
                 source,
@@ -153,7 +143,8 @@ pub fn main(args: SqliteArgs) -> ExitCode {
             } => replicate_cmd(&source, force, Some(command), false).await,
             SqliteCommand::Status { source, json } => status_cmd(&source, json),
         }
-    }))
+    });
+    result.map_or(ExitCode::FAILURE, exit)
 }
 
 fn env(name: &str) -> Option<String> {

@@ -147,17 +147,7 @@ enum BackendArg {
 
 pub fn main(args: VolumeArgs) -> ExitCode {
     crate::init_logging(None);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("error: start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    exit(runtime.block_on(async {
+    let result = crate::block_on("error", async {
         match args.command {
             VolumeCommand::Keygen { identity, print } => keygen(&identity, print),
             VolumeCommand::Serve {
@@ -181,7 +171,8 @@ pub fn main(args: VolumeArgs) -> ExitCode {
                 epoch,
             } => verify_cmd(common, &volume, &to, epoch).await,
         }
-    }))
+    });
+    result.map_or(ExitCode::FAILURE, exit)
 }
 
 fn usage(e: anyhow::Error) -> Failure {
