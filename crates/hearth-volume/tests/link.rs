@@ -6,7 +6,8 @@
 
 mod common;
 
-use std::collections::BTreeMap;
+use common::Standby;
+
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -16,78 +17,20 @@ use hearth_volume::net::NetError;
 use hearth_volume::net::identity::Identity;
 use hearth_volume::net::wire::{Hello, Offer, PROTOCOL_VERSION, RefusalCode, Request, Response};
 use hearth_volume::primary::{Backend, PushConfig, SyncKind, Target, connect, push_once, verify};
-use hearth_volume::standby::{ServeConfig, serve};
-use hearth_volume::state::{self, StandbyState, VolumeDirs};
+use hearth_volume::state::{self, VolumeDirs};
 use hearth_volume::{CaptureOptions, Entry, EntryKind, Manifest};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-struct Standby {
-    addr: String,
-    identity: Identity,
-    live: PathBuf,
-    state: PathBuf,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Standby {
-    async fn start(dir: &Path, allowed: &[&Identity]) -> Standby {
-        let identity = Identity::generate().unwrap();
-        let live = dir.join("standby/data/v");
-        fs::create_dir_all(live.parent().unwrap()).unwrap();
-        let state = dir.join("standby/state");
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap().to_string();
-        let config = ServeConfig {
-            identity: identity.clone(),
-            allowed: allowed.iter().map(|i| i.id()).collect(),
-            volumes: BTreeMap::from([("v".to_string(), live.clone())]),
-            state_dir: state.clone(),
-            keep: 1,
-            timeout: Duration::from_secs(20),
-        };
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            serve(
-                listener,
-                config,
-                Metrics::default(),
-                async {
-                    let _ = stopped.await;
-                },
-                Duration::from_secs(1),
-            )
-            .await
-            .unwrap();
-        });
-        Standby {
-            addr,
-            identity,
-            live,
-            state,
-            stop: Some(stop),
-            task,
-        }
-    }
-
-    fn target(&self) -> Target {
-        Target {
-            addr: self.addr.clone(),
-            id: self.identity.id(),
-        }
-    }
-
-    fn state(&self) -> StandbyState {
-        state::load(&VolumeDirs::new(&self.state, "v").standby()).unwrap()
-    }
-
-    async fn stop(mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        self.task.await.unwrap();
-    }
+/// The in-process standby of these tests: volume `v` at `<dir>/standby/data/v`.
+async fn start_standby(dir: &Path, allowed: &[&Identity]) -> Standby {
+    Standby::start(
+        dir.join("standby/data/v"),
+        dir.join("standby/state"),
+        allowed,
+        1,
+    )
+    .await
 }
 
 fn primary(dir: &Path, name: &str, identity: &Identity, target: Target, epoch: u64) -> PushConfig {
@@ -138,7 +81,7 @@ fn outcome(report: &hearth_volume::primary::PushReport) -> &hearth_volume::prima
 async fn full_incremental_unchanged_and_verify() {
     let dir = tempfile::tempdir().unwrap();
     let p_id = Identity::generate().unwrap();
-    let sb = Standby::start(dir.path(), &[&p_id]).await;
+    let sb = start_standby(dir.path(), &[&p_id]).await;
     let cfg = primary(dir.path(), "p", &p_id, sb.target(), 1);
     fill(&cfg.source, 40, 50_000, 1);
 
@@ -198,7 +141,7 @@ async fn wrong_keys_unknown_volume_and_lower_epoch_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let p_id = Identity::generate().unwrap();
     let stranger = Identity::generate().unwrap();
-    let sb = Standby::start(dir.path(), &[&p_id]).await;
+    let sb = start_standby(dir.path(), &[&p_id]).await;
     let good = primary(dir.path(), "p", &p_id, sb.target(), 5);
     fill(&good.source, 3, 1000, 2);
 
@@ -275,7 +218,7 @@ async fn hello(p_id: &Identity, sb: &Standby, epoch: u64) -> hearth_volume::prim
 async fn paths_outside_the_volume_and_corrupted_chunks_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let p_id = Identity::generate().unwrap();
-    let sb = Standby::start(dir.path(), &[&p_id]).await;
+    let sb = start_standby(dir.path(), &[&p_id]).await;
 
     // A manifest that names a path outside the volume.
     let entry = |path: &[u8], kind| Entry {
@@ -447,7 +390,7 @@ async fn relay(upstream: String, cut_after: usize, flip: bool) -> String {
 async fn a_cut_first_sync_resumes_and_a_tampered_stream_is_rejected() {
     let dir = tempfile::tempdir().unwrap();
     let p_id = Identity::generate().unwrap();
-    let sb = Standby::start(dir.path(), &[&p_id]).await;
+    let sb = start_standby(dir.path(), &[&p_id]).await;
     let mut cfg = primary(dir.path(), "p", &p_id, sb.target(), 1);
     // Random-looking content, so it does not compress or dedupe: about 6 MB.
     let mut x: u64 = 12345;
@@ -493,7 +436,7 @@ async fn a_tree_from_another_history_is_kept_aside_read_only() {
     let dir = tempfile::tempdir().unwrap();
     let a_id = Identity::generate().unwrap();
     let b_id = Identity::generate().unwrap();
-    let sb = Standby::start(dir.path(), &[&a_id, &b_id]).await;
+    let sb = start_standby(dir.path(), &[&a_id, &b_id]).await;
     let a = primary(dir.path(), "a", &a_id, sb.target(), 1);
     fill(&a.source, 5, 3000, 4);
     push_once(&a, &Metrics::default()).await.unwrap().results[0]
@@ -544,7 +487,7 @@ async fn a_tree_from_another_history_is_kept_aside_read_only() {
 async fn the_store_keeps_nothing_and_lost_live_chunks_are_asked_for_again() {
     let dir = tempfile::tempdir().unwrap();
     let p_id = Identity::generate().unwrap();
-    let sb = Standby::start(dir.path(), &[&p_id]).await;
+    let sb = start_standby(dir.path(), &[&p_id]).await;
     let cfg = primary(dir.path(), "p", &p_id, sb.target(), 1);
     let mut x: u64 = 99;
     let mut random = |n: usize| -> Vec<u8> {

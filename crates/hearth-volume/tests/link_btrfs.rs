@@ -4,18 +4,19 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use common::Standby;
 use hearth_testkit::btrfs::BtrfsLoop;
 use hearth_volume::CaptureOptions;
 use hearth_volume::metrics::Metrics;
 use hearth_volume::net::identity::Identity;
-use hearth_volume::primary::{Backend, PushConfig, SyncKind, Target, push_once, verify};
-use hearth_volume::standby::{ServeConfig, serve};
-use tokio::net::TcpListener;
+use hearth_volume::primary::{Backend, PushConfig, SyncKind, push_once, verify};
 
 /// Loop devices are a machine-wide resource: one test at a time.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -24,10 +25,7 @@ struct Sides {
     primary: BtrfsLoop,
     standby: BtrfsLoop,
     p_id: Identity,
-    addr: String,
-    s_id: Identity,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<()>,
+    server: Standby,
     state: tempfile::TempDir,
 }
 
@@ -36,42 +34,15 @@ impl Sides {
         let primary = BtrfsLoop::new(512).unwrap();
         let standby = BtrfsLoop::new(512).unwrap();
         primary.create_subvolume("vol").unwrap();
-        fs::create_dir_all(standby.mount().join("data")).unwrap();
         let p_id = Identity::generate().unwrap();
-        let s_id = Identity::generate().unwrap();
         let state = tempfile::tempdir().unwrap();
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap().to_string();
-        let config = ServeConfig {
-            identity: s_id.clone(),
-            allowed: vec![p_id.id()],
-            volumes: BTreeMap::from([("v".to_string(), standby.mount().join("data/v"))]),
-            state_dir: state.path().join("standby"),
-            keep: 2,
-            timeout: Duration::from_secs(30),
-        };
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            serve(
-                listener,
-                config,
-                Metrics::default(),
-                async {
-                    let _ = stopped.await;
-                },
-                Duration::from_secs(1),
-            )
-            .await
-            .unwrap();
-        });
+        let live = standby.mount().join("data/v");
+        let server = Standby::start(live, state.path().join("standby"), &[&p_id], 2).await;
         Sides {
             primary,
             standby,
             p_id,
-            addr,
-            s_id,
-            stop: Some(stop),
-            task,
+            server,
             state,
         }
     }
@@ -93,21 +64,15 @@ impl Sides {
             state_dir: self.state.path().join(state),
             epoch,
             keep: 2,
-            targets: vec![Target {
-                addr: self.addr.clone(),
-                id: self.s_id.id(),
-            }],
+            targets: vec![self.server.target()],
             timeout: Duration::from_secs(30),
             capture: CaptureOptions::default(),
             sender: "p".into(),
         }
     }
 
-    async fn stop(mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        (&mut self.task).await.unwrap();
+    async fn stop(self) {
+        self.server.stop().await;
     }
 }
 

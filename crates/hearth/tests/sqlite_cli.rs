@@ -379,57 +379,26 @@ fn replicate_once_syncs_what_is_committed_and_exits() {
     let db = dir.path().join("app.db");
     make_db(&db, 300);
     let url = format!("file://{}/replica", dir.path().display());
-    // A fresh database: the first image is written and the command exits 0.
-    let out = hearth()
-        .args(["sqlite", "replicate", "--once"])
-        .arg(&db)
-        .arg(&url)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    // Runs hearth with `args`, then the database and URL, and expects success.
+    let ok = |args: &[&str], db: &Path| {
+        let out = hearth().args(args).arg(db).arg(&url).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
     let restored = dir.path().join("restored.db");
-    let out = hearth()
-        .args(["sqlite", "restore", "-o"])
-        .arg(&restored)
-        .arg(&url)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    // A fresh database: the first image is written and the command exits 0.
+    ok(&["sqlite", "replicate", "--once"], &db);
+    ok(&["sqlite", "restore", "-o"], &restored);
     assert_eq!(count(&restored), 300);
 
     // Litestream's spelling continues the same history.
     make_db(&db, 200);
-    let out = hearth()
-        .args(["litestream", "replicate", "-once"])
-        .arg(&db)
-        .arg(&url)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    ok(&["litestream", "replicate", "-once"], &db);
     std::fs::remove_file(&restored).unwrap();
-    let out = hearth()
-        .args(["sqlite", "restore", "-o"])
-        .arg(&restored)
-        .arg(&url)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    ok(&["sqlite", "restore", "-o"], &restored);
     assert_eq!(count(&restored), 500);
 
     // A missing database is an error, not a quiet success.

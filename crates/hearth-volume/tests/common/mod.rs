@@ -9,6 +9,17 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::Path;
 
+use std::collections::BTreeMap as StandbyVolumes;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use hearth_volume::metrics::Metrics;
+use hearth_volume::net::identity::Identity;
+use hearth_volume::primary::Target;
+use hearth_volume::standby::{ServeConfig, serve};
+use hearth_volume::state::{self, StandbyState, VolumeDirs};
+use tokio::net::TcpListener;
+
 use hearth_volume::{
     ApplyReport, Capture, CaptureCache, CaptureOptions, ChunkStore, Manifest, apply, capture,
     missing_chunks, read_chunk,
@@ -201,4 +212,78 @@ pub fn user_xattrs(dir: &Path) -> (bool, bool) {
     const TMPFS: i64 = 0x0102_1994;
     let must = matches!(st.f_type as i64, EXT4 | TMPFS);
     (ok, must)
+}
+
+/// A standby served in this process on loopback, stopped by [`Standby::stop`].
+pub struct Standby {
+    pub addr: String,
+    pub identity: Identity,
+    pub live: PathBuf,
+    pub state: PathBuf,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Standby {
+    /// Serves volume `v` at `live` (its parent is created), with state in `state`, for the
+    /// primaries in `allowed`, keeping `keep` replaced trees.
+    pub async fn start(
+        live: PathBuf,
+        state: PathBuf,
+        allowed: &[&Identity],
+        keep: usize,
+    ) -> Standby {
+        let identity = Identity::generate().unwrap();
+        fs::create_dir_all(live.parent().unwrap()).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let config = ServeConfig {
+            identity: identity.clone(),
+            allowed: allowed.iter().map(|i| i.id()).collect(),
+            volumes: StandbyVolumes::from([("v".to_string(), live.clone())]),
+            state_dir: state.clone(),
+            keep,
+            timeout: Duration::from_secs(20),
+        };
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            serve(
+                listener,
+                config,
+                Metrics::default(),
+                async {
+                    let _ = stopped.await;
+                },
+                Duration::from_secs(1),
+            )
+            .await
+            .unwrap();
+        });
+        Standby {
+            addr,
+            identity,
+            live,
+            state,
+            stop: Some(stop),
+            task,
+        }
+    }
+
+    pub fn target(&self) -> Target {
+        Target {
+            addr: self.addr.clone(),
+            id: self.identity.id(),
+        }
+    }
+
+    pub fn state(&self) -> StandbyState {
+        state::load(&VolumeDirs::new(&self.state, "v").standby()).unwrap()
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        self.task.await.unwrap();
+    }
 }
