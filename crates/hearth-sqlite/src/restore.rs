@@ -35,6 +35,9 @@ pub struct RestoreOptions {
     pub if_replica_exists: bool,
     /// Downloads in flight at once.
     pub parallelism: usize,
+    /// Only work out the plan (which replica, which files) and write nothing (Litestream's
+    /// `-dry-run`).
+    pub dry_run: bool,
     /// Told as downloaded bytes reach the decoder and after each applied file; the binary draws a progress
     /// bar with it on a terminal.
     pub progress: Option<Progress>,
@@ -58,6 +61,13 @@ pub enum RestoreOutcome {
     DatabaseExists,
     /// `if_replica_exists` and every replica is reachable and empty.
     NoReplica,
+    /// `dry_run`: what a restore would fetch; nothing was written.
+    Planned {
+        /// The replica it would use.
+        replica: String,
+        /// The files it would apply, in order.
+        files: Vec<FileInfo>,
+    },
 }
 
 /// Details of a finished restore.
@@ -170,6 +180,12 @@ pub async fn restore(
     let mut last_err = None;
     for (r, store, layout, files) in &reachable {
         match plan::restore_plan(files, opts.target) {
+            Ok(plan) if opts.dry_run => {
+                return Ok(RestoreOutcome::Planned {
+                    replica: r.name.clone(),
+                    files: plan,
+                });
+            }
             Ok(plan) => {
                 return apply_plan(r, store, *layout, &plan, opts, Tuning::default())
                     .await
@@ -1244,6 +1260,7 @@ mod tests {
 
         fn options(&self, name: &str) -> RestoreOptions {
             RestoreOptions {
+                dry_run: false,
                 target: Target::Latest,
                 output: self.dir.path().join(name),
                 if_db_not_exists: false,

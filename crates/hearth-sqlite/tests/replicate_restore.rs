@@ -66,6 +66,7 @@ async fn assert_latest_restore_equals(db: &Path, replica_dir: &Path) {
 
 fn restore_opts(output: PathBuf, target: Target) -> RestoreOptions {
     RestoreOptions {
+        dry_run: false,
         target,
         output,
         if_db_not_exists: false,

@@ -29,6 +29,7 @@ fn replica(garage: &Garage, url: &str, secret: &str) -> ReplicaConfig {
 
 fn restore_opts(output: &Path) -> RestoreOptions {
     RestoreOptions {
+        dry_run: false,
         target: Target::Latest,
         output: output.to_path_buf(),
         if_db_not_exists: false,

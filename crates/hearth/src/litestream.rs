@@ -73,6 +73,7 @@ pub fn main(args: Vec<String>) -> ExitCode {
                     if_db_not_exists: a.if_db_not_exists,
                     if_replica_exists: a.if_replica_exists,
                     parallelism: a.parallelism.unwrap_or(8),
+                    dry_run: a.dry_run,
                     target: a.target.clone(),
                 };
                 sqlite::restore_cmd(&args).await

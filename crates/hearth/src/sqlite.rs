@@ -93,6 +93,9 @@ pub struct RestoreArgs {
     /// Downloads in flight at once.
     #[arg(long, default_value_t = 8)]
     pub parallelism: usize,
+    /// Print which replica and files a restore would use, and write nothing.
+    #[arg(long)]
+    pub dry_run: bool,
     /// The database path (as in the config) or a replica URL.
     pub target: String,
 }
@@ -218,6 +221,7 @@ pub async fn replicate_cmd(
                 continue;
             }
             let opts = RestoreOptions {
+                dry_run: false,
                 target: Target::Latest,
                 output: db.path.clone(),
                 if_db_not_exists: true,
@@ -436,6 +440,7 @@ pub async fn restore_cmd(args: &RestoreArgs) -> Result<ExitCode, Failure> {
         ))
     })?;
     let opts = RestoreOptions {
+        dry_run: args.dry_run,
         target,
         output: output.clone(),
         if_db_not_exists: args.if_db_not_exists,
@@ -443,7 +448,7 @@ pub async fn restore_cmd(args: &RestoreArgs) -> Result<ExitCode, Failure> {
         parallelism: args.parallelism,
         progress: progress_bar(),
     };
-    if !args.if_db_not_exists && output.exists() {
+    if !args.if_db_not_exists && !args.dry_run && output.exists() {
         return Err(Failure::Runtime(anyhow!(
             "{} already exists; hearth never overwrites a database: move it away, or pass -if-db-not-exists",
             output.display()
@@ -508,6 +513,26 @@ fn report_restore(output: &Path, outcome: &RestoreOutcome) {
             "hearth: no backup exists yet for {}; nothing restored",
             output.display()
         ),
+        RestoreOutcome::Planned { replica, files } => {
+            // On stdout, like Litestream's plan: it is the command's answer, not a log line.
+            println!("Restore plan:");
+            println!("  target: {}", output.display());
+            println!("  replica: {replica}");
+            if let (Some(first), Some(last)) = (files.first(), files.last()) {
+                println!(
+                    "  txid range: {:016x} - {:016x}",
+                    first.min_txid, last.max_txid
+                );
+            }
+            println!();
+            println!("level\tmin_txid\tmax_txid\tsize");
+            for f in files {
+                println!(
+                    "{}\t{:016x}\t{:016x}\t{}",
+                    f.level, f.min_txid, f.max_txid, f.size
+                );
+            }
+        }
     }
 }
 

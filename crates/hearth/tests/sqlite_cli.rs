@@ -438,3 +438,57 @@ fn logging_type_json_in_the_config_gives_json_lines() {
         assert!(v["level"].is_string() && v["fields"].is_object(), "{line}");
     }
 }
+
+#[test]
+fn restore_dry_run_prints_the_plan_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("app.db");
+    make_db(&db, 50);
+    let url = format!("file://{}/replica", dir.path().display());
+    let out = hearth()
+        .args(["sqlite", "replicate", "--once"])
+        .arg(&db)
+        .arg(&url)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let target = dir.path().join("never.db");
+    for args in [
+        vec!["sqlite", "restore", "--dry-run", "-o"],
+        vec!["litestream", "restore", "-dry-run", "-o"],
+    ] {
+        let out = hearth()
+            .args(&args)
+            .arg(&target)
+            .arg(&url)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let plan = String::from_utf8_lossy(&out.stdout);
+        assert!(plan.starts_with("Restore plan:"), "{plan}");
+        assert!(plan.contains("replica: file"), "{plan}");
+        // One line per file to fetch, the first starting at TXID 1.
+        assert!(plan.contains("\t0000000000000001\t"), "{plan}");
+        assert!(!target.exists(), "a dry run writes nothing");
+    }
+    // An existing output is no reason to refuse a dry run (nothing is written to it).
+    let out = hearth()
+        .args(["sqlite", "restore", "--dry-run", "-o"])
+        .arg(&db)
+        .arg(&url)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
