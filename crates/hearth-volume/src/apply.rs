@@ -202,7 +202,7 @@ pub fn apply(
     manifest: &Manifest,
     live: &Path,
 ) -> Result<ApplyReport, VolumeError> {
-    apply_inner(store, manifest, live, None).map(|(report, _)| report)
+    apply_inner(store, manifest, live, None, None).map(|(report, _)| report)
 }
 
 /// [`apply`], and [`prune_previous`] so that `keep` replaced trees remain once the new tree is
@@ -214,8 +214,19 @@ pub fn apply_and_prune(
     manifest: &Manifest,
     live: &Path,
     keep: usize,
+    keep_live_aside: Option<SetAside>,
 ) -> Result<(ApplyReport, PruneReport), VolumeError> {
-    apply_inner(store, manifest, live, Some(keep))
+    apply_inner(store, manifest, live, Some(keep), keep_live_aside)
+}
+
+/// Why the live tree must be kept aside at the switch even if it is unchanged (the standby
+/// decided it is not part of the sender's history), and the sender's epoch for its name.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SetAside {
+    /// The sender's epoch: the kept tree is named `.<name>.hearth-diverged.e<epoch>.<ns>`.
+    pub epoch: u64,
+    /// Why, for the log.
+    pub reason: String,
 }
 
 fn apply_inner(
@@ -223,6 +234,7 @@ fn apply_inner(
     manifest: &Manifest,
     live: &Path,
     keep: Option<usize>,
+    keep_live_aside: Option<SetAside>,
 ) -> Result<(ApplyReport, PruneReport), VolumeError> {
     manifest.validate()?;
     let names = TreeNames::of(live)?;
@@ -284,6 +296,15 @@ fn apply_inner(
     // switch (a `prev` tree, or kept aside as diverged) and whether its files may be linked. It is
     // checked now, before linking changes the shared inodes' ctimes.
     let (live_files, live_clean) = reusable_files(&names)?;
+    // A tree from another history is kept aside like a changed one: at the switch, so the live
+    // path is never empty, and without hard links into it.
+    let (live_files, live_clean) = match &keep_live_aside {
+        Some(aside) if exists(&live) => (
+            live_files.map(LiveFiles::without_links),
+            LiveCheck::Changed(aside.reason.clone()),
+        ),
+        _ => (live_files, live_clean),
+    };
     // Every chunk must come from the store or from a live file that holds it (checked now, before
     // anything is built; each is verified again when it is read).
     let missing: Vec<_> = store
@@ -358,9 +379,18 @@ fn apply_inner(
                 report.previous = Some(prev);
             }
             LiveCheck::Changed(reason) => {
-                // Data the primary never had: kept under a name pruning never deletes.
-                let aside = names.diverged(ns);
+                // Data the primary never had: kept under a name pruning never deletes, with its
+                // top directory read-only so nothing is added to it by mistake.
+                let aside = match &keep_live_aside {
+                    Some(a) => names.diverged_at(a.epoch, ns),
+                    None => names.diverged(ns),
+                };
                 fs::rename(&staging, &aside).ctx("moving the old tree to", &aside)?;
+                let mode = fs::symlink_metadata(&aside)
+                    .ctx("inspecting", &aside)?
+                    .mode();
+                fs::set_permissions(&aside, fs::Permissions::from_mode(mode & 0o7555))
+                    .ctx("making read-only", &aside)?;
                 if exists(&live_manifest) {
                     let mut to = aside.clone().into_os_string();
                     to.push(".manifest");
@@ -638,38 +668,6 @@ fn build(
         set_path_meta(&join(staging, &entry.path), entry, false)?;
     }
     Ok(())
-}
-
-/// Moves the live tree aside, read-only, before a tree from another history replaces it: to
-/// [`TreeNames::diverged_at`], with its manifest (if any) beside it as `<aside>.manifest`.
-/// Nothing in the tree is changed except the top directory's write bits, which are cleared so that
-/// nobody adds to it by mistake. Returns where it went; `None` when there is no live tree.
-pub fn keep_aside_live(live: &Path, epoch: u64) -> Result<Option<PathBuf>, VolumeError> {
-    let names = TreeNames::of(live)?;
-    let live = names.live();
-    if !exists(&live) {
-        return Ok(None);
-    }
-    let aside = names.diverged_at(epoch, now_ns());
-    fs::rename(&live, &aside).ctx("moving aside", &live)?;
-    let manifest = names.live_manifest();
-    if exists(&manifest) {
-        let mut to = aside.clone().into_os_string();
-        to.push(".manifest");
-        fs::rename(&manifest, &to).ctx("moving aside", &manifest)?;
-    }
-    // The stamps describe files of the tree just moved; without them no apply reuses its files.
-    let stamps = names.live_stamps();
-    if exists(&stamps) {
-        fs::remove_file(&stamps).ctx("removing", &stamps)?;
-    }
-    let mode = fs::symlink_metadata(&aside)
-        .ctx("inspecting", &aside)?
-        .mode();
-    fs::set_permissions(&aside, fs::Permissions::from_mode(mode & 0o7555))
-        .ctx("making read-only", &aside)?;
-    sync_dir(&names.parent)?;
-    Ok(Some(aside))
 }
 
 /// Whether the tree at `root` has exactly the entries of `manifest`, each of the same kind, size

@@ -30,7 +30,7 @@ pub mod state;
 mod store;
 
 pub use apply::{
-    ApplyReport, PruneReport, TreeNames, apply, apply_and_prune, keep_aside_live, prune_previous,
+    ApplyReport, PruneReport, SetAside, TreeNames, apply, apply_and_prune, prune_previous,
     read_live_manifest, select_for_prune,
 };
 pub use capture::{Capture, CaptureCache, CaptureOptions, CaptureReport, UnstablePolicy, capture};

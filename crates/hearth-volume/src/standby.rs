@@ -14,7 +14,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 
-use crate::apply::{apply_and_prune, keep_aside_live, read_live_manifest};
+use crate::apply::{SetAside, apply_and_prune, read_live_manifest};
 use crate::capture::{CaptureOptions, UnstablePolicy, capture};
 use crate::error::VolumeError;
 use crate::manifest::{ChunkId, Manifest};
@@ -582,36 +582,22 @@ impl Session {
             blocking(move || live_content(&live)).await?
         };
         let mut kept = Vec::new();
-        match decide_live(&content, &offer.tree_hash, offer.parent.as_ref()) {
-            LiveAction::Unchanged | LiveAction::Replace => {}
-            LiveAction::KeepAside { reason } => {
-                let epoch = self.hello.epoch;
-                let l = live.clone();
-                if let Some(aside) = blocking(move || keep_aside_live(&l, epoch)).await? {
-                    tracing::warn!(volume = %self.hello.volume, path = %aside.display(), %reason, "kept the standby's tree aside, read-only");
-                    self.shared
-                        .metrics
-                        .kept_aside
-                        .get_or_create(&VolumeLabels {
-                            volume: self.hello.volume.clone(),
-                        })
-                        .inc();
-                    self.st.kept_aside.push(KeptAside {
-                        path: aside.display().to_string(),
-                        reason,
-                        epoch,
-                        at_ms: now_ms(),
-                    });
-                    kept.push(aside.display().to_string());
-                }
-            }
-        }
+        // A tree from another history is kept aside by apply itself, at the switch, so the live
+        // path never stands empty (and an apply that fails leaves it as it was).
+        let set_aside = match decide_live(&content, &offer.tree_hash, offer.parent.as_ref()) {
+            LiveAction::Unchanged | LiveAction::Replace => None,
+            LiveAction::KeepAside { reason } => Some(SetAside {
+                epoch: self.hello.epoch,
+                reason,
+            }),
+        };
+        let aside_reason = set_aside.as_ref().map(|a| a.reason.clone());
         let keep = self.shared.config.keep;
         let applied = {
             let store = store.clone();
             let m = manifest.clone();
             let l = live.clone();
-            blocking(move || apply_and_prune(&store, &m, &l, keep)).await
+            blocking(move || apply_and_prune(&store, &m, &l, keep, set_aside)).await
         };
         let (report, pruned) = match applied {
             Ok(r) => r,
@@ -639,10 +625,20 @@ impl Session {
             Err(e) => return Err(e.into()),
         };
         if let Some(aside) = &report.set_aside {
+            let reason = aside_reason
+                .unwrap_or_else(|| "the replaced tree had changed on the standby".into());
+            tracing::warn!(volume = %self.hello.volume, path = %aside.display(), %reason, "kept the standby's tree aside, read-only");
+            self.shared
+                .metrics
+                .kept_aside
+                .get_or_create(&VolumeLabels {
+                    volume: self.hello.volume.clone(),
+                })
+                .inc();
             kept.push(aside.display().to_string());
             self.st.kept_aside.push(KeptAside {
                 path: aside.display().to_string(),
-                reason: "the replaced tree had changed on the standby".into(),
+                reason,
                 epoch: self.hello.epoch,
                 at_ms: now_ms(),
             });
