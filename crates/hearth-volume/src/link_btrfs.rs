@@ -139,24 +139,6 @@ pub fn live_source(live: &Path) -> Result<Option<String>, VolumeError> {
         .and_then(|r| r.received_uuid))
 }
 
-/// Moves the live subvolume aside, read-only, under `name` beside it.
-pub fn keep_aside_subvolume(live: &Path, name: &str) -> Result<PathBuf, VolumeError> {
-    let aside = live.parent().unwrap_or(Path::new("/")).join(name);
-    // Read-only first, so it is never writable under its kept-aside name; the rename never
-    // replaces anything already there.
-    btrfs::set_readonly(live).map_err(VolumeError::Btrfs)?;
-    rustix::fs::renameat_with(
-        rustix::fs::CWD,
-        live,
-        rustix::fs::CWD,
-        &aside,
-        rustix::fs::RenameFlags::NOREPLACE,
-    )
-    .map_err(|e| VolumeError::io("moving aside", live, e.into()))?;
-    crate::durable::sync_parent(&aside).map_err(|e| VolumeError::io("syncing", &aside, e))?;
-    Ok(aside)
-}
-
 /// Receives a stream fed by `next_part` (which returns the stream's pieces and finally its
 /// announced length and hash) into `staging`, and checks it. A damaged or cut stream leaves a
 /// partial subvolume, which the next [`standby_received`] removes; a stream whose hash does not

@@ -750,25 +750,28 @@ impl Session {
         let epoch = self.hello.epoch;
         let mut kept = Vec::new();
         let mut reasons = Vec::new();
-        if let lb::BtrfsLiveAction::KeepAside { reason } = action {
-            let name = aside_name(&live, epoch, "");
-            let l = live.clone();
-            let aside = blocking(move || lb::keep_aside_subvolume(&l, &name)).await?;
-            tracing::warn!(volume = %self.hello.volume, path = %aside.display(), %reason, "kept the standby's subvolume aside, read-only");
-            kept.push(aside.display().to_string());
-            reasons.push(reason);
-        }
+        // A subvolume from outside the sender's history is kept aside by the switch itself, so
+        // the live path never stands empty.
+        let history_reason = match action {
+            lb::BtrfsLiveAction::KeepAside { reason } => Some(reason),
+            lb::BtrfsLiveAction::Switch => None,
+        };
+        let keep_replaced = history_reason.is_some();
         let keep = self.shared.config.keep.max(1);
         let report = {
             let (r, l, name, st) = (
                 received.clone(),
                 live.clone(),
-                aside_name(&live, epoch, ".replaced"),
+                aside_name(&live, epoch, ""),
                 staging.clone(),
             );
             blocking(move || {
-                let report =
-                    crate::btrfs::switch_live(&r, &l, &name).map_err(VolumeError::Btrfs)?;
+                let report = if keep_replaced {
+                    crate::btrfs::switch_live_keeping_replaced(&r, &l, &name)
+                } else {
+                    crate::btrfs::switch_live(&r, &l, &name)
+                }
+                .map_err(VolumeError::Btrfs)?;
                 // Received snapshots: the newest `keep` stay, and always the one just made live
                 // (the parent of the next incremental stream).
                 let all = crate::btrfs::list_snapshots(&st).map_err(VolumeError::Btrfs)?;
@@ -780,10 +783,19 @@ impl Session {
             })
             .await?
         };
-        for r in [&report.replaced, &report.leftover].into_iter().flatten() {
-            if let crate::btrfs::Replaced::KeptAside { path, reason, .. } = r {
+        if let (Some(reason), Some(crate::btrfs::Replaced::KeptAside { path, .. })) =
+            (&history_reason, &report.replaced)
+        {
+            tracing::warn!(volume = %self.hello.volume, path = %path.display(), %reason, "kept the standby's subvolume aside, read-only");
+        }
+        for (i, r) in [&report.replaced, &report.leftover].into_iter().enumerate() {
+            if let Some(crate::btrfs::Replaced::KeptAside { path, reason, .. }) = r {
                 kept.push(path.display().to_string());
-                reasons.push(reason.to_string());
+                // The replaced subvolume's reason is the history check's when that decided.
+                reasons.push(match (&history_reason, i) {
+                    (Some(h), 0) => h.clone(),
+                    _ => reason.to_string(),
+                });
             }
         }
         for (path, reason) in kept.iter().zip(&reasons) {

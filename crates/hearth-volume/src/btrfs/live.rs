@@ -244,6 +244,26 @@ pub fn switch_live(
     live: &Path,
     diverged_name: &str,
 ) -> Result<SwitchReport, BtrfsError> {
+    switch_live_inner(received, live, diverged_name, false)
+}
+
+/// [`switch_live`], but the replaced subvolume is kept aside read-only whatever its state: the
+/// caller found it is not part of the sender's history. Keeping it aside at the exchange (not
+/// before) means the live path never stands empty, even if making the new copy fails.
+pub fn switch_live_keeping_replaced(
+    received: &SubvolInfo,
+    live: &Path,
+    diverged_name: &str,
+) -> Result<SwitchReport, BtrfsError> {
+    switch_live_inner(received, live, diverged_name, true)
+}
+
+fn switch_live_inner(
+    received: &SubvolInfo,
+    live: &Path,
+    diverged_name: &str,
+    keep_replaced: bool,
+) -> Result<SwitchReport, BtrfsError> {
     tool::check_name(diverged_name)?;
     if !received.readonly || received.received_uuid.is_none() {
         return Err(BtrfsError::IncompleteReceive {
@@ -319,7 +339,12 @@ pub fn switch_live(
     write_state(&names.state, &state)?;
 
     let replaced = if live_exists {
-        let records: Vec<&LiveRecord> = state.previous.iter().collect();
+        // Without records, the replaced subvolume counts as not made by hearth: kept aside.
+        let records: Vec<&LiveRecord> = if keep_replaced {
+            Vec::new()
+        } else {
+            state.previous.iter().collect()
+        };
         let fate = settle(&names.next, &aside, &records, staging)?;
         state.previous = None;
         write_state(&names.state, &state)?;

@@ -19,7 +19,7 @@ mod stream;
 mod tool;
 
 pub use error::BtrfsError;
-pub use live::{LiveNames, Replaced, SwitchReport, switch_live};
+pub use live::{LiveNames, Replaced, SwitchReport, switch_live, switch_live_keeping_replaced};
 pub use plan::{
     FullReason, KeepReason, LiveRecord, ParentChoice, ReplacedAction, choose_parent,
     decide_replaced, select_for_prune,
