@@ -269,6 +269,7 @@ pub async fn push_btrfs(cfg: &PushConfig, metrics: &Metrics) -> Result<PushRepor
     let outcomes = futures::future::join_all(tasks).await;
     let mut st: PrimaryState = state::load(&dirs.primary())?;
     st.version = STATE_VERSION;
+    st.epoch = cfg.epoch;
     st.record_snapshot(snapshot.clone(), keep);
     let mut results = Vec::new();
     for (t, outcome) in outcomes {

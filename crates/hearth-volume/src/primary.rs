@@ -191,6 +191,7 @@ pub async fn push_once(cfg: &PushConfig, metrics: &Metrics) -> Result<PushReport
         let outcomes = futures::future::join_all(tasks).await;
         let mut st: PrimaryState = state::load(&dirs.primary())?;
         st.version = STATE_VERSION;
+        st.epoch = cfg.epoch;
         let mut retry = Vec::new();
         for (target, outcome) in outcomes {
             record(&mut st, cfg, &target, &snapshot, &outcome, metrics);

@@ -90,6 +90,9 @@ pub struct PrimaryState {
     pub history: Vec<Snapshot>,
     /// Standbys by address.
     pub standbys: BTreeMap<String, StandbyRecord>,
+    /// The epoch of the last push (what `verify` presents unless told otherwise).
+    #[serde(default)]
+    pub epoch: u64,
 }
 
 impl PrimaryState {

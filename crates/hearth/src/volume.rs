@@ -93,9 +93,9 @@ enum VolumeCommand {
         /// The standby: ADDR=ID. Repeatable.
         #[arg(long = "to", value_name = "ADDR=ID", required = true)]
         to: Vec<String>,
-        /// This primary's epoch.
-        #[arg(long, default_value_t = 1)]
-        epoch: u64,
+        /// The epoch to present (default: the one of the last push recorded in --state).
+        #[arg(long)]
+        epoch: Option<u64>,
     },
 }
 
@@ -495,9 +495,18 @@ async fn verify_cmd(
     common: Common,
     volume: &str,
     to: &[String],
-    epoch: u64,
+    epoch: Option<u64>,
 ) -> Result<ExitCode, Failure> {
     let (name, source) = parse_volume(volume)?;
+    // Verify reads only; it presents the epoch the pushes used, so it is neither refused as an
+    // older primary nor raises the standby's epoch.
+    let epoch = match epoch {
+        Some(e) => e,
+        None => state::load::<PrimaryState>(&VolumeDirs::new(&common.state, &name).primary())
+            .context("read primary state")?
+            .epoch
+            .max(1),
+    };
     let cfg = PushConfig {
         backend: Backend::Files,
         identity: load_identity(&common.identity)?,

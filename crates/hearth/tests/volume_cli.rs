@@ -220,6 +220,15 @@ fn push_status_verify_and_refusals_from_the_command_line() {
     // A lower epoch is refused with exit code 1 and a message naming both epochs.
     let out = s.push(&["--epoch", "3"]);
     assert!(out.status.success());
+    // verify presents the epoch of the last push (3), so it is not refused as an older primary.
+    let out = verify(&s);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("differs: /config.yml"));
     let out = s.push(&["--epoch", "2"]);
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
