@@ -248,6 +248,11 @@ async fn capture_and_record(
             .ok()
             .and_then(|b| CaptureCache::decode(&b));
         let cap = capture(&source, &opts, cache.as_ref())?;
+        // Nothing was read: every file matched the stored cache, which therefore still describes
+        // them all (entries of deleted files are never looked up), so it is not written again.
+        if cache.is_some() && cap.report.files_read == 0 {
+            return Ok(cap);
+        }
         // The cache only saves reading; failing to store it costs speed on the next run.
         match cap.cache.encode() {
             Ok(bytes) => {
