@@ -112,8 +112,15 @@ async fn full_incremental_unchanged_and_verify() {
     );
     common::assert_same_tree(&cfg.source, &sb.live);
 
+    let cache = VolumeDirs::new(&cfg.state_dir, "v").capture_cache();
+    let cache_before = fs::metadata(&cache).unwrap().modified().unwrap();
     let r = push_once(&cfg, &metrics).await.unwrap();
     assert_eq!(outcome(&r).kind, SyncKind::Unchanged);
+    // Nothing was read, so the capture cache was not written again.
+    assert_eq!(
+        fs::metadata(&cache).unwrap().modified().unwrap(),
+        cache_before
+    );
     assert_eq!(outcome(&r).bytes_sent, 0);
 
     let v = verify(&cfg, &sb.target()).await.unwrap();
