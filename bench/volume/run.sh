@@ -323,28 +323,22 @@ stop_hearth() {
     HEARTH_SERVE_PID=
 }
 
-# >>> hearth invocation: files backend (the lead fills in / adjusts the real command here) >>>
-run_hearth_files() {
+# >>> hearth invocations >>>
+hearth_push() {  # $1 NAME=PATH of the volume, $2 the standby's filesystem to flush afterwards
     if [[ "${HEARTH_VOLUME_READY:-0}" != 1 ]]; then
         echo "hearth volume push not yet available" >&2
         exit 3
     fi
     ip netns exec "$NS_P" "$HEARTH" volume push --identity "$HEARTH_DIR/p-id" --state "$HEARTH_DIR/p-state" \
-        --volume "files=$FILES_SRC" --to "$A_S:$HEARTH_PORT=$HEARTH_S_ID" &&
-        sync -f "$FILES_DST_HEARTH"
+        --volume "$1" --to "$A_S:$HEARTH_PORT=$HEARTH_S_ID" &&
+        sync -f "$2"
 }
-# >>> hearth invocation: btrfs (same push on the subvolume until a btrfs backend is selectable) >>>
-run_hearth_btrfs() {
-    if [[ "${HEARTH_VOLUME_READY:-0}" != 1 ]]; then
-        echo "hearth volume push not yet available" >&2
-        exit 3
-    fi
-    ip netns exec "$NS_P" "$HEARTH" volume push --identity "$HEARTH_DIR/p-id" --state "$HEARTH_DIR/p-state" \
-        --volume "btrfs=$MP/vol" --to "$A_S:$HEARTH_PORT=$HEARTH_S_ID" &&
-        sync -f "$MS"
-}
+# files backend on the machine's own filesystem.
+run_hearth_files() { hearth_push "files=$FILES_SRC" "$FILES_DST_HEARTH"; }
+# The subvolume: `push --backend auto` (the default) picks the btrfs backend.
+run_hearth_btrfs() { hearth_push "btrfs=$MP/vol" "$MS"; }
 # <<< end of hearth invocations <<<
-export -f run_hearth_files run_hearth_btrfs
+export -f hearth_push run_hearth_files run_hearth_btrfs
 export NS_P NS_S A_P A_S HEARTH_PORT
 
 gen() { python3 "$here/gen-tree.py" "$@" 2>>"$LOG"; tail -n 1 "$LOG" >&2; }
@@ -519,7 +513,7 @@ echo
 echo "hearth's functions as run (\`bash -c 'run_hearth_… PASS'\`):"
 echo
 echo '```sh'
-declare -f run_hearth_files run_hearth_btrfs
+declare -f hearth_push run_hearth_files run_hearth_btrfs
 echo '```'
 echo
 echo "Load average at the end: $(cut -d' ' -f1-3 /proc/loadavg); total time $(($(date +%s) - start)) s."

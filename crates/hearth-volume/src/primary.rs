@@ -540,7 +540,22 @@ impl Link {
         self.recv_within(self.timeout).await
     }
 
-    pub async fn send_manifest(&mut self, encoded: &[u8]) -> Result<(), NetError> {
+    /// Offers a tree: the [`Offer`] (its `manifest_len` taken from `encoded`), then the encoded
+    /// manifest in parts.
+    pub async fn offer(
+        &mut self,
+        tree_hash: TreeHash,
+        parent: Option<TreeHash>,
+        captured_at_ms: u64,
+        encoded: &[u8],
+    ) -> Result<(), NetError> {
+        self.queue(&Request::Offer(Offer {
+            tree_hash,
+            parent,
+            captured_at_ms,
+            manifest_len: encoded.len() as u64,
+        }))
+        .await?;
         for part in encoded.chunks(MANIFEST_PART) {
             self.queue(&Request::ManifestPart(part.to_vec())).await?;
         }
@@ -593,14 +608,8 @@ async fn sync_one(ctx: &SyncCtx) -> Result<SyncOutcome, NetError> {
     if kind == SyncKind::Full && welcome.live.is_some() {
         tracing::warn!(volume = %cfg.volume, standby = %ctx.target.addr, "the standby holds a tree this primary does not know; it will keep it aside");
     }
-    link.send(&Request::Offer(Offer {
-        tree_hash: ctx.tree_hash,
-        parent,
-        captured_at_ms: ctx.captured_at_ms,
-        manifest_len: ctx.encoded.len() as u64,
-    }))
-    .await?;
-    link.send_manifest(&ctx.encoded).await?;
+    link.offer(ctx.tree_hash, parent, ctx.captured_at_ms, &ctx.encoded)
+        .await?;
     let mut chunks_sent = 0;
     let mut bytes_sent = 0;
     let mut rounds = 0;

@@ -15,7 +15,7 @@ use std::time::Duration;
 use hearth_volume::metrics::Metrics;
 use hearth_volume::net::NetError;
 use hearth_volume::net::identity::Identity;
-use hearth_volume::net::wire::{Hello, Offer, PROTOCOL_VERSION, RefusalCode, Request, Response};
+use hearth_volume::net::wire::{Hello, PROTOCOL_VERSION, RefusalCode, Request, Response};
 use hearth_volume::primary::{Backend, PushConfig, SyncKind, Target, connect, push_once, verify};
 use hearth_volume::state::{self, VolumeDirs};
 use hearth_volume::{CaptureOptions, Entry, EntryKind, Manifest};
@@ -258,15 +258,9 @@ async fn paths_outside_the_volume_and_corrupted_chunks_are_refused() {
     };
     let encoded = evil.encode().unwrap();
     let mut link = hello(&p_id, &sb, 1).await;
-    link.send(&Request::Offer(Offer {
-        tree_hash: evil.tree_hash().unwrap(),
-        parent: None,
-        captured_at_ms: 0,
-        manifest_len: encoded.len() as u64,
-    }))
-    .await
-    .unwrap();
-    link.send_manifest(&encoded).await.unwrap();
+    link.offer(evil.tree_hash().unwrap(), None, 0, &encoded)
+        .await
+        .unwrap();
     let err = link.recv().await.unwrap_err();
     match err {
         NetError::Refused(r) => {
@@ -288,15 +282,9 @@ async fn paths_outside_the_volume_and_corrupted_chunks_are_refused() {
     };
     let encoded = dev.encode().unwrap();
     let mut link = hello(&p_id, &sb, 1).await;
-    link.send(&Request::Offer(Offer {
-        tree_hash: dev.tree_hash().unwrap(),
-        parent: None,
-        captured_at_ms: 0,
-        manifest_len: encoded.len() as u64,
-    }))
-    .await
-    .unwrap();
-    link.send_manifest(&encoded).await.unwrap();
+    link.offer(dev.tree_hash().unwrap(), None, 0, &encoded)
+        .await
+        .unwrap();
     match link.recv().await.unwrap_err() {
         NetError::Refused(r) => {
             assert_eq!(r.code, RefusalCode::InvalidManifest);
@@ -313,15 +301,9 @@ async fn paths_outside_the_volume_and_corrupted_chunks_are_refused() {
     let cap = hearth_volume::capture(&src, &CaptureOptions::default(), None).unwrap();
     let encoded = cap.manifest.encode().unwrap();
     let mut link = hello(&p_id, &sb, 1).await;
-    link.send(&Request::Offer(Offer {
-        tree_hash: cap.manifest.tree_hash().unwrap(),
-        parent: None,
-        captured_at_ms: 0,
-        manifest_len: encoded.len() as u64,
-    }))
-    .await
-    .unwrap();
-    link.send_manifest(&encoded).await.unwrap();
+    link.offer(cap.manifest.tree_hash().unwrap(), None, 0, &encoded)
+        .await
+        .unwrap();
     let ids = match link.recv().await.unwrap() {
         Response::Want { ids, last: true } => ids,
         other => panic!("{other:?}"),
