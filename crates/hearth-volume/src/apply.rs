@@ -14,6 +14,8 @@
 //!   reuse the files that did not change instead of rebuilding them from chunks;
 //! - `.<name>.hearth-prev.<ns>` (+ `.manifest`): a replaced tree and the manifest it was applied
 //!   from, `<ns>` being nanoseconds since the epoch when it was replaced;
+//! - `.<name>.hearth-incoming`: files a first sync streamed before their manifest
+//!   ([`crate::incoming`]); apply moves the ones that are whole into the new tree;
 //! - `.<name>.hearth-diverged.<ns>`: a replaced tree that no longer matched its manifest (changed
 //!   on the standby) or whose history is unknown; never deleted by hearth.
 
@@ -28,6 +30,7 @@ use rustix::fs::{AtFlags, CWD, FileType, Mode, RenameFlags, Timespec, Timestamps
 
 use crate::capture::{CaptureOptions, UnstablePolicy, capture};
 use crate::error::{IoContext, VolumeError};
+use crate::incoming::Incoming;
 use crate::manifest::{Entry, EntryKind, Manifest, TreeHash};
 use crate::reuse::{AppliedStamps, Attempt, FileStamp, LiveFiles, Reused, wait_until};
 use crate::store::ChunkStore;
@@ -75,6 +78,10 @@ impl TreeNames {
     /// Where the next tree is built.
     pub fn staging(&self) -> PathBuf {
         self.hidden("staging")
+    }
+    /// Where files streamed before their manifest are received.
+    pub fn incoming(&self) -> PathBuf {
+        self.hidden("incoming")
     }
     /// Marks the staging tree as a partial build of ours, safe to discard.
     pub fn building_marker(&self) -> PathBuf {
@@ -202,21 +209,25 @@ pub fn apply(
     manifest: &Manifest,
     live: &Path,
 ) -> Result<ApplyReport, VolumeError> {
-    apply_inner(store, manifest, live, None, None).map(|(report, _)| report)
+    apply_inner(store, manifest, live, None, None, None).map(|(report, _)| report)
 }
 
 /// [`apply`], and [`prune_previous`] so that `keep` replaced trees remain once the new tree is
 /// live. Pruning happens before the new tree's stamps are taken: deleting an old tree unlinks
 /// inodes it shares with the live tree (hard links on filesystems without clones), which moves
 /// their ctimes; done later, the next apply would have to read those files again to trust them.
+///
+/// Files in `incoming` that hold exactly an entry's chunks are moved into the new tree, and its
+/// other verified chunks are read from there like chunks of the store.
 pub fn apply_and_prune(
     store: &ChunkStore,
     manifest: &Manifest,
     live: &Path,
     keep: usize,
     keep_live_aside: Option<SetAside>,
+    incoming: Option<&mut Incoming>,
 ) -> Result<(ApplyReport, PruneReport), VolumeError> {
-    apply_inner(store, manifest, live, Some(keep), keep_live_aside)
+    apply_inner(store, manifest, live, Some(keep), keep_live_aside, incoming)
 }
 
 /// Why the live tree must be kept aside at the switch even if it is unchanged (the standby
@@ -235,6 +246,7 @@ fn apply_inner(
     live: &Path,
     keep: Option<usize>,
     keep_live_aside: Option<SetAside>,
+    incoming: Option<&mut Incoming>,
 ) -> Result<(ApplyReport, PruneReport), VolumeError> {
     manifest.validate()?;
     let names = TreeNames::of(live)?;
@@ -311,6 +323,7 @@ fn apply_inner(
         .missing(manifest)
         .into_iter()
         .filter(|id| !live_files.as_ref().is_some_and(|l| l.has_chunk(id)))
+        .filter(|id| !incoming.as_ref().is_some_and(|i| i.has_chunk(id)))
         .collect();
     if !missing.is_empty() {
         return Err(VolumeError::MissingChunks { ids: missing });
@@ -319,7 +332,14 @@ fn apply_inner(
     fs::create_dir(&staging).ctx("creating", &staging)?;
     sync_dir(&names.parent)?;
 
-    build(store, manifest, &staging, live_files.as_ref(), &mut report)?;
+    build(
+        store,
+        manifest,
+        &staging,
+        live_files.as_ref(),
+        incoming,
+        &mut report,
+    )?;
     report.changed_live.sort();
     report.changed_live.dedup();
     // Stamps are taken after the whole tree is built, because creating a hard link or setting
@@ -490,6 +510,18 @@ fn reusable_files(names: &TreeNames) -> Result<(Option<LiveFiles>, LiveCheck), V
 /// The manifest of the tree last applied at `live`, if any.
 pub fn read_live_manifest(live: &Path) -> Result<Option<Manifest>, VolumeError> {
     let path = TreeNames::of(live)?.live_manifest();
+    // A manifest beside a live directory that is gone (deleted by hand, or by `nomad volume
+    // delete`) describes nothing: the tree must be sent again, not reported as in sync.
+    match fs::symlink_metadata(live) {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if path.exists() {
+                tracing::warn!(live = %live.display(), "the live directory is gone; its manifest no longer counts");
+            }
+            return Ok(None);
+        }
+        Err(e) => return Err(VolumeError::io("inspecting", live, e)),
+    }
     match fs::read(&path) {
         Ok(bytes) => Manifest::decode(&bytes).map(Some),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
@@ -540,6 +572,7 @@ fn build(
     manifest: &Manifest,
     staging: &Path,
     live_files: Option<&LiveFiles>,
+    mut incoming: Option<&mut Incoming>,
     report: &mut ApplyReport,
 ) -> Result<(), VolumeError> {
     let mut dirs: Vec<&Entry> = Vec::new();
@@ -555,7 +588,14 @@ fn build(
                 dirs.push(entry);
             }
             EntryKind::File { size, chunks } => {
-                if let Some(l) = live_files.filter(|l| l.prefers_links()) {
+                // A file received whole before its manifest is moved in, not copied.
+                let received = match incoming.as_deref_mut() {
+                    Some(inc) => inc.take_exact(&entry.path, chunks, &path)?,
+                    None => false,
+                };
+                if received {
+                    report.bytes += chunks.iter().map(|c| u64::from(c.len)).sum::<u64>();
+                } else if let Some(l) = live_files.filter(|l| l.prefers_links()) {
                     match l.link(entry, *size, chunks, &path)? {
                         Attempt::Done(_) => {
                             // Content and metadata are the live file's: nothing else to set.
@@ -575,45 +615,56 @@ fn build(
                 }
                 let file = OpenOptions::new()
                     .write(true)
-                    .create_new(true)
+                    .create_new(!received)
                     .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
                     .open(&path)
                     .ctx("creating", &path)?;
                 // An unchanged file of the live tree is cloned or copied rather than rebuilt.
                 let attempt = match live_files {
-                    Some(l) => l.fill(*size, chunks, &file)?,
-                    None => Attempt::NoCandidate,
+                    _ if received => None,
+                    Some(l) => Some(l.fill(*size, chunks, &file)?),
+                    None => Some(Attempt::NoCandidate),
                 };
                 match attempt {
-                    Attempt::Done(how) => {
-                        report.reused += 1;
-                        report.cloned += u64::from(how == Reused::Cloned);
-                        report.reused_bytes += chunks.iter().map(|c| u64::from(c.len)).sum::<u64>();
-                    }
-                    Attempt::NoCandidate | Attempt::Changed(_) => {
-                        if let Attempt::Changed(live_path) = attempt {
-                            tracing::warn!(path = %live_path.display(), "a live file changed on the standby; building it from chunks, the changed copy stays in the replaced tree");
-                            report.changed_live.push(live_path);
+                    None => {}
+                    Some(attempt) => match attempt {
+                        Attempt::Done(how) => {
+                            report.reused += 1;
+                            report.cloned += u64::from(how == Reused::Cloned);
+                            report.reused_bytes +=
+                                chunks.iter().map(|c| u64::from(c.len)).sum::<u64>();
                         }
-                        for chunk in chunks {
-                            let data = match store.get(&chunk.id) {
-                                Ok(d) => d,
-                                // Not stored (the store keeps no chunks between syncs) or
-                                // damaged: an unchanged live file may hold it.
-                                Err(
-                                    e @ (VolumeError::MissingChunks { .. }
-                                    | VolumeError::ChunkMismatch { .. }),
-                                ) => match live_files.and_then(|l| l.read_chunk(&chunk.id)) {
-                                    Some(d) => d,
-                                    None => return Err(e),
-                                },
-                                Err(e) => return Err(e),
-                            };
-                            file.write_all_at(&data, chunk.offset)
-                                .ctx("writing", &path)?;
-                            report.bytes += data.len() as u64;
+                        Attempt::NoCandidate | Attempt::Changed(_) => {
+                            if let Attempt::Changed(live_path) = attempt {
+                                tracing::warn!(path = %live_path.display(), "a live file changed on the standby; building it from chunks, the changed copy stays in the replaced tree");
+                                report.changed_live.push(live_path);
+                            }
+                            for chunk in chunks {
+                                let data = match store.get(&chunk.id) {
+                                    Ok(d) => d,
+                                    // Not stored (the store keeps no chunks between syncs) or
+                                    // damaged: an unchanged live file may hold it.
+                                    Err(
+                                        e @ (VolumeError::MissingChunks { .. }
+                                        | VolumeError::ChunkMismatch { .. }),
+                                    ) => match live_files
+                                        .and_then(|l| l.read_chunk(&chunk.id))
+                                        .or_else(|| {
+                                            incoming
+                                                .as_deref()
+                                                .and_then(|i| i.read_chunk(&chunk.id))
+                                        }) {
+                                        Some(d) => d,
+                                        None => return Err(e),
+                                    },
+                                    Err(e) => return Err(e),
+                                };
+                                file.write_all_at(&data, chunk.offset)
+                                    .ctx("writing", &path)?;
+                                report.bytes += data.len() as u64;
+                            }
                         }
-                    }
+                    },
                 }
                 // Every metadata change is a journal transaction on most filesystems, so the
                 // ones that would change nothing (a clone already has the size, a new file

@@ -240,12 +240,48 @@ impl Stamp {
     }
 }
 
+/// What a capture hands to its sink while it reads (see [`capture_streaming`]).
+#[derive(Debug)]
+pub enum Streamed<'a> {
+    /// A regular file (its path relative to the root) is about to be read; if it is read again
+    /// because it changed, this comes again and what was streamed for it before is void.
+    Begin {
+        /// The path relative to the root.
+        path: &'a [u8],
+    },
+    /// One chunk of the file last begun.
+    Chunk {
+        /// Its offset in the file.
+        offset: u64,
+        /// Its hash.
+        id: ChunkId,
+        /// Its bytes.
+        data: &'a [u8],
+    },
+}
+
+/// A receiver of file data as a capture reads it.
+pub type Sink<'s> = &'s mut dyn FnMut(Streamed<'_>);
+
 /// Captures the tree under `root`. `cache` from an earlier capture of the same root makes
 /// unchanged files free.
 pub fn capture(
     root: &Path,
     opts: &CaptureOptions,
     cache: Option<&CaptureCache>,
+) -> Result<Capture, VolumeError> {
+    capture_streaming(root, opts, cache, None)
+}
+
+/// [`capture`], handing every chunk it reads to `sink` as it goes, so that a first sync can send
+/// file data while the walk is still running instead of reading everything twice. The manifest
+/// stays the only statement of what the tree is: the sink sees every read, including reads that
+/// a change made void (each file's last [`Streamed::Begin`] starts the data that counts).
+pub fn capture_streaming(
+    root: &Path,
+    opts: &CaptureOptions,
+    cache: Option<&CaptureCache>,
+    mut sink: Option<Sink<'_>>,
 ) -> Result<Capture, VolumeError> {
     let started_ns = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -264,7 +300,7 @@ pub fn capture(
     loop {
         // Skipped entries are reported as the last walk saw them.
         report.skipped.clear();
-        let scan = scan_once(root, root_md.dev(), opts, &prev, &mut report)?;
+        let scan = scan_once(root, root_md.dev(), opts, &prev, &mut report, &mut sink)?;
         let mut changed = scan.vanished.clone();
         for (rel, stamp) in &scan.dirs {
             let abs = join(root, rel);
@@ -331,6 +367,7 @@ fn scan_once(
     opts: &CaptureOptions,
     prev: &CaptureCache,
     report: &mut CaptureReport,
+    sink: &mut Option<Sink<'_>>,
 ) -> Result<Scan, VolumeError> {
     let mut listed: Vec<(Vec<u8>, Metadata)> = Vec::new();
     let mut vanished = Vec::new();
@@ -432,7 +469,7 @@ fn scan_once(
                 report.files_reused += 1;
                 Some((md, hit.xattrs.clone(), hit.chunks.clone()))
             } else {
-                read_stable(&abs, &rel_path(), &md, opts, report)?
+                read_stable(&abs, &rel, &md, opts, report, sink)?
             };
             let Some((md, xattrs, chunks)) = read else {
                 vanished.push(rel_path());
@@ -523,14 +560,18 @@ use std::os::unix::ffi::OsStringExt;
 #[allow(clippy::type_complexity)]
 fn read_stable(
     abs: &Path,
-    rel: &Path,
+    rel: &[u8],
     listed: &Metadata,
     opts: &CaptureOptions,
     report: &mut CaptureReport,
+    sink: &mut Option<Sink<'_>>,
 ) -> Result<Option<(Metadata, Vec<Xattr>, Vec<ChunkRef>)>, VolumeError> {
     let mut last = None;
+    let rel_bytes = rel;
+    let rel_path = PathBuf::from(OsStr::from_bytes(rel));
+    let rel = &rel_path;
     for attempt in 0..=opts.max_retries {
-        match read_once(abs, listed, opts.chunking, report)? {
+        match read_once(abs, rel_bytes, listed, opts.chunking, report, sink)? {
             ReadOutcome::Gone => return Ok(None),
             ReadOutcome::Stable(md, x, c) => return Ok(Some((md, x, c))),
             ReadOutcome::Changed(md, x, c) => {
@@ -553,9 +594,11 @@ enum ReadOutcome {
 
 fn read_once(
     abs: &Path,
+    rel: &[u8],
     listed: &Metadata,
     params: ChunkParams,
     report: &mut CaptureReport,
+    sink: &mut Option<Sink<'_>>,
 ) -> Result<ReadOutcome, VolumeError> {
     let fd = match rustix::fs::open(
         abs,
@@ -574,6 +617,9 @@ fn read_once(
         return Ok(ReadOutcome::Gone);
     }
     let xattrs = read_xattrs_fd(&file).ctx("reading xattrs of", abs)?;
+    if let Some(sink) = sink.as_mut() {
+        sink(Streamed::Begin { path: rel });
+    }
     let size = before.size();
     let regions = data_regions(&file, size).ctx("finding holes in", abs)?;
     let mut chunks = Vec::new();
@@ -591,10 +637,18 @@ fn read_once(
                 .ctx("reading", abs)?;
             got = data.len() as u64;
             if !data.is_empty() {
+                let id = ChunkId::of(&data);
+                if let Some(sink) = sink.as_mut() {
+                    sink(Streamed::Chunk {
+                        offset: start,
+                        id,
+                        data: &data,
+                    });
+                }
                 chunks.push(ChunkRef {
                     offset: start,
                     len: data.len() as u32,
-                    id: ChunkId::of(&data),
+                    id,
                 });
             }
         } else {
@@ -605,10 +659,18 @@ fn read_once(
                     other => VolumeError::io("chunking", abs, io::Error::other(other.to_string())),
                 })?;
                 got += chunk.length as u64;
+                let id = ChunkId::of(&chunk.data);
+                if let Some(sink) = sink.as_mut() {
+                    sink(Streamed::Chunk {
+                        offset: start + chunk.offset,
+                        id,
+                        data: &chunk.data,
+                    });
+                }
                 chunks.push(ChunkRef {
                     offset: start + chunk.offset,
                     len: chunk.length as u32,
-                    id: ChunkId::of(&chunk.data),
+                    id,
                 });
             }
         }

@@ -18,6 +18,7 @@ mod diff;
 mod durable;
 mod envelope;
 mod error;
+mod incoming;
 pub mod link_btrfs;
 mod manifest;
 pub mod metrics;
@@ -33,9 +34,13 @@ pub use apply::{
     ApplyReport, PruneReport, SetAside, TreeNames, apply, apply_and_prune, prune_previous,
     read_live_manifest, select_for_prune,
 };
-pub use capture::{Capture, CaptureCache, CaptureOptions, CaptureReport, UnstablePolicy, capture};
+pub use capture::{
+    Capture, CaptureCache, CaptureOptions, CaptureReport, Sink, Streamed, UnstablePolicy, capture,
+    capture_streaming,
+};
 pub use diff::{ChunkWant, TransferPlan, missing_chunks, read_chunk};
 pub use error::VolumeError;
+pub use incoming::Incoming;
 pub use manifest::{
     ChunkId, ChunkParams, ChunkRef, Entry, EntryKind, FORMAT_VERSION, Manifest, TreeHash, Xattr,
 };

@@ -358,6 +358,11 @@ impl Manifest {
     }
 }
 
+/// A non-empty relative path of plain components: what every entry but the root must have.
+pub(crate) fn is_plain_path(path: &[u8]) -> bool {
+    !path.is_empty() && path.split(|b| *b == b'/').all(is_plain_component)
+}
+
 /// A path component that names an entry inside its directory: not empty, not `.` or `..`, and
 /// without NUL (the `/` separator is excluded by splitting).
 fn is_plain_component(c: &[u8]) -> bool {

@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
-use crate::capture::{CaptureCache, CaptureOptions, CaptureReport, capture};
+use crate::capture::{
+    CaptureCache, CaptureOptions, CaptureReport, Sink, Streamed, capture, capture_streaming,
+};
 use crate::diff::{ChunkWant, missing_chunks, read_chunk};
 use crate::durable::{Existing, write_atomic};
 use crate::error::VolumeError;
@@ -169,7 +171,30 @@ pub async fn push_once(cfg: &PushConfig, metrics: &Metrics) -> Result<PushReport
     let mut attempt = 0;
     loop {
         attempt += 1;
-        let (snapshot, captured, manifest) = capture_and_record(cfg, &dirs).await?;
+        // A standby that holds nothing of the volume (the first sync) is sent file data while the
+        // capture reads it, so the tree is read once and the transfer overlaps the walk. The
+        // others are offered the finished tree, so that what they hold is not sent again.
+        let mut streams = Vec::new();
+        if attempt == 1 {
+            let opened = futures::future::join_all(pending.iter().map(|t| open_link(cfg, t))).await;
+            for (t, opened) in pending.iter().zip(opened) {
+                match opened {
+                    Ok((link, welcome)) if welcome.fresh => streams.push(Stream {
+                        target: t.clone(),
+                        link: Some((link, welcome)),
+                        error: None,
+                        chunks: 0,
+                        bytes: 0,
+                    }),
+                    Ok((mut link, _)) => {
+                        link.send(&Request::Done).await.ok();
+                    }
+                    // Said again, with the same cause, when the sync connects after the capture.
+                    Err(_) => {}
+                }
+            }
+        }
+        let (snapshot, captured, manifest) = capture_and_record(cfg, &dirs, &mut streams).await?;
         let plan = Arc::new(ChunkIndex::of(&manifest));
         let encoded = Arc::new(manifest.encode()?);
         let tree_hash = manifest.tree_hash()?;
@@ -186,7 +211,20 @@ pub async fn push_once(cfg: &PushConfig, metrics: &Metrics) -> Result<PushReport
                 plan: plan.clone(),
                 state: st.clone(),
             };
-            tasks.push(async move { (ctx.target.clone(), sync_one(&ctx).await) });
+            let streamed = streams
+                .iter_mut()
+                .find(|s| s.target == *t)
+                .map(|s| (s.link.take(), s.error.take(), (s.chunks, s.bytes)));
+            tasks.push(async move {
+                let outcome = match streamed {
+                    Some((_, Some(e), _)) => Err(e),
+                    Some((Some((link, welcome)), None, sent)) => {
+                        sync_on(&ctx, link, welcome, sent).await
+                    }
+                    _ => sync_one(&ctx).await,
+                };
+                (ctx.target.clone(), outcome)
+            });
         }
         let outcomes = futures::future::join_all(tasks).await;
         let mut st: PrimaryState = state::load(&dirs.primary())?;
@@ -235,19 +273,126 @@ pub(crate) fn lock_for_push(dirs: &VolumeDirs) -> Result<VolumeLock, NetError> {
     })
 }
 
+/// A standby streamed to during the capture.
+struct Stream {
+    target: Target,
+    /// Its link and greeting, until the sync takes them.
+    link: Option<(Link, Welcome)>,
+    /// The error that ended the stream.
+    error: Option<NetError>,
+    /// Chunks and bytes of file data sent.
+    chunks: u64,
+    bytes: u64,
+}
+
+/// Connects to a standby for a push and checks its answer.
+async fn open_link(cfg: &PushConfig, target: &Target) -> Result<(Link, Welcome), NetError> {
+    let hello = Hello {
+        protocol: PROTOCOL_VERSION,
+        volume: cfg.volume.clone(),
+        epoch: cfg.epoch,
+        sender: cfg.sender.clone(),
+    };
+    let (link, welcome) = connect(&cfg.identity, target, hello, cfg.timeout).await?;
+    if welcome.epoch > cfg.epoch {
+        // The standby stored a higher epoch than ours, which it would have refused; a standby
+        // that says so anyway is broken.
+        return Err(NetError::Protocol(format!(
+            "the standby reports epoch {} above ours ({}) but did not refuse",
+            welcome.epoch, cfg.epoch
+        )));
+    }
+    Ok((link, welcome))
+}
+
+/// Hands what the capture reads to every live stream, one message at a time; a stream whose
+/// link fails is ended with that error and the others go on. While the capture walks without
+/// reading, a [`Request::Ping`] now and then keeps the standbys from taking the silence for a
+/// dead link.
+async fn forward(
+    streams: &mut [Stream],
+    mut rx: tokio::sync::mpsc::Receiver<Request>,
+    quiet: Duration,
+) {
+    let mut sent_since_flush = 0u64;
+    loop {
+        let req = match tokio::time::timeout(quiet, rx.recv()).await {
+            Ok(Some(req)) => req,
+            Ok(None) => break,
+            Err(_) => Request::Ping,
+        };
+        // Flushed now and then rather than per message: small files come by the thousand.
+        let data = match &req {
+            Request::FileChunk { data, .. } => data.len() as u64,
+            _ => 0,
+        };
+        sent_since_flush += data;
+        let flush = req == Request::Ping || sent_since_flush >= FLUSH_EVERY_BYTES / 16;
+        if flush {
+            sent_since_flush = 0;
+        }
+        let mut live = 0;
+        for s in streams.iter_mut() {
+            let Some((l, _)) = &mut s.link else { continue };
+            let r = if flush {
+                l.send(&req).await
+            } else {
+                l.queue(&req).await
+            };
+            match r {
+                Ok(()) => {
+                    live += 1;
+                    s.bytes += data;
+                    s.chunks += u64::from(data > 0);
+                }
+                Err(e) => {
+                    s.link = None;
+                    s.error = Some(e);
+                }
+            }
+        }
+        if live == 0 {
+            // Every stream failed: stop taking messages, so the capture stops making them.
+            break;
+        }
+    }
+}
+
 async fn capture_and_record(
     cfg: &PushConfig,
     dirs: &VolumeDirs,
+    streams: &mut [Stream],
 ) -> Result<(Snapshot, CaptureReport, Manifest), NetError> {
     let source = cfg.source.clone();
     let opts = cfg.capture.clone();
     let cache_path = dirs.capture_cache();
     let captured_at_ms = now_ms();
-    let cap = blocking(move || {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Request>(64);
+    let tx = (!streams.is_empty()).then_some(tx);
+    let capturing = blocking(move || {
         let cache = std::fs::read(&cache_path)
             .ok()
             .and_then(|b| CaptureCache::decode(&b));
-        let cap = capture(&source, &opts, cache.as_ref())?;
+        let mut open = true;
+        let mut send = |ev: Streamed<'_>| {
+            let Some(tx) = tx.as_ref().filter(|_| open) else {
+                return;
+            };
+            let req = match ev {
+                Streamed::Begin { path } => Request::FileBegin {
+                    path: path.to_vec(),
+                },
+                Streamed::Chunk { offset, id, data } => Request::FileChunk {
+                    offset,
+                    id,
+                    data: data.to_vec(),
+                },
+            };
+            // Closed when every stream failed: the capture goes on for the state and the others.
+            open = tx.blocking_send(req).is_ok();
+        };
+        let sink: Option<Sink<'_>> = if tx.is_some() { Some(&mut send) } else { None };
+        let cap = capture_streaming(&source, &opts, cache.as_ref(), sink)?;
         // Nothing was read: every file matched the stored cache, which therefore still describes
         // them all (entries of deleted files are never looked up), so it is not written again.
         if cache.is_some() && cap.report.files_read == 0 {
@@ -263,8 +408,9 @@ async fn capture_and_record(
             Err(e) => tracing::warn!(error = %e, "could not encode the capture cache"),
         }
         Ok(cap)
-    })
-    .await?;
+    });
+    let (cap, ()) = tokio::join!(capturing, forward(streams, rx, cfg.timeout / 3));
+    let cap = cap?;
     let manifest = cap.manifest;
     let tree_hash = manifest.tree_hash()?;
     let snapshot = Snapshot {
@@ -564,23 +710,20 @@ impl Link {
 }
 
 async fn sync_one(ctx: &SyncCtx) -> Result<SyncOutcome, NetError> {
+    let (link, welcome) = open_link(&ctx.cfg, &ctx.target).await?;
+    sync_on(ctx, link, welcome, (0, 0)).await
+}
+
+/// Syncs the captured tree to a standby on an open link; `streamed` is the chunks and bytes of
+/// file data sent on it while the tree was captured.
+async fn sync_on(
+    ctx: &SyncCtx,
+    mut link: Link,
+    welcome: Welcome,
+    streamed: (u64, u64),
+) -> Result<SyncOutcome, NetError> {
     let started = Instant::now();
     let cfg = &ctx.cfg;
-    let hello = Hello {
-        protocol: PROTOCOL_VERSION,
-        volume: cfg.volume.clone(),
-        epoch: cfg.epoch,
-        sender: cfg.sender.clone(),
-    };
-    let (mut link, welcome) = connect(&cfg.identity, &ctx.target, hello, cfg.timeout).await?;
-    if welcome.epoch > cfg.epoch {
-        // The standby stored a higher epoch than ours, which it would have refused; a standby
-        // that says so anyway is broken.
-        return Err(NetError::Protocol(format!(
-            "the standby reports epoch {} above ours ({}) but did not refuse",
-            welcome.epoch, cfg.epoch
-        )));
-    }
     if welcome
         .live
         .as_ref()
@@ -610,8 +753,7 @@ async fn sync_one(ctx: &SyncCtx) -> Result<SyncOutcome, NetError> {
     }
     link.offer(ctx.tree_hash, parent, ctx.captured_at_ms, &ctx.encoded)
         .await?;
-    let mut chunks_sent = 0;
-    let mut bytes_sent = 0;
+    let (mut chunks_sent, mut bytes_sent) = streamed;
     let mut rounds = 0;
     let mut wanted = read_want(&mut link).await?;
     loop {

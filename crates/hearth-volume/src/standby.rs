@@ -14,9 +14,10 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 
-use crate::apply::{SetAside, apply_and_prune, read_live_manifest};
+use crate::apply::{SetAside, TreeNames, apply_and_prune, read_live_manifest};
 use crate::capture::{CaptureOptions, UnstablePolicy, capture};
 use crate::error::VolumeError;
+use crate::incoming::Incoming;
 use crate::manifest::{ChunkId, Manifest};
 use crate::metrics::{Metrics, ReasonLabels, VolumeLabels};
 use crate::net::NetError;
@@ -254,6 +255,18 @@ async fn connection(
         let l = live.clone();
         blocking(move || crate::link_btrfs::standby_received(&l)).await?
     };
+    let incoming_dir = TreeNames::of(&live)?.incoming();
+    let fresh = live_tree.is_none() && btrfs_received.is_none() && {
+        let (l, i, c) = (live.clone(), incoming_dir.clone(), dirs.chunks());
+        blocking(move || {
+            Ok(live_content(&l)? == LiveContent::Empty
+                && !i.exists()
+                && ChunkStore::open_with(&c, Durability::Batch)?
+                    .index()?
+                    .is_empty())
+        })
+        .await?
+    };
     send(
         &mut wr,
         &Response::Welcome(Welcome {
@@ -261,6 +274,7 @@ async fn connection(
             epoch: st.epoch,
             live: live_tree,
             btrfs_received,
+            fresh,
         }),
     )
     .await?;
@@ -276,6 +290,10 @@ async fn connection(
         wanted: HashSet::new(),
         batch: Vec::new(),
         batch_bytes: 0,
+        incoming: Some(Incoming::new(incoming_dir.clone())),
+        incoming_dir,
+        streamed: Vec::new(),
+        streamed_bytes: 0,
         unsynced: 0,
         chunks: 0,
         bytes: 0,
@@ -318,9 +336,25 @@ struct Session {
     wanted: HashSet<ChunkId>,
     batch: Vec<VerifiedChunk>,
     batch_bytes: usize,
+    /// Files streamed before the offer; `None` only while a blocking task holds it.
+    incoming: Option<Incoming>,
+    incoming_dir: PathBuf,
+    /// Streamed file data not yet written.
+    streamed: Vec<Streamed>,
+    streamed_bytes: usize,
     unsynced: u64,
     chunks: u64,
     bytes: u64,
+}
+
+/// A piece of a file streamed before the offer, waiting to be written.
+enum Streamed {
+    Begin(Vec<u8>),
+    Chunk {
+        offset: u64,
+        id: ChunkId,
+        data: Vec<u8>,
+    },
 }
 
 /// How a request ended the session early.
@@ -355,14 +389,26 @@ impl Session {
                 Ok(Some(req)) => req,
                 Ok(None) => {
                     self.put_batch().await.ok();
+                    self.write_streamed().await.ok();
                     return Ok(());
                 }
                 Err(e) => {
                     self.put_batch().await.ok();
+                    self.write_streamed().await.ok();
                     return Err(e);
                 }
             };
+            if req == Request::Ping {
+                continue;
+            }
+            let streaming = matches!(req, Request::FileBegin { .. } | Request::FileChunk { .. });
+            if !streaming && let Err(e) = self.write_streamed().await {
+                self.streamed.clear();
+                return self.stopped(e, wr).await;
+            }
             let outcome = match req {
+                Request::FileBegin { path } => self.file_begin(path).await,
+                Request::FileChunk { offset, id, data } => self.file_chunk(offset, id, data).await,
                 Request::Offer(offer) => self.offer(offer, rd, wr).await,
                 Request::Chunk { id, data } => self.chunk(id, data).await,
                 Request::Flush => self.flush(wr).await,
@@ -373,26 +419,128 @@ impl Session {
                 Request::StreamPart(_) | Request::StreamEnd { .. } => Err(Stop::Refuse(
                     Refusal::new(RefusalCode::BadRequest, "a stream without an offer"),
                 )),
-                Request::Hello(_) | Request::ManifestPart(_) => Err(Stop::Refuse(Refusal::new(
-                    RefusalCode::BadRequest,
-                    "unexpected message",
-                ))),
+                Request::Hello(_) | Request::ManifestPart(_) | Request::Ping => Err(Stop::Refuse(
+                    Refusal::new(RefusalCode::BadRequest, "unexpected message"),
+                )),
             };
-            match outcome {
-                Ok(()) => {}
-                Err(Stop::Refuse(r)) => {
-                    self.st.refusals += 1;
-                    state::save(&self.dirs.standby(), &self.st)?;
-                    return refuse(&self.shared, wr, &self.hello.volume, r, true).await;
-                }
-                Err(Stop::Error(e)) => {
-                    // Tell the primary why before hanging up, so its operator sees the cause.
-                    let r = Refusal::new(RefusalCode::Failed, e.to_string());
-                    let _ = send(wr, &Response::Refused(r)).await;
-                    return Err(e);
-                }
+            if let Err(stop) = outcome {
+                return self.stopped(stop, wr).await;
             }
         }
+    }
+
+    /// Ends the session after a refusal or an error, telling the primary why.
+    async fn stopped<W: AsyncWrite + Unpin>(
+        &mut self,
+        stop: Stop,
+        wr: &mut W,
+    ) -> Result<(), NetError> {
+        match stop {
+            Stop::Refuse(r) => {
+                self.st.refusals += 1;
+                state::save(&self.dirs.standby(), &self.st)?;
+                refuse(&self.shared, wr, &self.hello.volume, r, true).await
+            }
+            Stop::Error(e) => {
+                // Tell the primary why before hanging up, so its operator sees the cause.
+                let r = Refusal::new(RefusalCode::Failed, e.to_string());
+                let _ = send(wr, &Response::Refused(r)).await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn file_begin(&mut self, path: Vec<u8>) -> Result<(), Stop> {
+        if self.offer.is_some() {
+            return Err(Stop::Refuse(Refusal::new(
+                RefusalCode::BadRequest,
+                "file data after the offer",
+            )));
+        }
+        if !crate::manifest::is_plain_path(&path) {
+            return Err(Stop::Refuse(Refusal::new(
+                RefusalCode::InvalidManifest,
+                format!(
+                    "volume `{}`: streamed path {:?} is not a plain relative path; nothing was written",
+                    self.hello.volume,
+                    String::from_utf8_lossy(&path)
+                ),
+            )));
+        }
+        self.streamed.push(Streamed::Begin(path));
+        Ok(())
+    }
+
+    async fn file_chunk(&mut self, offset: u64, id: ChunkId, data: Vec<u8>) -> Result<(), Stop> {
+        if self.offer.is_some() {
+            return Err(Stop::Refuse(Refusal::new(
+                RefusalCode::BadRequest,
+                "file data after the offer",
+            )));
+        }
+        self.streamed_bytes += data.len();
+        self.streamed.push(Streamed::Chunk { offset, id, data });
+        if self.streamed_bytes >= PUT_BATCH_BYTES {
+            self.write_streamed().await?;
+        }
+        Ok(())
+    }
+
+    /// Takes the received files out of the session for a blocking task (give them back with
+    /// `self.incoming = Some(..)`; lost on a failed task, which only costs the next sync a
+    /// re-check of the files on disk).
+    fn take_incoming(&mut self) -> Incoming {
+        self.incoming
+            .take()
+            .unwrap_or_else(|| Incoming::new(self.incoming_dir.clone()))
+    }
+
+    /// Writes the streamed file data received so far, each chunk checked against its id first.
+    async fn write_streamed(&mut self) -> Result<(), Stop> {
+        if self.streamed.is_empty() {
+            return Ok(());
+        }
+        let ops = std::mem::take(&mut self.streamed);
+        self.streamed_bytes = 0;
+        let mut inc = self.take_incoming();
+        let (inc, written) = blocking(move || {
+            let before = inc.written();
+            for op in ops {
+                match op {
+                    Streamed::Begin(path) => inc.begin(&path)?,
+                    Streamed::Chunk { offset, id, data } => inc.write(offset, id, &data)?,
+                }
+            }
+            let written = inc.written() - before;
+            Ok((inc, written))
+        })
+        .await
+        .map_err(|e| match e {
+            NetError::Volume(
+                e @ (VolumeError::ChunkMismatch { .. } | VolumeError::InvalidManifest(_)),
+            ) => Stop::Refuse(Refusal::new(
+                if matches!(e, VolumeError::ChunkMismatch { .. }) {
+                    RefusalCode::ChunkMismatch
+                } else {
+                    RefusalCode::BadRequest
+                },
+                format!(
+                    "volume `{}`: {e}; that chunk was not written",
+                    self.hello.volume
+                ),
+            )),
+            other => Stop::Error(other),
+        })?;
+        self.incoming = Some(inc);
+        self.bytes += written;
+        self.shared
+            .metrics
+            .bytes_received
+            .get_or_create(&VolumeLabels {
+                volume: self.hello.volume.clone(),
+            })
+            .inc_by(written);
+        Ok(())
     }
 
     fn store(&mut self) -> Result<Arc<ChunkStore>, VolumeError> {
@@ -475,8 +623,16 @@ impl Session {
         let manifest = Arc::new(manifest);
         let m = manifest.clone();
         let live = self.live.clone();
-        let missing = blocking(move || wanted_chunks(&store, &m, &live)).await?;
-        tracing::info!(volume = %self.hello.volume, tree = %offer.tree_hash, missing = missing.len(), "tree offered");
+        let mut inc = self.take_incoming();
+        let (inc, missing, checked) = blocking(move || {
+            // Files left by an interrupted session count only where they hash right.
+            let checked = inc.check_against(&m)?;
+            let missing = wanted_chunks(&store, &m, &live, Some(&inc))?;
+            Ok((inc, missing, checked))
+        })
+        .await?;
+        self.incoming = Some(inc);
+        tracing::info!(volume = %self.hello.volume, tree = %offer.tree_hash, missing = missing.len(), streamed = self.bytes, checked, "tree offered");
         self.wanted = missing.iter().copied().collect();
         send_want(wr, &missing).await?;
         self.offer = Some((offer, manifest));
@@ -597,7 +753,14 @@ impl Session {
             let store = store.clone();
             let m = manifest.clone();
             let l = live.clone();
-            blocking(move || apply_and_prune(&store, &m, &l, keep, set_aside)).await
+            let mut inc = self.take_incoming();
+            let r = blocking(move || {
+                let r = apply_and_prune(&store, &m, &l, keep, set_aside, Some(&mut inc));
+                Ok((inc, r))
+            })
+            .await?;
+            self.incoming = Some(r.0);
+            r.1.map_err(NetError::Volume)
         };
         let (report, pruned) = match applied {
             Ok(r) => r,
@@ -614,7 +777,14 @@ impl Session {
                         let m = manifest.clone();
                         let s = store.clone();
                         let l = live.clone();
-                        blocking(move || wanted_chunks(&s, &m, &l)).await?
+                        let inc = self.take_incoming();
+                        let (inc, w) = blocking(move || {
+                            let w = wanted_chunks(&s, &m, &l, Some(&inc))?;
+                            Ok((inc, w))
+                        })
+                        .await?;
+                        self.incoming = Some(inc);
+                        w
                     }
                 };
                 tracing::warn!(volume = %self.hello.volume, missing = missing.len(), "chunks missing at apply; asking for them again");
@@ -652,10 +822,18 @@ impl Session {
                 at_ms: now_ms(),
             });
         }
-        // The live tree now holds every chunk it needs; the store keeps nothing between syncs,
-        // so the standby needs room for the volume once (plus replaced trees), not twice.
+        // The live tree now holds every chunk it needs; the store and the received files keep
+        // nothing between syncs, so the standby needs room for the volume once (plus replaced
+        // trees), not twice.
         let s = store.clone();
-        blocking(move || s.retain(&HashSet::new())).await?;
+        let mut inc = self.take_incoming();
+        let inc = blocking(move || {
+            s.retain(&HashSet::new())?;
+            inc.remove()?;
+            Ok(inc)
+        })
+        .await?;
+        self.incoming = Some(inc);
         self.st.version = STATE_VERSION;
         self.st.applies += 1;
         self.st.bytes_received += self.bytes;
@@ -895,6 +1073,7 @@ fn wanted_chunks(
     store: &ChunkStore,
     manifest: &Manifest,
     live: &std::path::Path,
+    incoming: Option<&Incoming>,
 ) -> Result<Vec<ChunkId>, VolumeError> {
     let in_live = read_live_manifest(live)?
         .map(|l| l.chunk_ids())
@@ -903,6 +1082,7 @@ fn wanted_chunks(
         .missing(manifest)
         .into_iter()
         .filter(|id| !in_live.contains(id))
+        .filter(|id| !incoming.is_some_and(|i| i.has_chunk(id)))
         .collect())
 }
 

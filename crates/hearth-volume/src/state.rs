@@ -433,6 +433,7 @@ mod tests {
     #[test]
     fn hello_decisions() {
         use HelloDecision::*;
+        const P: u32 = crate::net::wire::PROTOCOL_VERSION;
         // (name, hello, volume configured, epoch seen, accepted with raised epoch or refused)
         type Case = (
             &'static str,
@@ -442,26 +443,26 @@ mod tests {
             Result<Option<u64>, RefusalCode>,
         );
         let cases: Vec<Case> = vec![
-            ("first contact", hello(1, 1), true, 0, Ok(Some(1))),
-            ("same epoch", hello(1, 4), true, 4, Ok(None)),
-            ("higher epoch", hello(1, 9), true, 4, Ok(Some(9))),
+            ("first contact", hello(P, 1), true, 0, Ok(Some(1))),
+            ("same epoch", hello(P, 4), true, 4, Ok(None)),
+            ("higher epoch", hello(P, 9), true, 4, Ok(Some(9))),
             (
                 "lower epoch",
-                hello(1, 3),
+                hello(P, 3),
                 true,
                 4,
                 Err(RefusalCode::LowerEpoch),
             ),
             (
                 "unknown volume",
-                hello(1, 9),
+                hello(P, 9),
                 false,
                 0,
                 Err(RefusalCode::UnknownVolume),
             ),
             (
                 "other protocol",
-                hello(2, 9),
+                hello(P + 1, 9),
                 true,
                 0,
                 Err(RefusalCode::Protocol),

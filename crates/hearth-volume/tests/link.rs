@@ -542,3 +542,123 @@ async fn the_store_keeps_nothing_and_lost_live_chunks_are_asked_for_again() {
     common::assert_same_tree(&cfg.source, &sb.live);
     sb.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_sync_streams_while_capturing_and_resumes_from_what_arrived() {
+    let dir = tempfile::tempdir().unwrap();
+    let p_id = Identity::generate().unwrap();
+    let sb = start_standby(dir.path(), &[&p_id]).await;
+    let mut cfg = primary(dir.path(), "p", &p_id, sb.target(), 1);
+    fill(&cfg.source, 40, 150_000, 3);
+    // Two files with the same content: each is streamed, and apply moves each into place.
+    fs::write(cfg.source.join("twin1"), vec![9u8; 100_000]).unwrap();
+    fs::write(cfg.source.join("twin2"), vec![9u8; 100_000]).unwrap();
+    let incoming = sb.live.parent().unwrap().join(".v.hearth-incoming");
+
+    // A link cut after ~2 MB of a streamed first sync: what arrived stays in the incoming
+    // directory and nothing is applied.
+    cfg.targets[0].addr = relay(sb.addr.clone(), 2_000_000, false).await;
+    let r = push_once(&cfg, &Metrics::default()).await.unwrap();
+    assert!(r.results[0].1.is_err(), "the cut push must fail");
+    assert!(!sb.live.exists(), "nothing half-applied");
+    assert!(incoming.exists(), "streamed files were received");
+
+    // The next push is not streamed (the standby is not fresh any more): the tree is offered,
+    // the received files are checked by hash, and only the rest travels.
+    cfg.targets[0].addr = sb.addr.clone();
+    let r = push_once(&cfg, &Metrics::default()).await.unwrap();
+    let o = outcome(&r);
+    assert_eq!(o.kind, SyncKind::Full);
+    let total = 40 * 150_000 + 200_000;
+    assert!(
+        o.bytes_sent + 1_000_000 < total as u64,
+        "resumed push sent {} of {total}",
+        o.bytes_sent
+    );
+    common::assert_same_tree(&cfg.source, &sb.live);
+    assert!(
+        !incoming.exists(),
+        "received files are removed once applied"
+    );
+
+    // A fresh standby gets the whole tree streamed: every byte once, nothing via the store.
+    let dir2 = tempfile::tempdir().unwrap();
+    let sb2 = start_standby(dir2.path(), &[&p_id]).await;
+    cfg.targets = vec![sb2.target()];
+    let r = push_once(&cfg, &Metrics::default()).await.unwrap();
+    let o = outcome(&r);
+    assert_eq!(o.kind, SyncKind::Full);
+    assert_eq!(o.bytes_sent, total as u64, "{o:?}");
+    common::assert_same_tree(&cfg.source, &sb2.live);
+    assert!(
+        !sb2.live
+            .parent()
+            .unwrap()
+            .join(".v.hearth-incoming")
+            .exists()
+    );
+    sb2.stop().await;
+
+    // Streamed data is held to the same rules as chunks: a path outside the volume and bytes
+    // that do not match their id are refused, and nothing is applied.
+    let dir3 = tempfile::tempdir().unwrap();
+    let sb3 = start_standby(dir3.path(), &[&p_id]).await;
+    let mut link = hello(&p_id, &sb3, 1).await;
+    link.send(&Request::FileBegin {
+        path: b"../escaped".to_vec(),
+    })
+    .await
+    .unwrap();
+    link.send(&Request::Done).await.unwrap();
+    assert_eq!(
+        refusal(link.recv().await.map(|_| ())),
+        RefusalCode::InvalidManifest
+    );
+    let mut link = hello(&p_id, &sb3, 1).await;
+    let data = vec![5u8; 1000];
+    let id = hearth_volume::ChunkId::of(&data);
+    link.send(&Request::FileBegin {
+        path: b"a".to_vec(),
+    })
+    .await
+    .unwrap();
+    let mut bad = data.clone();
+    bad[0] = 6;
+    link.send(&Request::FileChunk {
+        offset: 0,
+        id,
+        data: bad,
+    })
+    .await
+    .unwrap();
+    link.send(&Request::Done).await.unwrap();
+    assert_eq!(
+        refusal(link.recv().await.map(|_| ())),
+        RefusalCode::ChunkMismatch
+    );
+    assert!(!sb3.live.exists());
+    sb3.stop().await;
+    sb.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_whose_volume_was_deleted_is_sent_everything_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let p_id = Identity::generate().unwrap();
+    let sb = start_standby(dir.path(), &[&p_id]).await;
+    let cfg = primary(dir.path(), "p", &p_id, sb.target(), 1);
+    fill(&cfg.source, 10, 20_000, 1);
+    push_once(&cfg, &Metrics::default()).await.unwrap().results[0]
+        .1
+        .as_ref()
+        .unwrap();
+    // Someone deletes the standby's copy (`nomad volume delete`, `rm -rf`); hearth's manifest of
+    // it stays behind. The standby must not claim to be in sync.
+    fs::remove_dir_all(&sb.live).unwrap();
+    let r = push_once(&cfg, &Metrics::default()).await.unwrap();
+    let o = outcome(&r);
+    assert_eq!(o.kind, SyncKind::Full, "{o:?}");
+    assert_eq!(o.bytes_sent, 200_000);
+    common::assert_same_tree(&cfg.source, &sb.live);
+    sb.stop().await;
+}

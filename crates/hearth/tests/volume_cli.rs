@@ -328,6 +328,10 @@ fn kill_cycles(s: &Setup, cycles: usize) {
     let mut serve = Some(s.serve());
     let mut kills = (0, 0);
     let mut mid_transfer = 0;
+    // How long to let a push run before the kill, at most. It adapts to how long pushes take on
+    // this machine and backend: shorter after a push that was already done, longer after one
+    // that was still running, so that kills keep landing inside transfers.
+    let mut window_ms = 700.0f64;
     for cycle in 0..cycles {
         let mut push = s
             .push_cmd(&[])
@@ -335,9 +339,14 @@ fn kill_cycles(s: &Setup, cycles: usize) {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        std::thread::sleep(Duration::from_millis(rng.random_range(0..700)));
+        std::thread::sleep(Duration::from_millis(
+            rng.random_range(0..window_ms.max(20.0) as u64),
+        ));
         if push.try_wait().unwrap().is_none() {
             mid_transfer += 1;
+            window_ms = (window_ms * 1.1).min(3000.0);
+        } else {
+            window_ms *= 0.7;
         }
         if rng.random_bool(0.5) {
             kill9(&mut push);
