@@ -295,7 +295,10 @@ pub fn capture_streaming(
         });
     }
     let mut report = CaptureReport::default();
-    let mut prev = cache.cloned().unwrap_or_default();
+    // Borrowed for the first walk (a cache holds every file of the volume; copying it would cost
+    // more than the walk of an unchanged tree), owned after a rescan.
+    let empty = CaptureCache::default();
+    let mut prev = std::borrow::Cow::Borrowed(cache.unwrap_or(&empty));
     let mut attempt = 0;
     loop {
         // Skipped entries are reported as the last walk saw them.
@@ -341,7 +344,7 @@ pub fn capture_streaming(
         attempt += 1;
         report.rescans += 1;
         // Reads done in this round are kept; the racy rule still applies to them.
-        prev = cache;
+        prev = std::borrow::Cow::Owned(cache);
         report.unstable.clear();
     }
 }
@@ -361,6 +364,140 @@ fn join(root: &Path, rel: &[u8]) -> PathBuf {
     }
 }
 
+/// What a walk of the tree found: every entry with its `lstat`, paths that vanished while it
+/// walked, and mount points it did not enter.
+#[derive(Default)]
+struct Listing {
+    listed: Vec<(Vec<u8>, Metadata)>,
+    vanished: Vec<PathBuf>,
+    skipped: Vec<(PathBuf, &'static str)>,
+}
+
+/// Threads that list and `lstat` at once. A walk with cold caches waits on the disk for every
+/// directory block and inode table; with several requests in flight it takes about half as long
+/// on the virtio and NVMe disks we measured, even on two cores.
+const WALK_THREADS: usize = 8;
+
+/// Lists the tree under `root` (never following symlinks, never entering another filesystem)
+/// with `ignore`'s parallel walker, its filters all off: every entry counts, hidden or not.
+fn list_tree(root: &Path, root_dev: u64) -> Result<Listing, VolumeError> {
+    let found = std::sync::Mutex::new(Listing::default());
+    let failed: std::sync::Mutex<Option<VolumeError>> = std::sync::Mutex::new(None);
+    /// One thread's findings, added to the shared listing when the thread is done with it.
+    struct Local<'a> {
+        part: Listing,
+        into: &'a std::sync::Mutex<Listing>,
+    }
+    impl Drop for Local<'_> {
+        fn drop(&mut self) {
+            if let Ok(mut all) = self.into.lock() {
+                all.listed.append(&mut self.part.listed);
+                all.vanished.append(&mut self.part.vanished);
+                all.skipped.append(&mut self.part.skipped);
+            }
+        }
+    }
+    ignore::WalkBuilder::new(root)
+        .standard_filters(false)
+        .follow_links(false)
+        .threads(WALK_THREADS)
+        .build_parallel()
+        .run(|| {
+            let mut local = Local {
+                part: Listing::default(),
+                into: &found,
+            };
+            let failed = &failed;
+            Box::new(move |item| {
+                use ignore::WalkState;
+                let fail = |e: VolumeError| {
+                    if let Ok(mut f) = failed.lock() {
+                        f.get_or_insert(e);
+                    }
+                    WalkState::Quit
+                };
+                let item = match item {
+                    Ok(item) => item,
+                    Err(e) => {
+                        let path = walk_error_path(&e).unwrap_or_else(|| root.to_owned());
+                        return match e.io_error() {
+                            // Deleted between listing its directory and looking at it: the
+                            // directory check after the walk notices the change and it runs again.
+                            Some(io) if io.kind() == io::ErrorKind::NotFound => {
+                                local.part.vanished.push(path);
+                                WalkState::Continue
+                            }
+                            Some(io) => fail(VolumeError::io(
+                                "walking",
+                                path,
+                                io::Error::new(io.kind(), io.to_string()),
+                            )),
+                            None => fail(VolumeError::io(
+                                "walking",
+                                path,
+                                io::Error::other(e.to_string()),
+                            )),
+                        };
+                    }
+                };
+                let md = match item.metadata() {
+                    Ok(md) => md,
+                    Err(e) => {
+                        return match e.io_error() {
+                            Some(io) if io.kind() == io::ErrorKind::NotFound => {
+                                local.part.vanished.push(item.path().to_owned());
+                                WalkState::Continue
+                            }
+                            _ => fail(VolumeError::io(
+                                "inspecting",
+                                item.path(),
+                                io::Error::other(e.to_string()),
+                            )),
+                        };
+                    }
+                };
+                let rel = item
+                    .path()
+                    .strip_prefix(root)
+                    .map(|p| p.as_os_str().as_bytes().to_vec())
+                    .unwrap_or_default();
+                if md.dev() != root_dev {
+                    // Staying on one filesystem: a mount point below the root is neither
+                    // recorded nor entered, and the caller hears about it.
+                    local.part.skipped.push((
+                        PathBuf::from(OsStr::from_bytes(&rel)),
+                        "mount point of another filesystem",
+                    ));
+                    return WalkState::Skip;
+                }
+                local.part.listed.push((rel, md));
+                WalkState::Continue
+            })
+        });
+    if let Some(e) = failed.into_inner().ok().flatten() {
+        return Err(e);
+    }
+    found.into_inner().map_err(|_| {
+        VolumeError::io(
+            "walking",
+            root,
+            io::Error::other("a walker thread panicked"),
+        )
+    })
+}
+
+/// The path an error of the walker is about, when it says.
+fn walk_error_path(e: &ignore::Error) -> Option<PathBuf> {
+    match e {
+        ignore::Error::WithPath { path, .. } => Some(path.clone()),
+        ignore::Error::WithDepth { err, .. } | ignore::Error::WithLineNumber { err, .. } => {
+            walk_error_path(err)
+        }
+        ignore::Error::Loop { child, .. } => Some(child.clone()),
+        _ => None,
+    }
+}
+
 fn scan_once(
     root: &Path,
     root_dev: u64,
@@ -369,65 +506,12 @@ fn scan_once(
     report: &mut CaptureReport,
     sink: &mut Option<Sink<'_>>,
 ) -> Result<Scan, VolumeError> {
-    let mut listed: Vec<(Vec<u8>, Metadata)> = Vec::new();
-    let mut vanished = Vec::new();
-    let mut walk = walkdir::WalkDir::new(root).follow_links(false).into_iter();
-    while let Some(item) = walk.next() {
-        let item = match item {
-            Ok(item) => item,
-            Err(e) => {
-                let path = e
-                    .path()
-                    .map(Path::to_owned)
-                    .unwrap_or_else(|| root.to_owned());
-                match e.into_io_error() {
-                    // Deleted between listing its directory and looking at it: the directory
-                    // check below notices the change and the walk runs again.
-                    Some(io) if io.kind() == io::ErrorKind::NotFound => {
-                        vanished.push(path);
-                        continue;
-                    }
-                    Some(io) => return Err(VolumeError::io("walking", path, io)),
-                    None => {
-                        return Err(VolumeError::io(
-                            "walking",
-                            path,
-                            io::Error::other("filesystem loop"),
-                        ));
-                    }
-                }
-            }
-        };
-        let rel = item
-            .path()
-            .strip_prefix(root)
-            .map(|p| p.as_os_str().as_bytes().to_vec())
-            .unwrap_or_default();
-        let md = match item.metadata() {
-            Ok(md) => md,
-            Err(e) => match e.into_io_error() {
-                Some(io) if io.kind() == io::ErrorKind::NotFound => {
-                    vanished.push(item.path().to_owned());
-                    continue;
-                }
-                Some(io) => return Err(VolumeError::io("inspecting", item.path(), io)),
-                None => continue,
-            },
-        };
-        if md.dev() != root_dev {
-            // Staying on one filesystem: a mount point below the root is neither recorded nor
-            // entered, and the caller hears about it.
-            report.skipped.push((
-                PathBuf::from(OsStr::from_bytes(&rel)),
-                "mount point of another filesystem",
-            ));
-            if md.is_dir() {
-                walk.skip_current_dir();
-            }
-            continue;
-        }
-        listed.push((rel, md));
-    }
+    let Listing {
+        mut listed,
+        mut vanished,
+        skipped,
+    } = list_tree(root, root_dev)?;
+    report.skipped.extend(skipped);
     listed.sort_by(|a, b| a.0.cmp(&b.0));
 
     let mut entries = Vec::with_capacity(listed.len());

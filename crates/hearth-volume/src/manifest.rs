@@ -229,6 +229,13 @@ impl Manifest {
         Ok(TreeHash(*blake3::hash(&self.body()?).as_bytes()))
     }
 
+    /// [`Manifest::encode`] and [`Manifest::tree_hash`] at the cost of one encoding.
+    pub fn encode_and_hash(&self) -> Result<(Vec<u8>, TreeHash), VolumeError> {
+        let body = self.body()?;
+        let hash = TreeHash(*blake3::hash(&body).as_bytes());
+        Ok((envelope::seal(MAGIC, FORMAT_VERSION, &body), hash))
+    }
+
     /// Every chunk id the tree references: the "have" index of a standby holding this tree.
     pub fn chunk_ids(&self) -> HashSet<ChunkId> {
         self.entries

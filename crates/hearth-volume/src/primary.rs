@@ -171,33 +171,32 @@ pub async fn push_once(cfg: &PushConfig, metrics: &Metrics) -> Result<PushReport
     let mut attempt = 0;
     loop {
         attempt += 1;
-        // A standby that holds nothing of the volume (the first sync) is sent file data while the
-        // capture reads it, so the tree is read once and the transfer overlaps the walk. The
-        // others are offered the finished tree, so that what they hold is not sent again.
+        // The standbys are greeted before the capture (one connection per sync). One that holds nothing of the volume
+        // (the first sync) is sent file data as the capture reads it, so the tree is read once
+        // and the transfer overlaps the walk; the others are offered the finished tree, so that
+        // what they hold is not sent again.
         let mut streams = Vec::new();
         if attempt == 1 {
             let opened = futures::future::join_all(pending.iter().map(|t| open_link(cfg, t))).await;
             for (t, opened) in pending.iter().zip(opened) {
-                match opened {
-                    Ok((link, welcome)) if welcome.fresh => streams.push(Stream {
+                // A failure is said again, with the same cause, when the sync connects after
+                // the capture.
+                if let Ok((link, welcome)) = opened {
+                    streams.push(Stream {
                         target: t.clone(),
+                        fresh: welcome.fresh,
                         link: Some((link, welcome)),
                         error: None,
                         chunks: 0,
                         bytes: 0,
-                    }),
-                    Ok((mut link, _)) => {
-                        link.send(&Request::Done).await.ok();
-                    }
-                    // Said again, with the same cause, when the sync connects after the capture.
-                    Err(_) => {}
+                    });
                 }
             }
         }
-        let (snapshot, captured, manifest) = capture_and_record(cfg, &dirs, &mut streams).await?;
-        let plan = Arc::new(ChunkIndex::of(&manifest));
-        let encoded = Arc::new(manifest.encode()?);
-        let tree_hash = manifest.tree_hash()?;
+        let captured_tree = capture_and_record(cfg, &dirs, &mut streams).await?;
+        let (snapshot, captured, manifest, encoded, tree_hash) = captured_tree;
+        let encoded = Arc::new(encoded);
+        let plan = Arc::new(ChunkIndex::new(manifest));
         let st: PrimaryState = state::load(&dirs.primary())?;
         let st = Arc::new(st);
         let mut tasks = Vec::new();
@@ -276,6 +275,8 @@ pub(crate) fn lock_for_push(dirs: &VolumeDirs) -> Result<VolumeLock, NetError> {
 /// A standby streamed to during the capture.
 struct Stream {
     target: Target,
+    /// Whether it is sent file data during the capture (else only pings).
+    fresh: bool,
     /// Its link and greeting, until the sync takes them.
     link: Option<(Link, Welcome)>,
     /// The error that ended the stream.
@@ -334,6 +335,10 @@ async fn forward(
         let mut live = 0;
         for s in streams.iter_mut() {
             let Some((l, _)) = &mut s.link else { continue };
+            if req != Request::Ping && !s.fresh {
+                live += 1;
+                continue;
+            }
             let r = if flush {
                 l.send(&req).await
             } else {
@@ -362,22 +367,25 @@ async fn capture_and_record(
     cfg: &PushConfig,
     dirs: &VolumeDirs,
     streams: &mut [Stream],
-) -> Result<(Snapshot, CaptureReport, Manifest), NetError> {
+) -> Result<(Snapshot, CaptureReport, Manifest, Vec<u8>, TreeHash), NetError> {
     let source = cfg.source.clone();
     let opts = cfg.capture.clone();
     let cache_path = dirs.capture_cache();
     let captured_at_ms = now_ms();
+    // The sender lives as long as the capture, which is how `forward` knows when to stop.
     let (tx, rx) = tokio::sync::mpsc::channel::<Request>(64);
-    let tx = (!streams.is_empty()).then_some(tx);
+    let stream_data = streams.iter().any(|s| s.fresh);
     let capturing = blocking(move || {
         let cache = std::fs::read(&cache_path)
             .ok()
             .and_then(|b| CaptureCache::decode(&b));
         let mut open = true;
+        let tx_for_data = tx.clone();
         let mut send = |ev: Streamed<'_>| {
-            let Some(tx) = tx.as_ref().filter(|_| open) else {
+            if !open {
                 return;
-            };
+            }
+            let tx = &tx_for_data;
             let req = match ev {
                 Streamed::Begin { path } => Request::FileBegin {
                     path: path.to_vec(),
@@ -391,8 +399,9 @@ async fn capture_and_record(
             // Closed when every stream failed: the capture goes on for the state and the others.
             open = tx.blocking_send(req).is_ok();
         };
-        let sink: Option<Sink<'_>> = if tx.is_some() { Some(&mut send) } else { None };
+        let sink: Option<Sink<'_>> = if stream_data { Some(&mut send) } else { None };
         let cap = capture_streaming(&source, &opts, cache.as_ref(), sink)?;
+        drop(tx);
         // Nothing was read: every file matched the stored cache, which therefore still describes
         // them all (entries of deleted files are never looked up), so it is not written again.
         if cache.is_some() && cap.report.files_read == 0 {
@@ -409,10 +418,12 @@ async fn capture_and_record(
         }
         Ok(cap)
     });
-    let (cap, ()) = tokio::join!(capturing, forward(streams, rx, cfg.timeout / 3));
+    // Pings at least every 10 s: the standby's own timeout may be shorter than ours.
+    let quiet = (cfg.timeout / 3).min(Duration::from_secs(10));
+    let (cap, ()) = tokio::join!(capturing, forward(streams, rx, quiet));
     let cap = cap?;
     let manifest = cap.manifest;
-    let tree_hash = manifest.tree_hash()?;
+    let (encoded, tree_hash) = manifest.encode_and_hash()?;
     let snapshot = Snapshot {
         tree_hash: tree_hash.to_string(),
         captured_at_ms,
@@ -422,7 +433,6 @@ async fn capture_and_record(
     };
     let tree_path = dirs.tree(&snapshot.tree_hash);
     if !tree_path.exists() {
-        let encoded = manifest.encode()?;
         std::fs::create_dir_all(dirs.trees())
             .map_err(|e| NetError::io("creating", dirs.trees(), e))?;
         write_atomic(&tree_path, &encoded, 0o600, Existing::Replace)
@@ -433,7 +443,7 @@ async fn capture_and_record(
     st.record_snapshot(snapshot.clone(), cfg.keep);
     state::save(&dirs.primary(), &st)?;
     tracing::info!(volume = %cfg.volume, tree = %tree_hash, files_read = cap.report.files_read, files_reused = cap.report.files_reused, "captured");
-    Ok((snapshot, cap.report, manifest))
+    Ok((snapshot, cap.report, manifest, encoded, tree_hash))
 }
 
 /// Removes kept manifests that neither the history nor any standby's pin needs any more. These
@@ -538,18 +548,29 @@ pub(crate) fn record(
     }
 }
 
-/// Where the primary finds each chunk of a manifest.
+/// Where the primary finds each chunk of a manifest, worked out when a standby first asks for
+/// chunks (a push to standbys that are in sync never needs it).
 #[derive(Debug)]
 pub(crate) struct ChunkIndex {
-    wants: HashMap<ChunkId, ChunkWant>,
+    manifest: Manifest,
+    wants: std::sync::OnceLock<HashMap<ChunkId, ChunkWant>>,
 }
 
 impl ChunkIndex {
-    fn of(manifest: &Manifest) -> Self {
-        let plan = missing_chunks(manifest, &std::collections::HashSet::new());
+    fn new(manifest: Manifest) -> Self {
         ChunkIndex {
-            wants: plan.wants.into_iter().map(|w| (w.id, w)).collect(),
+            manifest,
+            wants: std::sync::OnceLock::new(),
         }
+    }
+
+    fn get(&self, id: &ChunkId) -> Option<&ChunkWant> {
+        self.wants
+            .get_or_init(|| {
+                let plan = missing_chunks(&self.manifest, &std::collections::HashSet::new());
+                plan.wants.into_iter().map(|w| (w.id, w)).collect()
+            })
+            .get(id)
     }
 }
 
@@ -826,7 +847,7 @@ async fn send_chunks(
 ) -> Result<(u64, u64, u64), NetError> {
     let mut locations = Vec::with_capacity(wanted.len());
     for id in &wanted {
-        match ctx.plan.wants.get(id) {
+        match ctx.plan.get(id) {
             Some(w) => locations.push(w.clone()),
             None => {
                 return Err(NetError::Protocol(format!(

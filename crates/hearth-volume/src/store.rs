@@ -189,12 +189,20 @@ impl ChunkStore {
 
     /// The chunks `manifest` needs that are not stored.
     pub fn missing(&self, manifest: &Manifest) -> Vec<ChunkId> {
+        // One listing of the store rather than a `stat` per chunk: between syncs the store is
+        // empty, and a manifest can name hundreds of thousands of chunks (a `stat` of each was a
+        // seventh of a standby's time on an incremental sync of 100,000 files).
+        let stored = self.index().ok();
+        let has = |id: &ChunkId| match &stored {
+            Some(set) => set.contains(id),
+            None => self.contains(id),
+        };
         let mut seen = HashSet::new();
         let mut out = Vec::new();
         for entry in &manifest.entries {
             if let EntryKind::File { chunks, .. } = &entry.kind {
                 for c in chunks {
-                    if seen.insert(c.id) && !self.contains(&c.id) {
+                    if seen.insert(c.id) && !has(&c.id) {
                         out.push(c.id);
                     }
                 }
