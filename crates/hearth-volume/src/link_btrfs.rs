@@ -216,6 +216,27 @@ where
 
 /// One push of a btrfs volume: snapshot (unless nothing changed since the last one), then each
 /// standby brought to it.
+/// The newest snapshot of `source` in `local` when `source` has not changed since it was taken:
+/// after a commit of the filesystem (so that every write so far counts), the subvolume's generation
+/// is not past the transaction that created the snapshot. A push with nothing new then takes no
+/// snapshot and sends nothing (`btrfs subvolume snapshot` commits a transaction, and the standby
+/// would receive and switch in an empty difference). Any change, reading files that updates their
+/// access times included, moves the generation; then a snapshot is taken as usual.
+fn unchanged_since(source: &Path, local: &[SubvolInfo]) -> Result<Option<SubvolInfo>, VolumeError> {
+    btrfs::check_no_nested(source).map_err(VolumeError::Btrfs)?;
+    let Some(newest) = local
+        .iter()
+        .max_by_key(|s| (s.created_generation, s.id))
+        .cloned()
+    else {
+        return Ok(None);
+    };
+    btrfs::sync_filesystem(source).map_err(VolumeError::Btrfs)?;
+    let info = btrfs::subvolume_info(source).map_err(VolumeError::Btrfs)?;
+    let same_source = newest.parent_uuid.as_deref() == Some(info.uuid.as_str());
+    Ok((same_source && info.generation <= newest.created_generation).then_some(newest))
+}
+
 pub async fn push_btrfs(cfg: &PushConfig, metrics: &Metrics) -> Result<PushReport, NetError> {
     let dirs = VolumeDirs::new(&cfg.state_dir, &cfg.volume);
     let _lock = crate::primary::lock_for_push(&dirs)?;
@@ -224,19 +245,25 @@ pub async fn push_btrfs(cfg: &PushConfig, metrics: &Metrics) -> Result<PushRepor
     let keep = cfg.keep.max(1);
     let captured_at_ms = now_ms();
     let name = format!("{}.{captured_at_ms}", cfg.volume);
-    let (snap, local) = {
+    let (snap, local, reused) = {
         let snapdir = snapdir.clone();
         blocking(move || {
-            btrfs::check_no_nested(&source).map_err(VolumeError::Btrfs)?;
             std::fs::create_dir_all(&snapdir)
                 .map_err(|e| VolumeError::io("creating", &snapdir, e))?;
+            let local = btrfs::list_snapshots(&snapdir).map_err(VolumeError::Btrfs)?;
+            if let Some(newest) = unchanged_since(&source, &local)? {
+                return Ok((newest, local, true));
+            }
             let snap =
                 btrfs::take_snapshot(&source, &snapdir, &name).map_err(VolumeError::Btrfs)?;
             let local = btrfs::list_snapshots(&snapdir).map_err(VolumeError::Btrfs)?;
-            Ok((snap, local))
+            Ok((snap, local, false))
         })
         .await?
     };
+    if reused {
+        tracing::debug!(volume = %cfg.volume, snapshot = %snap.path.display(), "nothing changed since the newest snapshot; using it");
+    }
     let snapshot = Snapshot {
         tree_hash: snap.send_uuid().to_owned(),
         captured_at_ms,
@@ -282,7 +309,10 @@ pub async fn push_btrfs(cfg: &PushConfig, metrics: &Metrics) -> Result<PushRepor
         .values()
         .filter_map(|r| r.last_common.as_ref().map(|s| s.tree_hash.clone()))
         .collect();
-    let pruned = {
+    let pruned = if reused {
+        // No snapshot was added, so none can be beyond retention now.
+        0
+    } else {
         let pinned = pinned.clone();
         blocking(move || {
             let all = btrfs::list_snapshots(&snapdir).map_err(VolumeError::Btrfs)?;

@@ -136,6 +136,25 @@ async fn full_then_incremental_by_uuid_and_verify() {
     // The standby's live copy is writable (a service can start on it after a failover).
     assert!(!fs::metadata(s.live()).unwrap().permissions().readonly());
 
+    // Nothing changed: no snapshot is taken and nothing is sent. (Reading the files above moved
+    // their access times, a change to btrfs; the first push takes that in.)
+    push_once(&cfg, &Metrics::default()).await.unwrap().results[0]
+        .1
+        .as_ref()
+        .unwrap();
+    let snapdir = s.primary.mount().join(".vol.hearth-snapshots");
+    let before = hidden(&snapdir, "v.");
+    let r = push_once(&cfg, &Metrics::default()).await.unwrap();
+    let third = r.results[0].1.as_ref().unwrap().clone();
+    assert_eq!(third.kind, SyncKind::Unchanged, "{third:?}");
+    assert_eq!(hidden(&snapdir, "v."), before);
+    // A write not yet committed by btrfs is still a change: the push commits before it looks.
+    write(&s.src(), "config.yml", b"a: 3\n");
+    let r = push_once(&cfg, &Metrics::default()).await.unwrap();
+    let fourth = r.results[0].1.as_ref().unwrap().clone();
+    assert_eq!(fourth.kind, SyncKind::Incremental, "{fourth:?}");
+    same(&s.src(), &s.live());
+
     let v = verify(&cfg, &cfg.targets[0]).await.unwrap();
     assert!(v.equal(), "{v:?}");
     // Retention: at most `keep` snapshots besides the pinned one.
