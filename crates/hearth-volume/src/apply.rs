@@ -307,6 +307,7 @@ fn apply_inner(
     // Whether the live tree is exactly as the last apply left it decides where it goes after the
     // switch (a `prev` tree, or kept aside as diverged) and whether its files may be linked. It is
     // checked now, before linking changes the shared inodes' ctimes.
+    let mut phases = Phases::start();
     let (live_files, live_clean) = reusable_files(&names)?;
     // A tree from another history is kept aside like a changed one: at the switch, so the live
     // path is never empty, and without hard links into it.
@@ -332,6 +333,7 @@ fn apply_inner(
     fs::create_dir(&staging).ctx("creating", &staging)?;
     sync_dir(&names.parent)?;
 
+    phases.mark("check live");
     build(
         store,
         manifest,
@@ -344,11 +346,13 @@ fn apply_inner(
     report.changed_live.dedup();
     // Stamps are taken after the whole tree is built, because creating a hard link or setting
     // metadata changes a file's ctime.
+    phases.mark("build");
     let pruned = match keep {
         // The live tree becomes a replaced tree at the switch: keep one fewer now.
         Some(keep) => prune_previous(&live, keep.saturating_sub(1))?,
         None => PruneReport::default(),
     };
+    phases.mark("prune");
     let mut stamps = Vec::new();
     for entry in &manifest.entries {
         if let EntryKind::File { .. } = entry.kind {
@@ -361,6 +365,7 @@ fn apply_inner(
     let staging_dir = File::open(&staging).ctx("opening", &staging)?;
     // One syncfs instead of an fsync per file: it flushes every file and directory of the
     // staging tree (and whatever else is dirty on that filesystem) at a fraction of the cost.
+    phases.mark("stamps");
     rustix::fs::syncfs(&staging_dir).ctx("syncing", &staging)?;
     drop(staging_dir);
 
@@ -381,6 +386,7 @@ fn apply_inner(
     sync_dir(&names.parent)?;
     // A change to a live file after the switch must get a ctime other than the recorded one,
     // or the next apply could reuse a changed file; see `reuse::CTIME_MARGIN`.
+    phases.mark("sync");
     wait_until(stamps.switch_not_before());
 
     if exists(&live) {
@@ -429,7 +435,44 @@ fn apply_inner(
     // they are never used with the new manifest even if a crash stops us here.
     fs::rename(&next_stamps, names.live_stamps()).ctx("renaming", &next_stamps)?;
     sync_dir(&names.parent)?;
+    phases.mark("switch");
+    tracing::debug!(phases = %phases, "applied");
     Ok((report, pruned))
+}
+
+/// How long each phase of an apply took, for the debug log.
+struct Phases {
+    last: std::time::Instant,
+    done: Vec<(&'static str, std::time::Duration)>,
+}
+
+impl Phases {
+    fn start() -> Self {
+        Phases {
+            last: std::time::Instant::now(),
+            done: Vec::new(),
+        }
+    }
+
+    fn mark(&mut self, name: &'static str) {
+        let now = std::time::Instant::now();
+        self.done.push((name, now - self.last));
+        self.last = now;
+    }
+}
+
+impl std::fmt::Display for Phases {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, (name, d)) in self.done.iter().enumerate() {
+            write!(
+                f,
+                "{}{name} {} ms",
+                if i > 0 { ", " } else { "" },
+                d.as_millis()
+            )?;
+        }
+        Ok(())
+    }
 }
 
 /// Whether the live tree is exactly as the last apply left it.
@@ -472,6 +515,7 @@ fn reusable_files(names: &TreeNames) -> Result<(Option<LiveFiles>, LiveCheck), V
         max_retries: 0,
         unstable: UnstablePolicy::Fail,
         allow_devices: true,
+        ignore_device: false,
     };
     let now = match capture(&live, &opts, cache.as_ref()) {
         Ok(now) => now,

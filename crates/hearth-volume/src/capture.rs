@@ -44,6 +44,10 @@ pub struct CaptureOptions {
     pub unstable: UnstablePolicy,
     /// Record character and block devices; when false they fail the capture.
     pub allow_devices: bool,
+    /// Leave device numbers out when matching files against the cache: for a tree captured from
+    /// a new snapshot each time (each btrfs snapshot is a device of its own to `stat`, with the
+    /// inode numbers of the subvolume it was taken of).
+    pub ignore_device: bool,
 }
 
 impl Default for CaptureOptions {
@@ -53,6 +57,7 @@ impl Default for CaptureOptions {
             max_retries: 3,
             unstable: UnstablePolicy::Fail,
             allow_devices: false,
+            ignore_device: false,
         }
     }
 }
@@ -228,6 +233,16 @@ struct Stamp {
 }
 
 impl Stamp {
+    /// The stamp the cache keeps and compares: without the device number when the options say
+    /// each capture sees the tree on a new device.
+    fn for_cache(md: &Metadata, opts: &CaptureOptions) -> Self {
+        let mut s = Stamp::of(md);
+        if opts.ignore_device {
+            s.dev = 0;
+        }
+        s
+    }
+
     fn of(md: &Metadata) -> Self {
         Stamp {
             dev: md.dev(),
@@ -548,7 +563,7 @@ fn scan_once(
                 entries.push(entry);
                 continue;
             }
-            let stamp = Stamp::of(&md);
+            let stamp = Stamp::for_cache(&md, opts);
             let read = if let Some(hit) = prev.lookup(&rel, &stamp, opts.chunking) {
                 report.files_reused += 1;
                 Some((md, hit.xattrs.clone(), hit.chunks.clone()))
@@ -575,7 +590,7 @@ fn scan_once(
             cached.insert(
                 rel.clone(),
                 CachedFile {
-                    stamp: Stamp::of(&md),
+                    stamp: Stamp::for_cache(&md, opts),
                     xattrs,
                     chunks,
                 },

@@ -44,6 +44,42 @@ pub fn snapshot_dir(source: &Path) -> PathBuf {
     hidden(source, "hearth-snapshots")
 }
 
+/// A read-only snapshot of a volume taken for one push of the files backend, beside the volume in
+/// `.<name>.hearth-capture/`, and deleted when the push is over.
+#[derive(Debug)]
+pub struct CaptureView {
+    path: PathBuf,
+}
+
+impl CaptureView {
+    /// Takes the snapshot when `source` is a btrfs subvolume (`None` otherwise). Snapshots left
+    /// in the folder by an earlier push that was killed are hearth's own copies and are deleted
+    /// first.
+    pub fn take(source: &Path, volume: &str) -> Result<Option<CaptureView>, VolumeError> {
+        if !btrfs::is_subvolume(source).unwrap_or(false) {
+            return Ok(None);
+        }
+        let dir = hidden(source, "hearth-capture");
+        std::fs::create_dir_all(&dir).map_err(|e| VolumeError::io("creating", &dir, e))?;
+        for old in btrfs::list_snapshots(&dir).map_err(VolumeError::Btrfs)? {
+            btrfs::delete_subvolume(&old.path).map_err(VolumeError::Btrfs)?;
+        }
+        let name = format!("{volume}.{}", now_ms());
+        let snap = btrfs::take_snapshot(source, &dir, &name).map_err(VolumeError::Btrfs)?;
+        Ok(Some(CaptureView { path: snap.path }))
+    }
+
+    /// Where the snapshot is.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Deletes the snapshot.
+    pub fn remove(self) -> Result<(), VolumeError> {
+        btrfs::delete_subvolume(&self.path).map_err(VolumeError::Btrfs)
+    }
+}
+
 fn hidden(path: &Path, suffix: &str) -> PathBuf {
     let name = path
         .file_name()

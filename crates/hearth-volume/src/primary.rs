@@ -165,6 +165,35 @@ pub async fn push_once(cfg: &PushConfig, metrics: &Metrics) -> Result<PushReport
     }
     let dirs = VolumeDirs::new(&cfg.state_dir, &cfg.volume);
     let _lock = lock_for_push(&dirs)?;
+    // A consistent view where the filesystem gives one: on a btrfs subvolume (pushed with the
+    // files backend, say to a standby on ext4), the tree is captured and read from a read-only
+    // snapshot, so no file can change while it is read. Elsewhere the capture checks for changes.
+    let view = {
+        let (source, volume) = (cfg.source.clone(), cfg.volume.clone());
+        blocking(move || crate::link_btrfs::CaptureView::take(&source, &volume)).await?
+    };
+    let result = match &view {
+        Some(v) => {
+            let mut from_view = cfg.clone();
+            from_view.source = v.path().to_owned();
+            // Every snapshot is a new device to `stat`, with the same inode numbers.
+            from_view.capture.ignore_device = true;
+            push_files(&from_view, metrics, &dirs).await
+        }
+        None => push_files(cfg, metrics, &dirs).await,
+    };
+    if let Some(v) = view {
+        blocking(move || v.remove()).await?;
+    }
+    result
+}
+
+/// The files backend's push (see [`push_once`]), from `cfg.source` as given.
+async fn push_files(
+    cfg: &PushConfig,
+    metrics: &Metrics,
+    dirs: &VolumeDirs,
+) -> Result<PushReport, NetError> {
     let started = Instant::now();
     let mut pending: Vec<Target> = cfg.targets.clone();
     let mut results: Vec<(String, Result<SyncOutcome, NetError>)> = Vec::new();
@@ -193,7 +222,7 @@ pub async fn push_once(cfg: &PushConfig, metrics: &Metrics) -> Result<PushReport
                 }
             }
         }
-        let captured_tree = capture_and_record(cfg, &dirs, &mut streams).await?;
+        let captured_tree = capture_and_record(cfg, dirs, &mut streams).await?;
         let (snapshot, captured, manifest, encoded, tree_hash) = captured_tree;
         let encoded = Arc::new(encoded);
         let plan = Arc::new(ChunkIndex::new(manifest));
@@ -243,7 +272,7 @@ pub async fn push_once(cfg: &PushConfig, metrics: &Metrics) -> Result<PushReport
             }
         }
         state::save(&dirs.primary(), &st)?;
-        forget_unneeded_trees(&dirs, &st)?;
+        forget_unneeded_trees(dirs, &st)?;
         if retry.is_empty() {
             metrics
                 .sync_seconds

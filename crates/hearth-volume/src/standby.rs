@@ -1049,6 +1049,7 @@ impl Session {
             max_retries: 3,
             unstable: UnstablePolicy::Include,
             allow_devices: true,
+            ignore_device: false,
         };
         let encoded = blocking(move || capture(&live, &opts, None)?.manifest.encode()).await?;
         send(
