@@ -197,19 +197,106 @@ pub async fn receive_checked<R: AsyncRead + Unpin + Send>(
     Ok((received, got_len))
 }
 
+/// The standby's copy of a full stream as it arrives (see `VolumeDirs::partial_stream`): `held`
+/// bytes of it from an earlier transfer are fed to `btrfs receive` first, and what arrives is
+/// appended. It is not fsynced: a copy torn by a crash fails the stream's hash at the end and is
+/// dropped, which costs only the resume.
+pub struct Spool {
+    file: tokio::fs::File,
+    path: PathBuf,
+    held: u64,
+}
+
+impl Spool {
+    /// Opens the copy at `path` and says how much of the stream it holds; any copy of another
+    /// snapshot's stream in the same folder is removed first (one cut first sync is resumed, the
+    /// newest).
+    pub async fn open(path: PathBuf) -> Result<Spool, NetError> {
+        let dir = path.parent().unwrap_or(Path::new("/")).to_owned();
+        if let Ok(mut rd) = tokio::fs::read_dir(&dir).await {
+            while let Ok(Some(e)) = rd.next_entry().await {
+                let name = e.file_name();
+                let name = name.to_string_lossy();
+                if name.starts_with("btrfs-partial.") && e.path() != path {
+                    let _ = tokio::fs::remove_file(e.path()).await;
+                }
+            }
+        }
+        tokio::fs::create_dir_all(&dir)
+            .await
+            .map_err(|e| NetError::io("creating", &dir, e))?;
+        let file = tokio::fs::OpenOptions::new()
+            .create(true)
+            .read(true)
+            .append(true)
+            .open(&path)
+            .await
+            .map_err(|e| NetError::io("opening", &path, e))?;
+        let held = file
+            .metadata()
+            .await
+            .map_err(|e| NetError::io("inspecting", &path, e))?
+            .len();
+        Ok(Spool { file, path, held })
+    }
+
+    /// Bytes of the stream already held.
+    pub fn held(&self) -> u64 {
+        self.held
+    }
+
+    /// Removes the copy (the stream was received whole, or it was wrong).
+    pub async fn remove(path: &Path) {
+        let _ = tokio::fs::remove_file(path).await;
+    }
+}
+
 /// Feeds a stream's pieces, read as frames from `rd`, into `tx`, hashing them; returns the
-/// announced and the actual length and hash.
+/// announced and the actual length and hash. With a `spool`, its held bytes go first and every
+/// piece that arrives is also appended to it.
 pub async fn feed_stream<W, R>(
     mut tx: W,
     rd: &mut R,
     timeout: std::time::Duration,
+    mut spool: Option<Spool>,
 ) -> Result<(u64, [u8; 32], u64, [u8; 32]), NetError>
 where
     W: tokio::io::AsyncWrite + Unpin,
     R: AsyncRead + Unpin,
 {
+    use tokio::io::{AsyncReadExt, AsyncSeekExt};
     let mut hasher = blake3::Hasher::new();
     let mut got = 0u64;
+    let stopped = || {
+        NetError::Link(io::Error::new(
+            io::ErrorKind::BrokenPipe,
+            "btrfs receive stopped reading",
+        ))
+    };
+    if let Some(s) = spool.as_mut().filter(|s| s.held > 0) {
+        let mut held = tokio::fs::File::open(&s.path)
+            .await
+            .map_err(|e| NetError::io("opening", &s.path, e))?;
+        held.seek(io::SeekFrom::Start(0))
+            .await
+            .map_err(|e| NetError::io("reading", &s.path, e))?;
+        let mut buf = vec![0u8; STREAM_PART];
+        let mut left = s.held;
+        while left > 0 {
+            let want = buf.len().min(left as usize);
+            let n = held
+                .read(&mut buf[..want])
+                .await
+                .map_err(|e| NetError::io("reading", &s.path, e))?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            got += n as u64;
+            left -= n as u64;
+            tx.write_all(&buf[..n]).await.map_err(|_| stopped())?;
+        }
+    }
     loop {
         let frame = tokio::time::timeout(timeout, wire::read_frame(rd))
             .await
@@ -223,15 +310,22 @@ where
             Some(Request::StreamPart(bytes)) => {
                 hasher.update(&bytes);
                 got += bytes.len() as u64;
+                if let Some(s) = spool.as_mut()
+                    && let Err(e) = s.file.write_all(&bytes).await
+                {
+                    // The copy only serves a later resume; without it this transfer goes on.
+                    tracing::warn!(path = %s.path.display(), error = %e, "could not keep a copy of the stream; a cut transfer will start over");
+                    spool = None;
+                }
                 // A receive that failed stops reading; the error comes from its side.
                 if tx.write_all(&bytes).await.is_err() {
-                    return Err(NetError::Link(io::Error::new(
-                        io::ErrorKind::BrokenPipe,
-                        "btrfs receive stopped reading",
-                    )));
+                    return Err(stopped());
                 }
             }
             Some(Request::StreamEnd { len, hash }) => {
+                if let Some(s) = spool.as_mut() {
+                    s.file.flush().await.ok();
+                }
                 tx.shutdown().await.ok();
                 return Ok((len, hash, got, *hasher.finalize().as_bytes()));
             }
@@ -250,8 +344,6 @@ where
     }
 }
 
-/// One push of a btrfs volume: snapshot (unless nothing changed since the last one), then each
-/// standby brought to it.
 /// The newest snapshot of `source` in `local` when `source` has not changed since it was taken:
 /// after a commit of the filesystem (so that every write so far counts), the subvolume's generation
 /// is not past the transaction that created the snapshot. A push with nothing new then takes no
@@ -273,6 +365,8 @@ fn unchanged_since(source: &Path, local: &[SubvolInfo]) -> Result<Option<SubvolI
     Ok((same_source && info.generation <= newest.created_generation).then_some(newest))
 }
 
+/// One push of a btrfs volume: snapshot (unless nothing changed since the last one), then each
+/// standby brought to it.
 pub async fn push_btrfs(cfg: &PushConfig, metrics: &Metrics) -> Result<PushReport, NetError> {
     let dirs = VolumeDirs::new(&cfg.state_dir, &cfg.volume);
     let _lock = crate::primary::lock_for_push(&dirs)?;
@@ -411,24 +505,101 @@ async fn sync_btrfs(
             duration: started.elapsed(),
         });
     }
+    let mut sent = 0u64;
+    let mut kept_aside = Vec::new();
     let (kind, parent) = match btrfs::choose_parent(older, &received) {
         ParentChoice::Incremental { parent } => (SyncKind::Incremental, Some(parent)),
         ParentChoice::Full { reason } => {
-            // Never silent: a full send of a large volume is the expensive case.
-            tracing::warn!(volume = %cfg.volume, standby = %target.addr, %reason, "sending the whole snapshot");
-            (SyncKind::Full, None)
+            // The standby holds the start of a cut full stream of an older snapshot that is still
+            // here: that stream is finished first, so a first sync resumes even when the volume
+            // changed since, and the newest snapshot follows as an incremental stream from it.
+            let partial = welcome
+                .btrfs_partial
+                .as_ref()
+                .and_then(|u| older.iter().find(|s| s.send_uuid().eq_ignore_ascii_case(u)));
+            match partial {
+                Some(p) => {
+                    tracing::info!(volume = %cfg.volume, standby = %target.addr, snapshot = %p.send_uuid(), "finishing the cut full stream of an older snapshot first");
+                    let (s, _, k) =
+                        send_one(cfg, target, &mut link, p, None, history, captured_at_ms).await?;
+                    sent += s;
+                    kept_aside.extend(k);
+                    (SyncKind::Full, Some(p.clone()))
+                }
+                None => {
+                    // Never silent: a full send of a large volume is the expensive case.
+                    tracing::warn!(volume = %cfg.volume, standby = %target.addr, %reason, "sending the whole snapshot");
+                    (SyncKind::Full, None)
+                }
+            }
         }
     };
+    let (s, len, k) = send_one(
+        cfg,
+        target,
+        &mut link,
+        snap,
+        parent.as_ref(),
+        history,
+        captured_at_ms,
+    )
+    .await?;
+    sent += s;
+    kept_aside.extend(k);
+    link.send(&Request::Done).await.ok();
+    tracing::info!(volume = %cfg.volume, standby = %target.addr, kind = kind.as_str(), bytes = sent, "standby is in sync");
+    Ok(SyncOutcome {
+        kind,
+        chunks_sent: 0,
+        bytes_sent: sent,
+        applied: Some(wire::Applied {
+            tree_hash: crate::manifest::TreeHash([0; 32]),
+            unchanged: false,
+            files: 0,
+            bytes: len,
+            reused: 0,
+            kept_aside,
+        }),
+        duration: started.elapsed(),
+    })
+}
+
+/// Offers `snap` (a full stream, or incremental from `parent`), sends its stream after whatever
+/// the standby already holds of it, and waits until the standby made it live. Returns the bytes
+/// sent, the stream's length, and what the standby kept aside.
+async fn send_one(
+    cfg: &PushConfig,
+    target: &Target,
+    link: &mut crate::primary::Link,
+    snap: &SubvolInfo,
+    parent: Option<&SubvolInfo>,
+    history: &[String],
+    captured_at_ms: u64,
+) -> Result<(u64, u64, Vec<String>), NetError> {
     link.send(&Request::BtrfsOffer(BtrfsOffer {
         uuid: snap.send_uuid().to_owned(),
-        parent: parent.as_ref().map(|p| p.send_uuid().to_owned()),
+        parent: parent.map(|p| p.send_uuid().to_owned()),
         history: history.to_vec(),
         captured_at_ms,
     }))
     .await?;
-    let mut stream = btrfs::send(snap, parent.as_ref()).map_err(vol)?;
+    // The standby may hold the start of this stream from a cut transfer: it is made again (the
+    // hash at the end covers all of it) and only the rest is sent.
+    let skip = match link.recv().await? {
+        Response::BtrfsResume { offset } => offset,
+        other => {
+            return Err(NetError::Protocol(format!(
+                "expected BtrfsResume, got {other:?}"
+            )));
+        }
+    };
+    if skip > 0 {
+        tracing::info!(volume = %cfg.volume, standby = %target.addr, bytes = skip, "the standby holds the start of this stream; resuming after it");
+    }
+    let mut stream = btrfs::send(snap, parent).map_err(vol)?;
     let mut hasher = blake3::Hasher::new();
     let mut len = 0u64;
+    let mut sent = 0u64;
     let mut buf = vec![0u8; STREAM_PART];
     loop {
         let n = stream
@@ -439,8 +610,13 @@ async fn sync_btrfs(
             break;
         }
         hasher.update(&buf[..n]);
+        let from = skip.saturating_sub(len).min(n as u64) as usize;
         len += n as u64;
-        link.queue(&Request::StreamPart(buf[..n].to_vec())).await?;
+        if from < n {
+            sent += (n - from) as u64;
+            link.queue(&Request::StreamPart(buf[from..n].to_vec()))
+                .await?;
+        }
     }
     stream.finish().await.map_err(vol)?;
     link.send(&Request::StreamEnd {
@@ -449,30 +625,13 @@ async fn sync_btrfs(
     })
     .await?;
     match link.recv_within(cfg.timeout * 60).await? {
-        Response::BtrfsApplied { uuid, kept_aside } => {
-            link.send(&Request::Done).await.ok();
-            if uuid != snap.send_uuid() {
-                return Err(NetError::Protocol(format!(
-                    "the standby applied {uuid}, not {}",
-                    snap.send_uuid()
-                )));
-            }
-            tracing::info!(volume = %cfg.volume, standby = %target.addr, kind = kind.as_str(), bytes = len, "standby is in sync");
-            Ok(SyncOutcome {
-                kind,
-                chunks_sent: 0,
-                bytes_sent: len,
-                applied: Some(wire::Applied {
-                    tree_hash: crate::manifest::TreeHash([0; 32]),
-                    unchanged: false,
-                    files: 0,
-                    bytes: len,
-                    reused: 0,
-                    kept_aside,
-                }),
-                duration: started.elapsed(),
-            })
+        Response::BtrfsApplied { uuid, kept_aside } if uuid == snap.send_uuid() => {
+            Ok((sent, len, kept_aside))
         }
+        Response::BtrfsApplied { uuid, .. } => Err(NetError::Protocol(format!(
+            "the standby applied {uuid}, not {}",
+            snap.send_uuid()
+        ))),
         other => Err(NetError::Protocol(format!(
             "expected BtrfsApplied, got {other:?}"
         ))),

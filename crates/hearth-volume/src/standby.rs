@@ -256,7 +256,7 @@ async fn connection(
         blocking(move || crate::link_btrfs::standby_received(&l)).await?
     };
     let incoming_dir = TreeNames::of(&live)?.incoming();
-    let fresh = live_tree.is_none() && btrfs_received.is_none() && {
+    let fresh = live_tree.is_none() && {
         let (l, i, c) = (live.clone(), incoming_dir.clone(), dirs.chunks());
         blocking(move || {
             Ok(live_content(&l)? == LiveContent::Empty
@@ -273,6 +273,7 @@ async fn connection(
             protocol: PROTOCOL_VERSION,
             epoch: st.epoch,
             live: live_tree,
+            btrfs_partial: btrfs_received.as_ref().and(dirs.partial_stream_held()),
             btrfs_received,
             fresh,
         }),
@@ -920,11 +921,33 @@ impl Session {
             offer.parent.as_deref(),
             &offer.history,
         );
-        tracing::info!(volume = %self.hello.volume, snapshot = %offer.uuid, parent = ?offer.parent, "receiving a btrfs stream");
+        // A full stream is copied as it arrives, so that a first sync cut at any point resumes
+        // where it stopped: `btrfs send` cannot resume, but the same snapshot's stream can be
+        // made again and the part held here skipped. (Incremental streams are small and not kept.)
+        let spool_path = match offer.parent {
+            None => self.dirs.partial_stream(&offer.uuid),
+            Some(_) => None,
+        };
+        let spool = match &spool_path {
+            Some(p) => Some(lb::Spool::open(p.clone()).await?),
+            None => None,
+        };
+        let offset = spool.as_ref().map_or(0, lb::Spool::held);
+        send(wr, &Response::BtrfsResume { offset }).await?;
+        tracing::info!(volume = %self.hello.volume, snapshot = %offer.uuid, parent = ?offer.parent, resume_at = offset, "receiving a btrfs stream");
         let (tx, rx) = tokio::io::duplex(4 << 20);
         let timeout = self.shared.config.timeout;
-        let (received, len) =
-            lb::receive_checked(&staging, rx, lb::feed_stream(tx, rd, timeout)).await?;
+        let received =
+            lb::receive_checked(&staging, rx, lb::feed_stream(tx, rd, timeout, spool)).await;
+        if let Some(p) = &spool_path {
+            // Kept only when the link broke; a stream that was wrong, or that `btrfs receive`
+            // refused, would fail the same way again.
+            let link_cut = matches!(&received, Err(NetError::Link(e)) if e.kind() != io::ErrorKind::BrokenPipe);
+            if !link_cut {
+                lb::Spool::remove(p).await;
+            }
+        }
+        let (received, len) = received?;
         let epoch = self.hello.epoch;
         let mut kept = Vec::new();
         let mut reasons = Vec::new();

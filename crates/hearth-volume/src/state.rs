@@ -274,6 +274,31 @@ impl VolumeDirs {
     pub fn chunks(&self) -> PathBuf {
         self.root.join("store")
     }
+    /// The standby's copy of a full `btrfs send` stream being received for snapshot `uuid`, kept
+    /// when the link breaks so that the next push of the same snapshot resumes after it. `None`
+    /// for a UUID that is not one (it comes from the primary and becomes part of a file name).
+    pub fn partial_stream(&self, uuid: &str) -> Option<PathBuf> {
+        let plain = uuid.len() == 36 && uuid.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-');
+        plain.then(|| {
+            self.root.join(format!(
+                "btrfs-partial.{}.stream",
+                uuid.to_ascii_lowercase()
+            ))
+        })
+    }
+    /// The snapshot whose full stream the standby holds the start of (see
+    /// [`VolumeDirs::partial_stream`]), when it holds any of one.
+    pub fn partial_stream_held(&self) -> Option<String> {
+        std::fs::read_dir(&self.root).ok()?.flatten().find_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            let uuid = name
+                .strip_prefix("btrfs-partial.")?
+                .strip_suffix(".stream")?;
+            let held = e.metadata().ok()?.len() > 0;
+            (held && self.partial_stream(uuid).as_deref() == Some(e.path().as_path()))
+                .then(|| uuid.to_owned())
+        })
+    }
     /// The lock file that keeps two processes from working on the volume at once.
     pub fn lock(&self) -> PathBuf {
         self.root.join("lock")

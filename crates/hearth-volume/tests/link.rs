@@ -19,8 +19,6 @@ use hearth_volume::net::wire::{Hello, PROTOCOL_VERSION, RefusalCode, Request, Re
 use hearth_volume::primary::{Backend, PushConfig, SyncKind, Target, connect, push_once, verify};
 use hearth_volume::state::{self, VolumeDirs};
 use hearth_volume::{CaptureOptions, Entry, EntryKind, Manifest};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
 
 /// The in-process standby of these tests: volume `v` at `<dir>/standby/data/v`.
 async fn start_standby(dir: &Path, allowed: &[&Identity]) -> Standby {
@@ -336,51 +334,6 @@ fn walk_files(dir: &Path) -> usize {
         .sum()
 }
 
-/// A TCP relay that forwards both ways and, after `cut_after` bytes from the client, either
-/// drops the connection or flips one byte and goes on.
-async fn relay(upstream: String, cut_after: usize, flip: bool) -> String {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
-    tokio::spawn(async move {
-        while let Ok((mut client, _)) = listener.accept().await {
-            let mut server = TcpStream::connect(&upstream).await.unwrap();
-            tokio::spawn(async move {
-                let (mut cr, mut cw) = client.split();
-                let (mut sr, mut sw) = server.split();
-                let up = async {
-                    let mut seen = 0usize;
-                    let mut buf = vec![0u8; 16384];
-                    loop {
-                        let n = cr.read(&mut buf).await.unwrap_or(0);
-                        if n == 0 {
-                            break;
-                        }
-                        if seen + n > cut_after {
-                            if !flip {
-                                break;
-                            }
-                            let at = cut_after.saturating_sub(seen).min(n - 1);
-                            if seen <= cut_after {
-                                buf[at] ^= 0x40;
-                            }
-                        }
-                        seen += n;
-                        if sw.write_all(&buf[..n]).await.is_err() {
-                            break;
-                        }
-                    }
-                };
-                let down = tokio::io::copy(&mut sr, &mut cw);
-                tokio::select! {
-                    _ = up => {}
-                    _ = down => {}
-                }
-            });
-        }
-    });
-    addr
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cut_first_sync_resumes_and_a_tampered_stream_is_rejected() {
     let dir = tempfile::tempdir().unwrap();
@@ -402,13 +355,13 @@ async fn a_cut_first_sync_resumes_and_a_tampered_stream_is_rejected() {
     }
     // A byte flipped inside the TLS stream breaks the record's authentication: the standby
     // drops the connection and applies nothing.
-    cfg.targets[0].addr = relay(sb.addr.clone(), 3_000_000, true).await;
+    cfg.targets[0].addr = common::relay(sb.addr.clone(), 3_000_000, true).await;
     let r = push_once(&cfg, &Metrics::default()).await.unwrap();
     assert!(r.results[0].1.is_err(), "a tampered stream must fail");
     assert!(!sb.live.exists());
 
     // A link cut after ~3 MB: the standby keeps what arrived.
-    cfg.targets[0].addr = relay(sb.addr.clone(), 3_000_000, false).await;
+    cfg.targets[0].addr = common::relay(sb.addr.clone(), 3_000_000, false).await;
     let r = push_once(&cfg, &Metrics::default()).await.unwrap();
     assert!(r.results[0].1.is_err(), "the cut push must fail");
     assert!(!sb.live.exists(), "nothing half-applied");
@@ -557,7 +510,7 @@ async fn a_first_sync_streams_while_capturing_and_resumes_from_what_arrived() {
 
     // A link cut after ~2 MB of a streamed first sync: what arrived stays in the incoming
     // directory and nothing is applied.
-    cfg.targets[0].addr = relay(sb.addr.clone(), 2_000_000, false).await;
+    cfg.targets[0].addr = common::relay(sb.addr.clone(), 2_000_000, false).await;
     let r = push_once(&cfg, &Metrics::default()).await.unwrap();
     assert!(r.results[0].1.is_err(), "the cut push must fail");
     assert!(!sb.live.exists(), "nothing half-applied");

@@ -265,3 +265,71 @@ async fn the_files_backend_captures_a_subvolume_from_a_snapshot() {
     same(&s.src(), &s.live());
     s.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_full_stream_resumes_where_it_stopped() {
+    let _serial = SERIAL.lock().await;
+    let s = Sides::new().await;
+    // Random bytes, so the stream is about as large as the data: ~8 MB.
+    let mut x: u64 = 4242;
+    for i in 0..8 {
+        let body: Vec<u8> = (0..1_000_000)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        write(&s.src(), &format!("d/f{i}"), &body);
+    }
+    let mut cfg = s.cfg(1, "p");
+    // The link breaks after ~4 MB of the first (full) stream: nothing is live yet.
+    cfg.targets[0].addr = common::relay(s.server.addr.clone(), 4_000_000, false).await;
+    let r = push_once(&cfg, &Metrics::default()).await.unwrap();
+    assert!(r.results[0].1.is_err(), "the cut push must fail");
+    assert!(!s.live().exists());
+
+    // The volume changed meanwhile, so the next push takes a new snapshot; the cut stream of the
+    // old one is finished first (only its rest travels), then the new one follows incrementally.
+    write(&s.src(), "config.yml", b"changed after the cut\n");
+    cfg.targets[0].addr = s.server.addr.clone();
+    let r = push_once(&cfg, &Metrics::default()).await.unwrap();
+    let o = r.results[0].1.as_ref().unwrap().clone();
+    assert_eq!(o.kind, SyncKind::Full);
+    assert!(
+        o.bytes_sent < 6_000_000 && o.bytes_sent > 2_000_000,
+        "resumed stream sent {} of ~8 MB",
+        o.bytes_sent
+    );
+    same(&s.src(), &s.live());
+
+    // A cut again, of a stream that is then made again identically (nothing changed): the part
+    // held is skipped as well.
+    let s2 = Sides::new().await;
+    for i in 0..8 {
+        let body = fs::read(s.src().join(format!("d/f{i}"))).unwrap();
+        write(&s2.src(), &format!("d/f{i}"), &body);
+    }
+    let mut cfg2 = s2.cfg(1, "p");
+    cfg2.targets[0].addr = common::relay(s2.server.addr.clone(), 4_000_000, false).await;
+    assert!(
+        push_once(&cfg2, &Metrics::default()).await.unwrap().results[0]
+            .1
+            .is_err()
+    );
+    cfg2.targets[0].addr = s2.server.addr.clone();
+    let r = push_once(&cfg2, &Metrics::default()).await.unwrap();
+    let o = r.results[0].1.as_ref().unwrap().clone();
+    assert!(o.bytes_sent < 6_000_000, "sent {}", o.bytes_sent);
+    same(&s2.src(), &s2.live());
+    s2.stop().await;
+    // The copy of the stream is gone once it was received whole.
+    let kept: Vec<_> = fs::read_dir(s.state.path().join("standby/v"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("btrfs-partial."))
+        .collect();
+    assert!(kept.is_empty(), "{kept:?}");
+    s.stop().await;
+}

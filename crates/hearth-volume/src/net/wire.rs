@@ -172,6 +172,13 @@ pub enum Response {
         /// Subvolumes the standby kept aside instead of deleting them.
         kept_aside: Vec<String>,
     },
+    /// btrfs backend, the answer to [`Request::BtrfsOffer`]: the stream may start after
+    /// `offset` bytes, which the standby kept from an earlier, cut transfer of the same full
+    /// stream (0: from the start).
+    BtrfsResume {
+        /// Bytes of the stream the standby already holds.
+        offset: u64,
+    },
 }
 
 /// The standby's greeting.
@@ -186,6 +193,10 @@ pub struct Welcome {
     /// When the volume's directory is on btrfs: the received UUIDs of the snapshots the standby
     /// holds (candidates for the parent of an incremental send). `None` elsewhere.
     pub btrfs_received: Option<Vec<String>>,
+    /// btrfs backend: the snapshot (by the same kind of UUID) whose full stream the standby
+    /// holds the start of, from a cut transfer; the primary finishes that one first if it still
+    /// has it.
+    pub btrfs_partial: Option<String>,
     /// The standby holds nothing of this volume: no live tree, no stored chunks, no files
     /// received earlier. The primary may then stream file data while it captures
     /// ([`Request::FileBegin`]); otherwise it offers the tree first, so that what the standby

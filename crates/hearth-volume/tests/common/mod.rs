@@ -287,3 +287,53 @@ impl Standby {
         self.task.await.unwrap();
     }
 }
+
+/// A TCP relay that forwards both ways and, after `cut_after` bytes from the client, either
+/// drops the connection or flips one byte and goes on.
+pub async fn relay(upstream: String, cut_after: usize, flip: bool) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    tokio::spawn(async move {
+        while let Ok((mut client, _)) = listener.accept().await {
+            let mut server = tokio::net::TcpStream::connect(&upstream).await.unwrap();
+            tokio::spawn(async move {
+                let (mut cr, mut cw) = client.split();
+                let (mut sr, mut sw) = server.split();
+                let up = async {
+                    let mut seen = 0usize;
+                    let mut buf = vec![0u8; 16384];
+                    loop {
+                        let n = tokio::io::AsyncReadExt::read(&mut cr, &mut buf)
+                            .await
+                            .unwrap_or(0);
+                        if n == 0 {
+                            break;
+                        }
+                        if seen + n > cut_after {
+                            if !flip {
+                                break;
+                            }
+                            let at = cut_after.saturating_sub(seen).min(n - 1);
+                            if seen <= cut_after {
+                                buf[at] ^= 0x40;
+                            }
+                        }
+                        seen += n;
+                        if tokio::io::AsyncWriteExt::write_all(&mut sw, &buf[..n])
+                            .await
+                            .is_err()
+                        {
+                            break;
+                        }
+                    }
+                };
+                let down = tokio::io::copy(&mut sr, &mut cw);
+                tokio::select! {
+                    _ = up => {}
+                    _ = down => {}
+                }
+            });
+        }
+    });
+    addr
+}
