@@ -611,133 +611,107 @@ fn set_path_meta(path: &Path, entry: &Entry, symlink: bool) -> Result<(), Volume
         .ctx("setting times of", path)
 }
 
+/// Threads that build regular files at once. Apply is mostly waiting on the filesystem (links,
+/// creates, metadata, reads of cold inodes), which overlaps well even on two cores.
+const BUILD_THREADS: usize = 4;
+
+/// What building the regular files did, per thread, added to the report at the end.
+#[derive(Default)]
+struct Tally {
+    files: u64,
+    bytes: u64,
+    reused: u64,
+    cloned: u64,
+    linked: u64,
+    reused_bytes: u64,
+    changed_live: Vec<PathBuf>,
+}
+
 fn build(
     store: &ChunkStore,
     manifest: &Manifest,
     staging: &Path,
     live_files: Option<&LiveFiles>,
-    mut incoming: Option<&mut Incoming>,
+    incoming: Option<&mut Incoming>,
     report: &mut ApplyReport,
 ) -> Result<(), VolumeError> {
+    // Directories first, in order (parents before children); their metadata comes last, deepest
+    // first, so creating their children does not disturb their mtimes.
     let mut dirs: Vec<&Entry> = Vec::new();
+    let mut files: Vec<&Entry> = Vec::new();
     for entry in &manifest.entries {
-        let path = join(staging, &entry.path);
         match &entry.kind {
             EntryKind::Dir => {
                 if !entry.path.is_empty() {
+                    let path = join(staging, &entry.path);
                     fs::create_dir(&path).ctx("creating directory", &path)?;
                 }
-                // Directories get their metadata last, deepest first, so creating their
-                // children does not disturb their mtimes.
                 dirs.push(entry);
             }
-            EntryKind::File { size, chunks } => {
-                // A file received whole before its manifest is moved in, not copied.
-                let received = match incoming.as_deref_mut() {
-                    Some(inc) => inc.take_exact(&entry.path, chunks, &path)?,
-                    None => false,
-                };
-                if received {
-                    report.bytes += chunks.iter().map(|c| u64::from(c.len)).sum::<u64>();
-                } else if let Some(l) = live_files.filter(|l| l.prefers_links()) {
-                    match l.link(entry, *size, chunks, &path)? {
-                        Attempt::Done(_) => {
-                            // Content and metadata are the live file's: nothing else to set.
-                            report.files += 1;
-                            report.reused += 1;
-                            report.linked += 1;
-                            report.reused_bytes +=
-                                chunks.iter().map(|c| u64::from(c.len)).sum::<u64>();
-                            continue;
+            EntryKind::File { .. } => files.push(entry),
+            _ => {}
+        }
+    }
+    // Regular files, on several threads.
+    let incoming = incoming.map(std::sync::Mutex::new);
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let failed = std::sync::atomic::AtomicBool::new(false);
+    let results: Vec<Result<Tally, VolumeError>> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..BUILD_THREADS.min(files.len().max(1)))
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut tally = Tally::default();
+                    loop {
+                        if failed.load(std::sync::atomic::Ordering::Relaxed) {
+                            return Ok(tally);
                         }
-                        Attempt::Changed(live_path) => {
-                            tracing::warn!(path = %live_path.display(), "a live file changed on the standby; building it from chunks, the changed copy stays in the replaced tree");
-                            report.changed_live.push(live_path);
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some(entry) = files.get(i) else {
+                            return Ok(tally);
+                        };
+                        if let Err(e) = build_file(
+                            store,
+                            staging,
+                            entry,
+                            live_files,
+                            incoming.as_ref(),
+                            &mut tally,
+                        ) {
+                            failed.store(true, std::sync::atomic::Ordering::Relaxed);
+                            return Err(e);
                         }
-                        Attempt::NoCandidate => {}
                     }
-                }
-                let file = OpenOptions::new()
-                    .write(true)
-                    .create_new(!received)
-                    .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
-                    .open(&path)
-                    .ctx("creating", &path)?;
-                // An unchanged file of the live tree is cloned or copied rather than rebuilt.
-                let attempt = match live_files {
-                    _ if received => None,
-                    Some(l) => Some(l.fill(*size, chunks, &file)?),
-                    None => Some(Attempt::NoCandidate),
-                };
-                match attempt {
-                    None => {}
-                    Some(attempt) => match attempt {
-                        Attempt::Done(how) => {
-                            report.reused += 1;
-                            report.cloned += u64::from(how == Reused::Cloned);
-                            report.reused_bytes +=
-                                chunks.iter().map(|c| u64::from(c.len)).sum::<u64>();
-                        }
-                        Attempt::NoCandidate | Attempt::Changed(_) => {
-                            if let Attempt::Changed(live_path) = attempt {
-                                tracing::warn!(path = %live_path.display(), "a live file changed on the standby; building it from chunks, the changed copy stays in the replaced tree");
-                                report.changed_live.push(live_path);
-                            }
-                            for chunk in chunks {
-                                let data = match store.get(&chunk.id) {
-                                    Ok(d) => d,
-                                    // Not stored (the store keeps no chunks between syncs) or
-                                    // damaged: an unchanged live file may hold it.
-                                    Err(
-                                        e @ (VolumeError::MissingChunks { .. }
-                                        | VolumeError::ChunkMismatch { .. }),
-                                    ) => match live_files
-                                        .and_then(|l| l.read_chunk(&chunk.id))
-                                        .or_else(|| {
-                                            incoming
-                                                .as_deref()
-                                                .and_then(|i| i.read_chunk(&chunk.id))
-                                        }) {
-                                        Some(d) => d,
-                                        None => return Err(e),
-                                    },
-                                    Err(e) => return Err(e),
-                                };
-                                file.write_all_at(&data, chunk.offset)
-                                    .ctx("writing", &path)?;
-                                report.bytes += data.len() as u64;
-                            }
-                        }
-                    },
-                }
-                // Every metadata change is a journal transaction on most filesystems, so the
-                // ones that would change nothing (a clone already has the size, a new file
-                // usually already has the wanted owner and mode) are skipped.
-                let md = file.metadata().ctx("inspecting", &path)?;
-                if md.len() != *size {
-                    // Extending the length leaves every range no chunk covered as a hole.
-                    file.set_len(*size).ctx("sizing", &path)?;
-                }
-                if (md.uid(), md.gid()) != (entry.uid, entry.gid) {
-                    std::os::unix::fs::fchown(&file, Some(entry.uid), Some(entry.gid))
-                        .ctx("changing owner of", &path)?;
-                }
-                // After chown, which clears set-uid and set-gid bits; a new file has none, so
-                // when chown was skipped the mode read above is still the file's.
-                if md.uid() != entry.uid
-                    || md.gid() != entry.gid
-                    || md.mode() & 0o7777 != entry.mode
-                {
-                    file.set_permissions(fs::Permissions::from_mode(entry.mode))
-                        .ctx("changing mode of", &path)?;
-                }
-                for x in &entry.xattrs {
-                    xattr::FileExt::set_xattr(&file, OsStr::from_bytes(&x.name), &x.value)
-                        .ctx("setting xattr on", &path)?;
-                }
-                rustix::fs::futimens(&file, &times(entry)).ctx("setting times of", &path)?;
-                report.files += 1;
-            }
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .map(|w| {
+                w.join().unwrap_or_else(|_| {
+                    Err(VolumeError::io(
+                        "building",
+                        staging,
+                        std::io::Error::other("a build thread panicked"),
+                    ))
+                })
+            })
+            .collect()
+    });
+    for r in results {
+        let t = r?;
+        report.files += t.files;
+        report.bytes += t.bytes;
+        report.reused += t.reused;
+        report.cloned += t.cloned;
+        report.linked += t.linked;
+        report.reused_bytes += t.reused_bytes;
+        report.changed_live.extend(t.changed_live);
+    }
+    // Everything else in manifest order: hard links after the files they name.
+    for entry in &manifest.entries {
+        let path = join(staging, &entry.path);
+        match &entry.kind {
+            EntryKind::Dir | EntryKind::File { .. } => {}
             EntryKind::Symlink { target } => {
                 std::os::unix::fs::symlink(OsStr::from_bytes(target), &path)
                     .ctx("creating symlink", &path)?;
@@ -762,6 +736,141 @@ fn build(
     for entry in dirs.iter().rev() {
         set_path_meta(&join(staging, &entry.path), entry, false)?;
     }
+    Ok(())
+}
+
+/// The received files, for one build thread at a time.
+fn locked<'a, 'b>(
+    m: &'a std::sync::Mutex<&'b mut Incoming>,
+    staging: &Path,
+) -> Result<std::sync::MutexGuard<'a, &'b mut Incoming>, VolumeError> {
+    m.lock().map_err(|_| {
+        VolumeError::io(
+            "building",
+            staging,
+            std::io::Error::other("a build thread panicked"),
+        )
+    })
+}
+
+/// Builds one regular file of the new tree at its place under `staging`: moved in whole from the
+/// received files, linked or copied from an unchanged live file, or written from chunks.
+fn build_file(
+    store: &ChunkStore,
+    staging: &Path,
+    entry: &Entry,
+    live_files: Option<&LiveFiles>,
+    incoming: Option<&std::sync::Mutex<&mut Incoming>>,
+    report: &mut Tally,
+) -> Result<(), VolumeError> {
+    let EntryKind::File { size, chunks } = &entry.kind else {
+        return Ok(());
+    };
+    let path = join(staging, &entry.path);
+    let lock = |m| locked(m, staging);
+    // A file received whole before its manifest is moved in, not copied.
+    let claimed = match incoming {
+        Some(m) => lock(m)?.claim(&entry.path, chunks),
+        None => None,
+    };
+    let received = claimed.is_some();
+    if let (Some(from), Some(m)) = (claimed, incoming) {
+        rustix::fs::renameat_with(CWD, &from, CWD, &path, RenameFlags::NOREPLACE)
+            .ctx("moving a received file to", &path)?;
+        lock(m)?.relocate(chunks, &from, &path);
+        report.bytes += chunks.iter().map(|c| u64::from(c.len)).sum::<u64>();
+    } else if let Some(l) = live_files.filter(|l| l.prefers_links()) {
+        match l.link(entry, *size, chunks, &path)? {
+            Attempt::Done(_) => {
+                // Content and metadata are the live file's: nothing else to set.
+                report.files += 1;
+                report.reused += 1;
+                report.linked += 1;
+                report.reused_bytes += chunks.iter().map(|c| u64::from(c.len)).sum::<u64>();
+                return Ok(());
+            }
+            Attempt::Changed(live_path) => {
+                tracing::warn!(path = %live_path.display(), "a live file changed on the standby; building it from chunks, the changed copy stays in the replaced tree");
+                report.changed_live.push(live_path);
+            }
+            Attempt::NoCandidate => {}
+        }
+    }
+    let file = OpenOptions::new()
+        .write(true)
+        .create_new(!received)
+        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+        .open(&path)
+        .ctx("creating", &path)?;
+    // An unchanged file of the live tree is cloned or copied rather than rebuilt.
+    let attempt = match live_files {
+        _ if received => None,
+        Some(l) => Some(l.fill(*size, chunks, &file)?),
+        None => Some(Attempt::NoCandidate),
+    };
+    match attempt {
+        None => {}
+        Some(Attempt::Done(how)) => {
+            report.reused += 1;
+            report.cloned += u64::from(how == Reused::Cloned);
+            report.reused_bytes += chunks.iter().map(|c| u64::from(c.len)).sum::<u64>();
+        }
+        Some(attempt @ (Attempt::NoCandidate | Attempt::Changed(_))) => {
+            if let Attempt::Changed(live_path) = attempt {
+                tracing::warn!(path = %live_path.display(), "a live file changed on the standby; building it from chunks, the changed copy stays in the replaced tree");
+                report.changed_live.push(live_path);
+            }
+            for chunk in chunks {
+                let data = match store.get(&chunk.id) {
+                    Ok(d) => d,
+                    // Not stored (the store keeps no chunks between syncs) or damaged: an
+                    // unchanged live file, or a received file, may hold it.
+                    Err(
+                        e @ (VolumeError::MissingChunks { .. } | VolumeError::ChunkMismatch { .. }),
+                    ) => {
+                        let from_live = live_files.and_then(|l| l.read_chunk(&chunk.id));
+                        let found = match (from_live, incoming) {
+                            (Some(d), _) => Some(d),
+                            (None, Some(m)) => lock(m)?.read_chunk(&chunk.id),
+                            (None, None) => None,
+                        };
+                        match found {
+                            Some(d) => d,
+                            None => return Err(e),
+                        }
+                    }
+                    Err(e) => return Err(e),
+                };
+                file.write_all_at(&data, chunk.offset)
+                    .ctx("writing", &path)?;
+                report.bytes += data.len() as u64;
+            }
+        }
+    }
+    // Every metadata change is a journal transaction on most filesystems, so the ones that would
+    // change nothing (a clone already has the size, a new file usually already has the wanted
+    // owner and mode) are skipped.
+    let md = file.metadata().ctx("inspecting", &path)?;
+    if md.len() != *size {
+        // Extending the length leaves every range no chunk covered as a hole.
+        file.set_len(*size).ctx("sizing", &path)?;
+    }
+    if (md.uid(), md.gid()) != (entry.uid, entry.gid) {
+        std::os::unix::fs::fchown(&file, Some(entry.uid), Some(entry.gid))
+            .ctx("changing owner of", &path)?;
+    }
+    // After chown, which clears set-uid and set-gid bits; a new file has none, so when chown was
+    // skipped the mode read above is still the file's.
+    if md.uid() != entry.uid || md.gid() != entry.gid || md.mode() & 0o7777 != entry.mode {
+        file.set_permissions(fs::Permissions::from_mode(entry.mode))
+            .ctx("changing mode of", &path)?;
+    }
+    for x in &entry.xattrs {
+        xattr::FileExt::set_xattr(&file, OsStr::from_bytes(&x.name), &x.value)
+            .ctx("setting xattr on", &path)?;
+    }
+    rustix::fs::futimens(&file, &times(entry)).ctx("setting times of", &path)?;
+    report.files += 1;
     Ok(())
 }
 

@@ -200,25 +200,39 @@ impl Incoming {
         chunks: &[ChunkRef],
         dest: &Path,
     ) -> Result<bool, VolumeError> {
-        if self.files.get(path).map(Vec::as_slice) != Some(chunks) {
+        let Some(from) = self.claim(path, chunks) else {
             return Ok(false);
+        };
+        rustix::fs::renameat_with(CWD, &from, CWD, dest, RenameFlags::NOREPLACE)
+            .ctx("moving a received file to", dest)?;
+        self.relocate(chunks, &from, dest);
+        Ok(true)
+    }
+
+    /// [`Incoming::take_exact`] in two steps, so that the caller can rename without holding this
+    /// (apply builds on several threads): when the received copy of `path` holds exactly
+    /// `chunks`, it is no longer offered to anyone else and its name is returned.
+    pub fn claim(&mut self, path: &[u8], chunks: &[ChunkRef]) -> Option<PathBuf> {
+        if self.files.get(path).map(Vec::as_slice) != Some(chunks) {
+            return None;
         }
         if self.current.as_ref().is_some_and(|(p, _)| p == path) {
             self.current = None;
         }
-        let name = self.name(path);
-        rustix::fs::renameat_with(CWD, &name, CWD, dest, RenameFlags::NOREPLACE)
-            .ctx("moving a received file to", dest)?;
         self.files.remove(path);
-        // Its chunks now live at `dest`, where later files of the same apply may read them.
+        Some(self.name(path))
+    }
+
+    /// Records that the file `from` (with `chunks`) was moved to `to`, where later files of the
+    /// same apply may read its chunks.
+    pub fn relocate(&mut self, chunks: &[ChunkRef], from: &Path, to: &Path) {
         for c in chunks {
             if let Some(loc) = self.located.get_mut(&c.id)
-                && loc.0 == name
+                && loc.0 == from
             {
-                loc.0 = dest.to_owned();
+                loc.0 = to.to_owned();
             }
         }
-        Ok(true)
     }
 
     /// Reads a verified chunk, checking its hash again (a file may have changed since); `None`

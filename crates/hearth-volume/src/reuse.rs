@@ -21,11 +21,12 @@
 //! tree no longer stays byte-for-byte what it was if someone writes to the live copy; pruning
 //! then keeps it as diverged instead of deleting it.
 
-use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
@@ -279,11 +280,11 @@ pub(crate) struct LiveFiles {
     /// Where each chunk of the live tree is: path, offset, length.
     chunk_at: HashMap<ChunkId, (Vec<u8>, u64, u32)>,
     /// Live files already linked into the new tree: each at most once.
-    linked: RefCell<HashSet<Vec<u8>>>,
+    linked: Mutex<HashSet<Vec<u8>>>,
     /// Cleared after the filesystem said it cannot clone, so it is not asked for every file.
-    clone_works: Cell<bool>,
+    clone_works: AtomicBool,
     /// Cleared after `copy_file_range` was refused, for the same reason.
-    copy_range_works: Cell<bool>,
+    copy_range_works: AtomicBool,
 }
 
 impl LiveFiles {
@@ -333,9 +334,9 @@ impl LiveFiles {
             by_content,
             by_identity,
             chunk_at,
-            linked: RefCell::new(HashSet::new()),
-            clone_works: Cell::new(true),
-            copy_range_works: Cell::new(true),
+            linked: Mutex::new(HashSet::new()),
+            clone_works: AtomicBool::new(true),
+            copy_range_works: AtomicBool::new(true),
         })
     }
 
@@ -369,7 +370,7 @@ impl LiveFiles {
     /// Whether hard links are the way to reuse on this filesystem: only where cloning is not
     /// possible, since a clone gives an independent inode at no cost.
     pub(crate) fn prefers_links(&self) -> bool {
-        !self.clone_works.get()
+        !self.clone_works.load(Ordering::Relaxed)
     }
 
     /// Hard-links an unchanged live file with the same content and metadata as `entry` to
@@ -390,9 +391,17 @@ impl LiveFiles {
         else {
             return Ok(Attempt::NoCandidate);
         };
-        let mut linked = self.linked.borrow_mut();
-        let Some((rel, stamp)) = candidates.iter().find(|(p, _)| !linked.contains(p)) else {
-            return Ok(Attempt::NoCandidate);
+        // The candidate is taken under the lock and linked outside it (apply builds on several
+        // threads); one that turns out changed stays taken, so no other entry tries it again.
+        let (rel, stamp) = {
+            let Ok(mut linked) = self.linked.lock() else {
+                return Ok(Attempt::NoCandidate);
+            };
+            let Some((rel, stamp)) = candidates.iter().find(|(p, _)| !linked.contains(p)) else {
+                return Ok(Attempt::NoCandidate);
+            };
+            linked.insert(rel.clone());
+            (rel, stamp)
         };
         let path = crate::apply::join(&self.root, rel);
         match std::fs::symlink_metadata(&path) {
@@ -400,7 +409,6 @@ impl LiveFiles {
             _ => return Ok(Attempt::Changed(path)),
         }
         std::fs::hard_link(&path, dst).ctx("linking", dst)?;
-        linked.insert(rel.clone());
         Ok(Attempt::Done(Reused::Linked))
     }
 
@@ -454,7 +462,7 @@ impl LiveFiles {
     }
 
     fn copy_data(&self, src: &File, dst: &File, chunks: &[ChunkRef]) -> std::io::Result<Reused> {
-        if self.clone_works.get() {
+        if self.clone_works.load(Ordering::Relaxed) {
             match rustix::fs::ioctl_ficlone(dst, src) {
                 Ok(()) => return Ok(Reused::Cloned),
                 Err(e) => {
@@ -468,7 +476,7 @@ impl LiveFiles {
                             | rustix::io::Errno::XDEV
                             | rustix::io::Errno::NOSYS
                     ) {
-                        self.clone_works.set(false);
+                        self.clone_works.store(false, Ordering::Relaxed);
                     }
                     dst.set_len(0)?;
                 }
@@ -494,7 +502,7 @@ impl LiveFiles {
 
     fn copy_range(&self, src: &File, dst: &File, start: u64, end: u64) -> std::io::Result<()> {
         let mut pos = start;
-        while pos < end && self.copy_range_works.get() {
+        while pos < end && self.copy_range_works.load(Ordering::Relaxed) {
             let (mut off_in, mut off_out) = (pos, pos);
             let want = usize::try_from(end - pos)
                 .unwrap_or(usize::MAX)
@@ -508,7 +516,7 @@ impl LiveFiles {
                     | rustix::io::Errno::XDEV
                     | rustix::io::Errno::OPNOTSUPP
                     | rustix::io::Errno::INVAL,
-                ) => self.copy_range_works.set(false),
+                ) => self.copy_range_works.store(false, Ordering::Relaxed),
                 Err(e) => return Err(e.into()),
             }
         }
