@@ -305,7 +305,7 @@ setup_hearth() {  # $1 volume name, $2 standby path: keys, then `hearth volume s
     # Through a small bash that says in the log how and when serve ended, should it end before we stop it.
     bash -c 'ip netns exec "$@"; echo "run.sh: hearth volume serve exited with status $? at $(date +%T.%N)"' \
         serve "$NS_S" "$HEARTH" volume serve --identity "$h/s-id" --state "$h/s-state" \
-        --listen "$A_S:$HEARTH_PORT" --allow "$HEARTH_P_ID" --volume "$1=$2" --keep 1 >>"$LOG" 2>&1 &
+        --listen "$A_S:$HEARTH_PORT" --allow "$HEARTH_P_ID" --volume "$1=$2" --keep 1 ${HEARTH_SERVE_ARGS:-} >>"$LOG" 2>&1 &
     HEARTH_SERVE_PID=$!
     BG_PIDS+=("$HEARTH_SERVE_PID")
     local i

@@ -59,6 +59,9 @@ pub struct ServeConfig {
     pub state_dir: PathBuf,
     /// Replaced trees kept per volume (older ones are deleted if unchanged, kept aside if not).
     pub keep: usize,
+    /// btrfs backend: keep a copy of each full stream as it arrives, so that a cut first sync
+    /// resumes (costs a second write of the stream on this disk).
+    pub resume_copies: bool,
     /// Time allowed for the TLS handshake and for each message to arrive.
     pub timeout: Duration,
 }
@@ -925,8 +928,8 @@ impl Session {
         // where it stopped: `btrfs send` cannot resume, but the same snapshot's stream can be
         // made again and the part held here skipped. (Incremental streams are small and not kept.)
         let spool_path = match offer.parent {
-            None => self.dirs.partial_stream(&offer.uuid),
-            Some(_) => None,
+            None if self.shared.config.resume_copies => self.dirs.partial_stream(&offer.uuid),
+            _ => None,
         };
         let spool = match &spool_path {
             Some(p) => Some(lb::Spool::open(p.clone()).await?),

@@ -66,6 +66,10 @@ enum VolumeCommand {
         /// Replaced trees kept per volume.
         #[arg(long, default_value_t = 2)]
         keep: usize,
+        /// btrfs backend: do not keep a copy of full streams as they arrive. A cut first sync then
+        /// starts over instead of resuming, but each byte is written once instead of twice.
+        #[arg(long)]
+        no_resume_copy: bool,
         /// Serve Prometheus metrics on this address.
         #[arg(long, value_name = "ADDR")]
         metrics: Option<String>,
@@ -156,8 +160,15 @@ pub fn main(args: VolumeArgs) -> ExitCode {
                 allow,
                 volumes,
                 keep,
+                no_resume_copy,
                 metrics,
-            } => serve_cmd(common, &listen, &allow, &volumes, keep, metrics.as_deref()).await,
+            } => {
+                let opts = ServeOpts {
+                    keep,
+                    resume_copies: !no_resume_copy,
+                };
+                serve_cmd(common, &listen, &allow, &volumes, opts, metrics.as_deref()).await
+            }
             VolumeCommand::Push(p) => push_cmd(p).await,
             VolumeCommand::Status {
                 state,
@@ -267,12 +278,18 @@ async fn start_metrics(
     Ok((metrics, server))
 }
 
+/// `serve`'s settings that go straight into [`ServeConfig`].
+struct ServeOpts {
+    keep: usize,
+    resume_copies: bool,
+}
+
 async fn serve_cmd(
     common: Common,
     listen: &str,
     allow: &[String],
     volumes: &[String],
-    keep: usize,
+    opts: ServeOpts,
     metrics_addr: Option<&str>,
 ) -> Result<ExitCode, Failure> {
     let identity = load_identity(&common.identity)?;
@@ -313,7 +330,8 @@ async fn serve_cmd(
         allowed,
         volumes: vols,
         state_dir: common.state,
-        keep,
+        keep: opts.keep,
+        resume_copies: opts.resume_copies,
         timeout: Duration::from_secs(60),
     };
     // Shutdown order: a signal stops accepting; running exchanges get 5 s (an apply in progress

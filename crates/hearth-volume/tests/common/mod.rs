@@ -243,6 +243,7 @@ impl Standby {
             volumes: StandbyVolumes::from([("v".to_string(), live.clone())]),
             state_dir: state.clone(),
             keep,
+            resume_copies: true,
             timeout: Duration::from_secs(20),
         };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
