@@ -323,6 +323,31 @@ async fn a_cut_full_stream_resumes_where_it_stopped() {
     let o = r.results[0].1.as_ref().unwrap().clone();
     assert!(o.bytes_sent < 6_000_000, "sent {}", o.bytes_sent);
     same(&s2.src(), &s2.live());
+
+    // A standby told to keep no copies (`serve --no-resume-copy`) starts a cut first sync over.
+    let live3 = s2.standby.mount().join("data3/v");
+    let plain = Standby::start_with(
+        live3.clone(),
+        s2.state.path().join("s3"),
+        &[&s2.p_id],
+        2,
+        false,
+    )
+    .await;
+    let mut cfg3 = s2.cfg(1, "p3");
+    cfg3.targets = vec![plain.target()];
+    cfg3.targets[0].addr = common::relay(plain.addr.clone(), 4_000_000, false).await;
+    assert!(
+        push_once(&cfg3, &Metrics::default()).await.unwrap().results[0]
+            .1
+            .is_err()
+    );
+    cfg3.targets[0].addr = plain.addr.clone();
+    let r = push_once(&cfg3, &Metrics::default()).await.unwrap();
+    let o = r.results[0].1.as_ref().unwrap().clone();
+    assert!(o.bytes_sent > 7_000_000, "sent only {}", o.bytes_sent);
+    same(&s2.src(), &live3);
+    plain.stop().await;
     s2.stop().await;
     // The copy of the stream is gone once it was received whole.
     let kept: Vec<_> = fs::read_dir(s.state.path().join("standby/v"))

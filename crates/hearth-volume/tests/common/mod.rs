@@ -233,6 +233,17 @@ impl Standby {
         allowed: &[&Identity],
         keep: usize,
     ) -> Standby {
+        Self::start_with(live, state, allowed, keep, true).await
+    }
+
+    /// [`Standby::start`], with or without copies of full btrfs streams (`serve --no-resume-copy`).
+    pub async fn start_with(
+        live: PathBuf,
+        state: PathBuf,
+        allowed: &[&Identity],
+        keep: usize,
+        resume_copies: bool,
+    ) -> Standby {
         let identity = Identity::generate().unwrap();
         fs::create_dir_all(live.parent().unwrap()).unwrap();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -243,7 +254,7 @@ impl Standby {
             volumes: StandbyVolumes::from([("v".to_string(), live.clone())]),
             state_dir: state.clone(),
             keep,
-            resume_copies: true,
+            resume_copies,
             timeout: Duration::from_secs(20),
         };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
