@@ -27,6 +27,36 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long one whole request may take. Generous, because LTX files and snapshots can be large.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(300);
 
+/// The clients made so far, by [`client_key`].
+fn clients() -> &'static std::sync::Mutex<std::collections::HashMap<String, AmazonS3>> {
+    static CLIENTS: std::sync::OnceLock<
+        std::sync::Mutex<std::collections::HashMap<String, AmazonS3>>,
+    > = std::sync::OnceLock::new();
+    CLIENTS.get_or_init(Default::default)
+}
+
+/// Everything a client is built from but the prefix. The secret enters only as a BLAKE3 hash, so the
+/// key can be kept without keeping the secret twice.
+fn client_key(location: &S3Location, credentials: Option<&Credentials>) -> String {
+    let secret = credentials.map(|c| {
+        blake3::hash(c.secret_access_key.as_bytes())
+            .to_hex()
+            .to_string()
+    });
+    format!(
+        "{:?}",
+        (
+            &location.bucket,
+            location.region_or_default(),
+            &location.endpoint,
+            location.force_path_style,
+            location.skip_verify,
+            credentials.map(|c| &c.access_key_id),
+            secret,
+        )
+    )
+}
+
 pub(crate) struct S3Store {
     client: AmazonS3,
     /// The location's prefix, without leading or trailing `/`.
@@ -44,6 +74,15 @@ impl S3Store {
         };
         if location.bucket.is_empty() {
             return Err(invalid("the bucket name is empty".into()));
+        }
+        let prefix = location.prefix.trim_matches('/').to_string();
+        // One client per bucket, endpoint and key, shared by every store opened on them: each client
+        // has its own connection pool and TLS roots (hundreds of KiB), and a replicator of 100 databases
+        // in one bucket would otherwise hold 100 of them. Clients are cheap handles to the shared part.
+        let key = client_key(location, credentials.as_ref());
+        let cached = clients().lock().ok().and_then(|c| c.get(&key).cloned());
+        if let Some(client) = cached {
+            return Ok(S3Store { client, prefix });
         }
         // Built from scratch rather than `from_env` so that only the settings hearth resolved apply; the
         // TLS-related variables of the environment (AWS_CA_BUNDLE, SSL_CERT_FILE) are not read at all.
@@ -83,10 +122,10 @@ impl S3Store {
             None => {}
         }
         let client = builder.build().map_err(|e| invalid(e.to_string()))?;
-        Ok(S3Store {
-            client,
-            prefix: location.prefix.trim_matches('/').to_string(),
-        })
+        if let Ok(mut c) = clients().lock() {
+            c.insert(key, client.clone());
+        }
+        Ok(S3Store { client, prefix })
     }
 
     fn path(&self, store: &str, key: &str) -> Result<Path, StoreError> {
@@ -296,5 +335,36 @@ mod tests {
             Some(SystemTime::UNIX_EPOCH + Duration::from_millis(1_700_000_000_120))
         );
         assert_eq!(parse_timestamp("yesterday"), None);
+    }
+
+    #[test]
+    fn stores_on_one_bucket_share_a_client() {
+        let loc = |bucket: &str, prefix: &str| S3Location {
+            bucket: bucket.into(),
+            prefix: prefix.into(),
+            endpoint: Some("http://127.0.0.1:1".into()),
+            region: Some("garage".into()),
+            force_path_style: true,
+            access_key_id: None,
+            secret_access_key: None,
+            skip_verify: false,
+            credentials_file: None,
+        };
+        let creds = |k: &str| Credentials {
+            access_key_id: k.into(),
+            secret_access_key: "s".into(),
+        };
+        let count = || clients().lock().unwrap().len();
+        let before = count();
+        let a = S3Store::new(&loc("share-test", "db1"), Some(creds("k"))).unwrap();
+        let b = S3Store::new(&loc("share-test", "db2"), Some(creds("k"))).unwrap();
+        assert_eq!(count(), before + 1, "same bucket and key: one client");
+        // Each keeps its own prefix.
+        assert_eq!(a.prefix, "db1");
+        assert_eq!(b.prefix, "db2");
+        // Another key or bucket is another client.
+        S3Store::new(&loc("share-test", "db1"), Some(creds("other"))).unwrap();
+        S3Store::new(&loc("share-test-2", "db1"), Some(creds("k"))).unwrap();
+        assert_eq!(count(), before + 3);
     }
 }

@@ -106,8 +106,12 @@ pub fn reconfigure_logging(level: Option<&str>, json: bool) {
 /// Runs `f` on a multi-threaded tokio runtime; `None` when the runtime cannot start (said on
 /// stderr, prefixed the way the calling command line prints errors).
 pub fn block_on<T>(prefix: &str, f: impl std::future::Future<Output = T>) -> Option<T> {
+    // Blocking work (file I/O, SQLite, chunking) runs in tokio's blocking pool. Capped well below
+    // tokio's default of 512: a replicator of a hundred databases would otherwise keep a thread per
+    // database, each with its own stack and allocator arena, for work that takes a millisecond.
     match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        .max_blocking_threads(16)
         .build()
     {
         Ok(r) => Some(r.block_on(f)),
