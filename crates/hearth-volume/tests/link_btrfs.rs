@@ -273,15 +273,11 @@ async fn a_cut_full_stream_resumes_where_it_stopped() {
     // Random bytes, so the stream is about as large as the data: ~8 MB.
     let mut x: u64 = 4242;
     for i in 0..8 {
-        let body: Vec<u8> = (0..1_000_000)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect();
-        write(&s.src(), &format!("d/f{i}"), &body);
+        write(
+            &s.src(),
+            &format!("d/f{i}"),
+            &common::random_bytes(&mut x, 1_000_000),
+        );
     }
     let mut cfg = s.cfg(1, "p");
     // The link breaks after ~4 MB of the first (full) stream: nothing is live yet.

@@ -349,3 +349,16 @@ pub async fn relay(upstream: String, cut_after: usize, flip: bool) -> String {
     });
     addr
 }
+
+/// `n` bytes from a xorshift generator seeded with `seed` (not 0): incompressible data that no two
+/// seeds share, so transfers of it cannot be shortened by compression or deduplication.
+pub fn random_bytes(seed: &mut u64, n: usize) -> Vec<u8> {
+    (0..n)
+        .map(|_| {
+            *seed ^= *seed << 13;
+            *seed ^= *seed >> 7;
+            *seed ^= *seed << 17;
+            *seed as u8
+        })
+        .collect()
+}
