@@ -653,6 +653,9 @@ fn build(
         }
     }
     // Regular files, on several threads.
+    if let Some(l) = live_files {
+        l.probe_clone(staging);
+    }
     let incoming = incoming.map(std::sync::Mutex::new);
     let next = std::sync::atomic::AtomicUsize::new(0);
     let failed = std::sync::atomic::AtomicBool::new(false);

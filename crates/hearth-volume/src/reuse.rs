@@ -367,6 +367,28 @@ impl LiveFiles {
         self
     }
 
+    /// Finds out once whether the filesystem of `dir` (where the new tree is built) can clone,
+    /// with two small files made and removed there. Apply builds files on several threads; left to
+    /// the first reuse to find out, several would try to clone at once and copy files that could
+    /// have been linked. When the probe itself fails, the first reuse finds out as before.
+    pub(crate) fn probe_clone(&self, dir: &Path) {
+        let (a, b) = (
+            dir.join(".hearth-clone-probe"),
+            dir.join(".hearth-clone-probe.copy"),
+        );
+        let probe = || -> std::io::Result<bool> {
+            std::fs::write(&a, b"probe")?;
+            let dst = File::create(&b)?;
+            Ok(rustix::fs::ioctl_ficlone(&dst, &File::open(&a)?).is_ok())
+        };
+        let can = probe();
+        let _ = std::fs::remove_file(&a);
+        let _ = std::fs::remove_file(&b);
+        if let Ok(false) = can {
+            self.clone_works.store(false, Ordering::Relaxed);
+        }
+    }
+
     /// Whether hard links are the way to reuse on this filesystem: only where cloning is not
     /// possible, since a clone gives an independent inode at no cost.
     pub(crate) fn prefers_links(&self) -> bool {
