@@ -475,7 +475,11 @@ async fn the_store_keeps_nothing_and_lost_live_chunks_are_asked_for_again() {
         "sent {}",
         o.bytes_sent
     );
-    assert_eq!(o.applied.as_ref().unwrap().kept_aside.len(), 1, "{o:?}");
+    // The damaged tree is kept aside, never deleted. Where the filesystem cannot clone (ext4),
+    // unchanged files are hard links shared with the replaced tree kept from the last sync, so
+    // the damage is in that tree too, and it is kept aside as well instead of being pruned.
+    let kept = &o.applied.as_ref().unwrap().kept_aside;
+    assert!((1..=2).contains(&kept.len()), "{o:?}");
     common::assert_same_tree(&cfg.source, &sb.live);
     sb.stop().await;
 }
