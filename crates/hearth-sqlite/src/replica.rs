@@ -3,8 +3,13 @@
 //! The replica keeps its listing in memory: it lists the store once when it opens and then updates the
 //! listing from its own writes and deletions. That is what makes an idle database cost no request at all
 //! (Litestream 0.5 lists every 15 s to find level-0 files to delete, #1171).
+//!
+//! Memory does not grow with the database: every LTX file goes from a local file to the store as a stream
+//! (`Store::put_file`, multipart above one part), and seeding and compaction build their output in a
+//! temporary file beside the meta directory, merging their inputs page by page from downloaded copies. The
+//! temporary files live on the database's disk, not in `/tmp`, which is often a RAM-backed tmpfs.
 
-use std::io::Cursor;
+use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -12,7 +17,7 @@ use bytes::Bytes;
 use hearth_store::{Location, PutOptions, PutOutcome, Store, StoreError};
 
 use crate::layout::{FileInfo, HEARTH_PREFIX, Layout, SNAPSHOT_LEVEL};
-use crate::ltx::{self, CompactOptions, Decoder};
+use crate::ltx::{self, CompactOptions, Decoder, HEADER_SIZE};
 use crate::plan::{self, CompactionClock, CompactionPolicy, Maintenance};
 use crate::seal::{SealError, Sealer};
 
@@ -53,6 +58,8 @@ pub enum ReplicaError {
     },
     #[error("replica {replica}: {source}")]
     Seal { replica: String, source: SealError },
+    #[error("replica {replica}: a background task failed: {detail}")]
+    Task { replica: String, detail: String },
 }
 
 impl ReplicaError {
@@ -95,14 +102,15 @@ pub struct Replica {
     /// Highest TXID uploaded from this process's local level-0 files.
     uploaded: u64,
     pos_path: PathBuf,
+    /// Where temporary files of this replica go: the meta directory's `replicas/`, named
+    /// `.tmp.<replica>.<random>`.
+    tmp_dir: PathBuf,
     clock: CompactionClock,
     policy: CompactionPolicy,
     holder: String,
     lease_etag: Option<String>,
     lease_expires: SystemTime,
     conditional: Option<bool>,
-    /// What conditional-write support depends on: the endpoint and bucket, not the prefix.
-    probe_key: String,
     sealer: Sealer,
     pub last_upload: Option<SystemTime>,
 }
@@ -128,19 +136,17 @@ impl Replica {
             files: Vec::new(),
             uploaded: 0,
             pos_path: position_path(meta, name),
+            tmp_dir: meta.join("replicas"),
             clock: start_clock(&policy_levels(&policy)),
             policy,
             holder: random_id(),
             lease_etag: None,
             lease_expires: UNIX_EPOCH,
             conditional: None,
-            probe_key: match location {
-                Location::File { root } => format!("file://{}", root.display()),
-                Location::S3(s3) => format!("s3://{} at {:?}", s3.bucket, s3.endpoint),
-            },
             sealer,
             last_upload: None,
         };
+        replica.remove_stale_temporaries();
         replica.files = list_files(&replica.store, layout)
             .await
             .map_err(|e| replica.store_error(e))?;
@@ -150,6 +156,13 @@ impl Replica {
             .map_or(0, |p| p.txid)
             .min(replica.max_txid());
         Ok(replica)
+    }
+
+    /// Uploads files larger than `bytes` in parts of `bytes` (the default is
+    /// [`hearth_store::DEFAULT_PART_SIZE`]); for tests that need multipart uploads of small databases, and
+    /// for tuning.
+    pub fn set_part_size(&mut self, bytes: usize) {
+        self.store = self.store.clone().with_part_size(bytes);
     }
 
     /// The key layout of this replica.
@@ -288,33 +301,23 @@ impl Replica {
         Ok(())
     }
 
-    /// Whether the store enforces conditional writes, probed once per store and process: a hundred databases
-    /// on one bucket cost one probe and one warning, not a hundred.
+    /// Whether the store enforces conditional writes, probed once per bucket and process (the store shares the
+    /// answer between every store on one bucket, and callers that arrive during the probe wait for it): a
+    /// hundred databases on one bucket cost one probe and one warning, not a hundred.
     async fn probe_once(&self) -> Result<bool, ReplicaError> {
-        static PROBED: std::sync::OnceLock<
-            std::sync::Mutex<std::collections::HashMap<String, bool>>,
-        > = std::sync::OnceLock::new();
-        let probed = PROBED.get_or_init(Default::default);
-        let name = self.probe_key.clone();
-        if let Some(known) = probed.lock().ok().and_then(|m| m.get(&name).copied()) {
-            return Ok(known);
-        }
         let probe = self
             .store
-            .probe_conditional_writes()
+            .conditional_writes()
             .await
             .map_err(|e| self.store_error(e))?;
-        if !probe {
+        if probe.probed_now && !probe.supported {
             tracing::warn!(
-                store = %name,
+                store = %self.store.name(),
                 "the store ignores conditional writes; hearth detects a second writer by re-reading its lease, \
                  which leaves a short window in which two writers can both proceed"
             );
         }
-        if let Ok(mut m) = probed.lock() {
-            m.insert(name, probe);
-        }
-        Ok(probe)
+        Ok(probe.supported)
     }
 
     /// Gives the lease up so the next writer need not wait for it to expire.
@@ -341,14 +344,7 @@ impl Replica {
                 continue;
             }
             self.ensure_lease().await?;
-            let data = tokio::fs::read(path)
-                .await
-                .map_err(|source| ReplicaError::Io {
-                    replica: self.name.clone(),
-                    what: "read a level-0 file",
-                    source,
-                })?;
-            self.put_ltx(0, *txid, *txid, data).await?;
+            self.put_ltx_file(0, *txid, *txid, path).await?;
             self.uploaded = *txid;
             self.last_upload = Some(SystemTime::now());
             count += 1;
@@ -363,42 +359,15 @@ impl Replica {
     /// re-labelled as the snapshot `1..=txid` so that restores from this replica can start there.
     pub async fn seed(&mut self, full_image: &Path, txid: u64) -> Result<(), ReplicaError> {
         self.ensure_lease().await?;
-        let data = tokio::fs::read(full_image)
-            .await
-            .map_err(|source| ReplicaError::Io {
-                replica: self.name.clone(),
-                what: "read the full image",
-                source,
-            })?;
-        let ltx_err = |source| ReplicaError::Ltx {
-            replica: self.name.clone(),
-            key: full_image.display().to_string(),
-            source,
-        };
-        let mut dec = Decoder::new(Cursor::new(data.as_slice())).map_err(ltx_err)?;
-        let h = *dec.header();
-        let post_apply = h.hearth.map(|x| x.post_apply).ok_or_else(|| {
-            ltx_err(ltx::LtxError::InvalidHeader {
-                reason: "a full image must carry hearth's checksums".into(),
-            })
-        })?;
-        let header = ltx::Header {
-            min_txid: 1,
-            max_txid: txid,
-            hearth: Some(ltx::HearthChecksums {
-                pre_apply: ltx::Checksum(0),
-                post_apply,
-            }),
-            ..h
-        };
-        let mut enc = ltx::Encoder::new(Vec::new(), header).map_err(ltx_err)?;
-        let mut page = vec![0u8; h.page_size as usize];
-        while let Some(pgno) = dec.next_page(&mut page).map_err(ltx_err)? {
-            enc.write_page(pgno, &page).map_err(ltx_err)?;
-        }
-        dec.finish().map_err(ltx_err)?;
-        let finished = enc.finish(ltx::Checksum(0)).map_err(ltx_err)?;
-        self.put_ltx(SNAPSHOT_LEVEL, 1, txid, finished.writer)
+        let out = self.temp_file()?;
+        let (name, source, target) = (
+            self.name.clone(),
+            full_image.to_path_buf(),
+            out.path().to_path_buf(),
+        );
+        self.blocking(move || relabel_as_snapshot(&name, &source, &target, txid))
+            .await?;
+        self.put_ltx_file(SNAPSHOT_LEVEL, 1, txid, out.path())
             .await?;
         self.uploaded = txid;
         self.last_upload = Some(SystemTime::now());
@@ -449,61 +418,82 @@ impl Replica {
         min_txid: u64,
         max_txid: u64,
     ) -> Result<(), ReplicaError> {
-        // Inputs are read whole into memory: level 1-3 files hold a few minutes of changes. Snapshots hold the
-        // whole database; streaming them is future work (see ARCHITECTURE.md).
-        let mut blobs = Vec::with_capacity(inputs.len());
+        // Inputs are downloaded to temporary files and merged page by page (every file's pages are sorted by
+        // page number), so memory holds one page per input whatever the files' sizes; a snapshot of the
+        // whole database is compacted like a few minutes of changes.
+        let mut downloaded = Vec::with_capacity(inputs.len());
         for f in inputs {
             let key = self.layout.ltx_key(f.level, f.min_txid, f.max_txid);
-            blobs.push((key, self.read_file(f).await?));
+            let copy = self.temp_file()?;
+            self.store
+                .download(&key, copy.path())
+                .await
+                .map_err(|e| self.store_error(e))?;
+            downloaded.push((key, copy));
         }
-        let mut decoders = Vec::with_capacity(blobs.len());
-        for (key, blob) in &blobs {
-            decoders.push(
-                Decoder::new(Cursor::new(blob.as_slice())).map_err(|source| ReplicaError::Ltx {
-                    replica: self.name.clone(),
-                    key: key.clone(),
-                    source,
-                })?,
-            );
-        }
+        let out = self.temp_file()?;
         let out_key = self.layout.ltx_key(level, min_txid, max_txid);
-        let finished =
-            ltx::compact(decoders, Vec::new(), CompactOptions::default()).map_err(|source| {
-                ReplicaError::Ltx {
-                    replica: self.name.clone(),
-                    key: out_key.clone(),
-                    source,
-                }
-            })?;
-        self.put_ltx(level, min_txid, max_txid, finished.writer)
+        let name = self.name.clone();
+        let sealer = self.sealer.clone();
+        let sources: Vec<(String, PathBuf)> = downloaded
+            .iter()
+            .map(|(key, copy)| (key.clone(), copy.path().to_path_buf()))
+            .collect();
+        let target = out.path().to_path_buf();
+        self.blocking(move || merge_files(&name, &sealer, &sources, &out_key, &target))
+            .await?;
+        drop(downloaded);
+        self.put_ltx_file(level, min_txid, max_txid, out.path())
             .await
     }
 
-    /// Stores one LTX file at `level` (sealed when the replica is encrypted), with its header's timestamp as the
-    /// object's timestamp, and records it in the listing. Every write of an LTX file goes through here.
-    async fn put_ltx(
+    /// Stores the LTX file at `plain` as the replica's file at `level` (sealed when the replica is encrypted),
+    /// with its header's timestamp as the object's timestamp, and records it in the listing. Every write of
+    /// an LTX file goes through here; the file is streamed, never read whole.
+    async fn put_ltx_file(
         &mut self,
         level: u8,
         min_txid: u64,
         max_txid: u64,
-        plain: Vec<u8>,
+        plain: &Path,
     ) -> Result<(), ReplicaError> {
         let key = self.layout.ltx_key(level, min_txid, max_txid);
-        let header = ltx::peek_header(&plain).map_err(|source| ReplicaError::Ltx {
+        let io = |source| ReplicaError::Io {
+            replica: self.name.clone(),
+            what: "read an LTX file to upload",
+            source,
+        };
+        let mut prefix = [0u8; HEADER_SIZE];
+        std::fs::File::open(plain)
+            .and_then(|mut file| file.read_exact(&mut prefix))
+            .map_err(io)?;
+        let header = ltx::peek_header(&prefix).map_err(|source| ReplicaError::Ltx {
             replica: self.name.clone(),
             key: key.clone(),
             source,
         })?;
         let timestamp = UNIX_EPOCH + Duration::from_millis(header.timestamp_ms.max(0) as u64);
-        let sealed = self
-            .sealer
-            .seal(plain)
-            .map_err(|source| self.seal_error(source))?;
-        let size = sealed.len() as u64;
+        // A sealed copy is written beside the meta directory and streamed from there.
+        let sealed = if self.sealer.encrypts() {
+            let out = self.temp_file()?;
+            let (name, sealer, source, target) = (
+                self.name.clone(),
+                self.sealer.clone(),
+                plain.to_path_buf(),
+                out.path().to_path_buf(),
+            );
+            self.blocking(move || seal_file(&name, &sealer, &source, &target))
+                .await?;
+            Some(out)
+        } else {
+            None
+        };
+        let upload = sealed.as_ref().map_or(plain, |t| t.path());
+        let size = std::fs::metadata(upload).map_err(io)?.len();
         self.store
-            .put(
+            .put_file(
                 &key,
-                Bytes::from(sealed),
+                upload,
                 PutOptions {
                     timestamp: Some(timestamp),
                 },
@@ -518,6 +508,84 @@ impl Replica {
             timestamp,
         });
         Ok(())
+    }
+
+    /// The header of one LTX file of the replica, read with a ranged GET of its start (decrypted when it is
+    /// sealed) rather than the whole object, which for a snapshot is the whole database.
+    pub async fn read_header(&self, f: &FileInfo) -> Result<ltx::Header, ReplicaError> {
+        let key = self.layout.ltx_key(f.level, f.min_txid, f.max_txid);
+        let ltx_err = |source| ReplicaError::Ltx {
+            replica: self.name.clone(),
+            key: key.clone(),
+            source,
+        };
+        let start = self
+            .store
+            .get_range(&key, 0..HEADER_SIZE as u64)
+            .await
+            .map_err(|e| self.store_error(e))?;
+        if !start.starts_with(SEALED_MAGIC) {
+            return ltx::peek_header(&start).map_err(ltx_err);
+        }
+        // The header is in the first zstd block (at most 128 KiB compressed), which is in the first few age
+        // chunks (64 KiB each) after the age header.
+        let start = self
+            .store
+            .get_range(&key, 0..SEALED_HEADER_RANGE)
+            .await
+            .map_err(|e| self.store_error(e))?;
+        let mut reader = self
+            .sealer
+            .open_reader(&start[..])
+            .map_err(|source| self.seal_error(source))?;
+        let mut prefix = [0u8; HEADER_SIZE];
+        reader
+            .read_exact(&mut prefix)
+            .map_err(|e| ltx_err(ltx::LtxError::Io(e)))?;
+        ltx::peek_header(&prefix).map_err(ltx_err)
+    }
+
+    /// A new temporary file of this replica beside the meta directory, removed when dropped.
+    fn temp_file(&self) -> Result<tempfile::NamedTempFile, ReplicaError> {
+        let io = |source| ReplicaError::Io {
+            replica: self.name.clone(),
+            what: "create a temporary file in the meta directory",
+            source,
+        };
+        std::fs::create_dir_all(&self.tmp_dir).map_err(io)?;
+        tempfile::Builder::new()
+            .prefix(&temp_prefix(&self.name))
+            .tempfile_in(&self.tmp_dir)
+            .map_err(io)
+    }
+
+    /// Removes temporary files a killed replicator left (they are removed on drop otherwise). Only this
+    /// replica's: the prefix holds its name.
+    fn remove_stale_temporaries(&self) {
+        let prefix = temp_prefix(&self.name);
+        let Ok(entries) = std::fs::read_dir(&self.tmp_dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            if entry.file_name().to_string_lossy().starts_with(&prefix)
+                && let Err(e) = std::fs::remove_file(entry.path())
+            {
+                tracing::warn!(path = %entry.path().display(), error = %e, "cannot remove a stale temporary file");
+            }
+        }
+    }
+
+    /// Runs blocking file work (encoding, merging, sealing) on tokio's blocking pool and waits for it.
+    async fn blocking<F>(&self, work: F) -> Result<(), ReplicaError>
+    where
+        F: FnOnce() -> Result<(), ReplicaError> + Send + 'static,
+    {
+        tokio::task::spawn_blocking(work)
+            .await
+            .map_err(|e| ReplicaError::Task {
+                replica: self.name.clone(),
+                detail: e.to_string(),
+            })?
     }
 
     /// Reads one LTX file of the replica, decrypted when the replica is encrypted.
@@ -568,6 +636,131 @@ impl Replica {
             source,
         }
     }
+}
+
+/// The first bytes of a sealed (age) object.
+const SEALED_MAGIC: &[u8] = b"age-encryption.org/v1";
+
+/// How much of a sealed object `read_header` fetches: the age header, and enough age chunks to hold the first
+/// zstd block (128 KiB at most), which holds the LTX header.
+const SEALED_HEADER_RANGE: u64 = 512 * 1024;
+
+/// The name prefix of replica `name`'s temporary files. Dots cannot occur in a sanitized name, so no replica's
+/// prefix is the start of another's.
+fn temp_prefix(name: &str) -> String {
+    format!(".tmp.{}.", sanitize(name))
+}
+
+/// Writes the full image at `source` (a level-0 file with `min = max = txid`) to `target` as the snapshot
+/// `1..=txid`: same pages, header re-labelled, hearth's post-apply checksum kept. Streams page by page.
+fn relabel_as_snapshot(
+    replica: &str,
+    source: &Path,
+    target: &Path,
+    txid: u64,
+) -> Result<(), ReplicaError> {
+    let io = |what: &'static str| {
+        move |source| ReplicaError::Io {
+            replica: replica.to_string(),
+            what,
+            source,
+        }
+    };
+    let ltx_err = |e| ReplicaError::Ltx {
+        replica: replica.to_string(),
+        key: source.display().to_string(),
+        source: e,
+    };
+    let input = std::fs::File::open(source).map_err(io("read the full image"))?;
+    let mut dec = Decoder::new(input).map_err(ltx_err)?;
+    let h = *dec.header();
+    let post_apply = h.hearth.map(|x| x.post_apply).ok_or_else(|| {
+        ltx_err(ltx::LtxError::InvalidHeader {
+            reason: "a full image must carry hearth's checksums".into(),
+        })
+    })?;
+    let header = ltx::Header {
+        min_txid: 1,
+        max_txid: txid,
+        hearth: Some(ltx::HearthChecksums {
+            pre_apply: ltx::Checksum(0),
+            post_apply,
+        }),
+        ..h
+    };
+    let output = std::fs::File::create(target).map_err(io("write the snapshot"))?;
+    let mut enc = ltx::Encoder::new(BufWriter::new(output), header).map_err(ltx_err)?;
+    let mut page = vec![0u8; h.page_size as usize];
+    while let Some(pgno) = dec.next_page(&mut page).map_err(ltx_err)? {
+        enc.write_page(pgno, &page).map_err(ltx_err)?;
+    }
+    dec.finish().map_err(ltx_err)?;
+    let finished = enc.finish(ltx::Checksum(0)).map_err(ltx_err)?;
+    let mut writer = finished.writer;
+    writer.flush().map_err(io("write the snapshot"))
+}
+
+/// Merges the downloaded LTX files `sources` (key and local copy, oldest first; sealed or plain) into the
+/// plain LTX file `target`, streaming: one page per input in memory.
+fn merge_files(
+    replica: &str,
+    sealer: &Sealer,
+    sources: &[(String, PathBuf)],
+    out_key: &str,
+    target: &Path,
+) -> Result<(), ReplicaError> {
+    let io = |what: &'static str| {
+        move |source| ReplicaError::Io {
+            replica: replica.to_string(),
+            what,
+            source,
+        }
+    };
+    let ltx_err = |key: &str, source| ReplicaError::Ltx {
+        replica: replica.to_string(),
+        key: key.to_string(),
+        source,
+    };
+    let mut decoders = Vec::with_capacity(sources.len());
+    for (key, path) in sources {
+        let file = std::fs::File::open(path).map_err(io("read a downloaded LTX file"))?;
+        let reader =
+            sealer
+                .open_reader(BufReader::new(file))
+                .map_err(|source| ReplicaError::Seal {
+                    replica: replica.to_string(),
+                    source,
+                })?;
+        decoders.push(Decoder::new(reader).map_err(|e| ltx_err(key, e))?);
+    }
+    let output = std::fs::File::create(target).map_err(io("write the compacted file"))?;
+    let finished = ltx::compact(decoders, BufWriter::new(output), CompactOptions::default())
+        .map_err(|e| ltx_err(out_key, e))?;
+    let mut writer = finished.writer;
+    writer.flush().map_err(io("write the compacted file"))
+}
+
+/// Seals the LTX file at `source` into `target`, streaming.
+fn seal_file(
+    replica: &str,
+    sealer: &Sealer,
+    source: &Path,
+    target: &Path,
+) -> Result<(), ReplicaError> {
+    let io = |source| ReplicaError::Io {
+        replica: replica.to_string(),
+        what: "seal an LTX file",
+        source,
+    };
+    let input = std::fs::File::open(source).map_err(io)?;
+    let output = std::fs::File::create(target).map_err(io)?;
+    let mut writer = sealer
+        .seal_to(BufReader::new(input), BufWriter::new(output))
+        .map_err(|source| ReplicaError::Seal {
+            replica: replica.to_string(),
+            source,
+        })?;
+    writer.flush().map_err(io)
 }
 
 /// The compaction clock of a replicator that just started: levels 1.. count as compacted now, so a restart

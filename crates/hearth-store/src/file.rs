@@ -15,7 +15,15 @@ use std::time::SystemTime;
 
 use bytes::Bytes;
 
+use crate::stats::Counters;
 use crate::{ObjectInfo, PutOutcome, StoreError, WriteMode};
+
+/// What a write puts into the object: bytes in memory, or the contents of a local file, copied through a
+/// small buffer so that memory does not grow with the file.
+enum Source<'a> {
+    Bytes(&'a [u8]),
+    File(&'a Path),
+}
 
 /// Temporary files start with this, so listings can skip them and leftovers from a crash are recognisable.
 const TMP_PREFIX: &str = ".hearth-tmp-";
@@ -75,9 +83,70 @@ impl FileStore {
         let path = self.path(key);
         let root = self.root.clone();
         self.blocking(key, move || {
-            write_file(&root, &path, &data, timestamp, &mode)
+            write_file(&root, &path, Source::Bytes(&data), timestamp, &mode)
         })
         .await
+    }
+
+    /// Copies the local file `source` into the object at `key`, durably, and counts one PUT of its size.
+    pub(crate) async fn put_file(
+        &self,
+        key: &str,
+        source: &Path,
+        timestamp: Option<SystemTime>,
+        counters: &Counters,
+    ) -> Result<PutOutcome, StoreError> {
+        let path = self.path(key);
+        let root = self.root.clone();
+        let source = source.to_path_buf();
+        let size = tokio::fs::metadata(&source)
+            .await
+            .map(|m| m.len())
+            .map_err(|e| self.source_error(key, &source, e))?;
+        counters.put(size);
+        let outcome = self
+            .blocking(key, move || {
+                write_file(
+                    &root,
+                    &path,
+                    Source::File(&source),
+                    timestamp,
+                    &WriteMode::Overwrite,
+                )
+            })
+            .await?;
+        Ok(outcome)
+    }
+
+    /// Copies the object at `key` into the local file `dest` and returns its size.
+    pub(crate) async fn download(&self, key: &str, dest: &Path) -> Result<u64, StoreError> {
+        let path = self.path(key);
+        let dest = dest.to_path_buf();
+        self.blocking(key, move || {
+            let mut from = File::open(&path)?;
+            if !from.metadata()?.is_file() {
+                return Err(io::Error::new(
+                    io::ErrorKind::NotFound,
+                    "not a regular file",
+                ));
+            }
+            let mut to = File::create(&dest)?;
+            io::copy(&mut from, &mut to)
+        })
+        .await
+    }
+
+    /// An error reading the local file to upload: named after the file, not the key, and never "not found"
+    /// in the store's sense.
+    fn source_error(&self, key: &str, source: &Path, err: io::Error) -> StoreError {
+        StoreError::Io {
+            store: self.name.clone(),
+            key: key.to_string(),
+            source: io::Error::new(
+                err.kind(),
+                format!("read the local file {}: {err}", source.display()),
+            ),
+        }
     }
 
     pub(crate) async fn get(&self, key: &str) -> Result<Bytes, StoreError> {
@@ -159,7 +228,7 @@ impl FileStore {
 fn write_file(
     root: &Path,
     path: &Path,
-    data: &[u8],
+    data: Source<'_>,
     timestamp: Option<SystemTime>,
     mode: &WriteMode,
 ) -> io::Result<PutOutcome> {
@@ -187,12 +256,29 @@ fn write_tmp_and_place(
     dir: &Path,
     path: &Path,
     tmp: &Path,
-    data: &[u8],
+    data: Source<'_>,
     timestamp: Option<SystemTime>,
     mode: &WriteMode,
 ) -> io::Result<PutOutcome> {
     let mut file = OpenOptions::new().write(true).create_new(true).open(tmp)?;
-    file.write_all(data)?;
+    match data {
+        Source::Bytes(bytes) => file.write_all(bytes)?,
+        Source::File(source) => {
+            // A missing source file is the caller's mistake, not a missing object: keep it from turning
+            // into the store's NotFound.
+            let mut from = File::open(source).map_err(|e| {
+                io::Error::new(
+                    if e.kind() == io::ErrorKind::NotFound {
+                        io::ErrorKind::InvalidInput
+                    } else {
+                        e.kind()
+                    },
+                    format!("read the local file {}: {e}", source.display()),
+                )
+            })?;
+            io::copy(&mut from, &mut file)?;
+        }
+    }
     if let Some(timestamp) = timestamp {
         file.set_modified(timestamp)?;
     }

@@ -3,22 +3,30 @@
 //! [`Store`] is what replication code talks to for every object-store operation. It counts requests
 //! ([`Store::stats`]) so that the request cost of a replication setting can be measured, and it maps
 //! every failure to a [`StoreError`] that names the store and the key and says whether a retry can help.
+//!
+//! Objects of any size move with bounded memory: [`Store::put_file`] streams a local file into the store (S3
+//! multipart uploads of [`DEFAULT_PART_SIZE`] parts above one part, a single PUT below), and
+//! [`Store::download`] streams an object into a local file.
 
 mod error;
 mod file;
 mod location;
+mod parts;
 mod retry;
 mod s3;
 mod stats;
 
+use std::collections::HashMap;
 use std::ops::Range;
-use std::sync::Arc;
+use std::path::Path;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::SystemTime;
 
 use bytes::Bytes;
 
 pub use error::StoreError;
 pub use location::{Credentials, DEFAULT_REGION, Location, S3Location};
+pub use parts::{DEFAULT_PART_SIZE, MAX_PARTS, PARTS_IN_FLIGHT, part_size_for};
 pub use retry::{RetryPolicy, with_retry};
 pub use stats::StoreStats;
 
@@ -82,6 +90,29 @@ pub struct Store {
     backend: Arc<Backend>,
     name: Arc<str>,
     counters: Arc<Counters>,
+    /// The size of one part of a multipart upload; files up to this size go in one PUT.
+    part_size: usize,
+    /// Whether the store enforces conditional writes, shared by every store on the same bucket (or file
+    /// root), so that it is probed once per process however many databases use it.
+    conditional: Arc<tokio::sync::OnceCell<bool>>,
+}
+
+/// The outcome of [`Store::conditional_writes`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConditionalWrites {
+    /// Whether the store enforces `put_if_absent` and `put_if_match`.
+    pub supported: bool,
+    /// Whether this call ran the probe (true for exactly one caller per bucket and process), so that a
+    /// warning about missing support is logged once rather than once per database.
+    pub probed_now: bool,
+}
+
+/// The conditional-write probe results of this process, by what they depend on: the S3 client's bucket,
+/// endpoint and key (not the prefix), or the file root.
+fn conditional_cells() -> &'static Mutex<HashMap<String, Arc<tokio::sync::OnceCell<bool>>>> {
+    static CELLS: OnceLock<Mutex<HashMap<String, Arc<tokio::sync::OnceCell<bool>>>>> =
+        OnceLock::new();
+    CELLS.get_or_init(Default::default)
 }
 
 impl std::fmt::Debug for Store {
@@ -95,21 +126,43 @@ impl Store {
     /// the first operation. Credentials are resolved here (see [`S3Location::resolve_credentials`]).
     pub fn open(location: &Location) -> Result<Store, StoreError> {
         let name: Arc<str> = location.describe().into();
-        let backend = match location {
-            Location::File { root } => {
-                Backend::File(file::FileStore::new(root.clone(), name.to_string()))
-            }
+        let (backend, scope) = match location {
+            Location::File { root } => (
+                Backend::File(file::FileStore::new(root.clone(), name.to_string())),
+                format!("file://{}", root.display()),
+            ),
             Location::S3(s3) => {
                 let env = |var: &str| std::env::var(var).ok();
                 let credentials = s3.resolve_credentials(&env)?;
-                Backend::S3(s3::S3Store::new(s3, credentials)?)
+                let scope = s3::client_key(s3, credentials.as_ref());
+                (Backend::S3(s3::S3Store::new(s3, credentials)?), scope)
             }
+        };
+        let conditional = match conditional_cells().lock() {
+            Ok(mut cells) => Arc::clone(cells.entry(scope).or_default()),
+            // A poisoned map only loses the sharing: this store probes for itself.
+            Err(_) => Arc::default(),
         };
         Ok(Store {
             backend: Arc::new(backend),
             name,
             counters: Arc::default(),
+            part_size: DEFAULT_PART_SIZE,
+            conditional,
         })
+    }
+
+    /// This store with another multipart part size (at least 1 byte; S3 wants at least 5 MiB for every
+    /// part but the last). The clone shares the client and the counters. Meant for tests that need
+    /// multipart uploads without gigabytes, and for tuning.
+    pub fn with_part_size(mut self, bytes: usize) -> Store {
+        self.part_size = bytes.max(1);
+        self
+    }
+
+    /// The multipart part size: files larger than this are uploaded in parts of this size.
+    pub fn part_size(&self) -> usize {
+        self.part_size
     }
 
     /// The store's secret-free name, as used in error messages.
@@ -168,6 +221,54 @@ impl Store {
             Backend::File(f) => f.put(key, data, options.timestamp, mode).await,
             Backend::S3(s) => s.put(&self.name, key, data, options.timestamp, mode).await,
         }
+    }
+
+    /// Writes the contents of the local file at `path` to `key`, replacing any existing object, with bounded
+    /// memory whatever the file's size. Durable when it returns. The file must not change meanwhile.
+    ///
+    /// S3: a file up to [`Store::part_size`] goes in one PUT, as [`Store::put`] would send it; a larger one
+    /// is a multipart upload (CreateMultipartUpload, one UploadPart per part with up to
+    /// [`PARTS_IN_FLIGHT`] at once, CompleteMultipartUpload, each counted as a PUT), with the same
+    /// metadata. A failed multipart upload is aborted (counted as a DELETE), so it leaves no object and no
+    /// stored parts. Files: streamed into a temporary file, fsynced and renamed, as [`Store::put`] does.
+    pub async fn put_file(
+        &self,
+        key: &str,
+        path: &Path,
+        options: PutOptions,
+    ) -> Result<PutOutcome, StoreError> {
+        self.check_key(key)?;
+        match &*self.backend {
+            Backend::File(f) => {
+                f.put_file(key, path, options.timestamp, &self.counters)
+                    .await
+            }
+            Backend::S3(s) => {
+                s.put_file(
+                    &self.name,
+                    key,
+                    path,
+                    options.timestamp,
+                    self.part_size,
+                    &self.counters,
+                )
+                .await
+            }
+        }
+    }
+
+    /// Copies the object at `key` into the local file `path` (created or truncated), streaming, and returns
+    /// its size. Memory stays bounded whatever the object's size. The file is not fsynced: this is for
+    /// working copies, not for data that must survive a crash.
+    pub async fn download(&self, key: &str, path: &Path) -> Result<u64, StoreError> {
+        self.check_key(key)?;
+        self.counters.get();
+        let size = match &*self.backend {
+            Backend::File(f) => f.download(key, path).await?,
+            Backend::S3(s) => s.download(&self.name, key, path).await?,
+        };
+        self.counters.got_bytes(size);
+        Ok(size)
     }
 
     /// Reads the whole object at `key`.
@@ -284,6 +385,24 @@ impl Store {
         };
         cleanup?;
         Ok(supported)
+    }
+
+    /// Whether the store enforces conditional writes, found out by [`Store::probe_conditional_writes`] once
+    /// per bucket (or file root) and process: a hundred databases in one bucket cost one probe. Callers
+    /// that arrive while the probe runs wait for its answer. A failed probe is not remembered.
+    pub async fn conditional_writes(&self) -> Result<ConditionalWrites, StoreError> {
+        let mut probed_now = false;
+        let supported = *self
+            .conditional
+            .get_or_try_init(|| async {
+                probed_now = true;
+                self.probe_conditional_writes().await
+            })
+            .await?;
+        Ok(ConditionalWrites {
+            supported,
+            probed_now,
+        })
     }
 
     fn check_key(&self, key: &str) -> Result<(), StoreError> {

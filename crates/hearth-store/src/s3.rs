@@ -10,16 +10,20 @@ use std::ops::Range;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use futures::TryStreamExt;
+use futures::stream::FuturesUnordered;
+use futures::{StreamExt, TryStreamExt};
 use object_store::aws::{AmazonS3, AmazonS3Builder, S3ConditionalPut};
 use object_store::path::Path;
 use object_store::{
-    Attribute, Attributes, ClientOptions, GetOptions, ObjectStore, ObjectStoreExt, PutMode,
-    PutPayload, RetryConfig, UpdateVersion,
+    Attribute, Attributes, ClientOptions, GetOptions, MultipartUpload, ObjectStore, ObjectStoreExt,
+    PutMode, PutMultipartOptions, PutPayload, RetryConfig, UpdateVersion,
 };
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::error::from_object_store;
 use crate::location::{Credentials, S3Location};
+use crate::parts::{PARTS_IN_FLIGHT, part_size_for};
+use crate::stats::Counters;
 use crate::{ObjectInfo, PutOutcome, StoreError, TIMESTAMP_METADATA_KEY, WriteMode};
 
 /// How long to wait for a TCP connection. Short, because an unreachable store should be reported quickly.
@@ -37,7 +41,7 @@ fn clients() -> &'static std::sync::Mutex<std::collections::HashMap<String, Amaz
 
 /// Everything a client is built from but the prefix. The secret enters only as a BLAKE3 hash, so the
 /// key can be kept without keeping the secret twice.
-fn client_key(location: &S3Location, credentials: Option<&Credentials>) -> String {
+pub(crate) fn client_key(location: &S3Location, credentials: Option<&Credentials>) -> String {
     let secret = credentials.map(|c| {
         blake3::hash(c.secret_access_key.as_bytes())
             .to_hex()
@@ -150,13 +154,7 @@ impl S3Store {
         mode: WriteMode,
     ) -> Result<PutOutcome, StoreError> {
         let path = self.path(store, key)?;
-        let mut attributes = Attributes::new();
-        if let Some(timestamp) = timestamp {
-            attributes.insert(
-                Attribute::Metadata(Cow::Borrowed(TIMESTAMP_METADATA_KEY)),
-                format_timestamp(timestamp).into(),
-            );
-        }
+        let attributes = attributes(timestamp);
         let conditional = !matches!(mode, WriteMode::Overwrite);
         let mode = match mode {
             WriteMode::Overwrite => PutMode::Overwrite,
@@ -186,6 +184,125 @@ impl S3Store {
                 other => Err(other),
             },
         }
+    }
+
+    /// Uploads the local file `source` to `key`: one PUT when it fits in one part, else a multipart upload
+    /// that is aborted if any step fails. Counts every request it sends.
+    pub(crate) async fn put_file(
+        &self,
+        store: &str,
+        key: &str,
+        source: &std::path::Path,
+        timestamp: Option<SystemTime>,
+        part_size: usize,
+        counters: &Counters,
+    ) -> Result<PutOutcome, StoreError> {
+        let local = |err: std::io::Error| StoreError::Io {
+            store: store.to_string(),
+            key: key.to_string(),
+            source: std::io::Error::new(
+                err.kind(),
+                format!("read the local file {}: {err}", source.display()),
+            ),
+        };
+        let mut file = tokio::fs::File::open(source).await.map_err(local)?;
+        let size = file.metadata().await.map_err(local)?.len();
+        let Some(part) = part_size_for(size, part_size) else {
+            // Small enough for one part: one PUT, exactly as `put` sends it.
+            let mut data = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
+            file.read_to_end(&mut data).await.map_err(local)?;
+            counters.put(data.len() as u64);
+            return self
+                .put(
+                    store,
+                    key,
+                    Bytes::from(data),
+                    timestamp,
+                    WriteMode::Overwrite,
+                )
+                .await;
+        };
+        let path = self.path(store, key)?;
+        let options = PutMultipartOptions {
+            attributes: attributes(timestamp),
+            ..Default::default()
+        };
+        counters.put(0);
+        let mut upload = self
+            .client
+            .put_multipart_opts(&path, options)
+            .await
+            .map_err(|e| from_object_store(store, key, e))?;
+        let sent = send_parts(
+            &mut *upload,
+            &mut file,
+            size,
+            part,
+            counters,
+            (store, key),
+            &local,
+        )
+        .await;
+        let result = match sent {
+            Ok(()) => {
+                counters.put(0);
+                upload
+                    .complete()
+                    .await
+                    .map_err(|e| from_object_store(store, key, e))
+            }
+            Err(err) => Err(err),
+        };
+        match result {
+            Ok(done) => Ok(PutOutcome::Written { etag: done.e_tag }),
+            Err(err) => {
+                // S3 keeps the parts of an upload that is neither completed nor aborted (and bills their
+                // storage) until a lifecycle rule removes them, so a failed upload is aborted right away.
+                counters.delete();
+                if let Err(abort) = upload.abort().await {
+                    tracing::warn!(
+                        store,
+                        key,
+                        error = %abort,
+                        "cannot abort a failed multipart upload; its parts stay in the bucket until a lifecycle rule removes them"
+                    );
+                }
+                Err(err)
+            }
+        }
+    }
+
+    /// Copies the object at `key` into the local file `dest`, chunk by chunk as the body arrives.
+    pub(crate) async fn download(
+        &self,
+        store: &str,
+        key: &str,
+        dest: &std::path::Path,
+    ) -> Result<u64, StoreError> {
+        let path = self.path(store, key)?;
+        let local = |err: std::io::Error| StoreError::Io {
+            store: store.to_string(),
+            key: key.to_string(),
+            source: std::io::Error::new(
+                err.kind(),
+                format!("write the local file {}: {err}", dest.display()),
+            ),
+        };
+        let result = self
+            .client
+            .get(&path)
+            .await
+            .map_err(|e| from_object_store(store, key, e))?;
+        let mut file = tokio::fs::File::create(dest).await.map_err(local)?;
+        let mut body = result.into_stream();
+        let mut size = 0u64;
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk.map_err(|e| from_object_store(store, key, e))?;
+            file.write_all(&chunk).await.map_err(local)?;
+            size += chunk.len() as u64;
+        }
+        file.flush().await.map_err(local)?;
+        Ok(size)
     }
 
     pub(crate) async fn get(&self, store: &str, key: &str) -> Result<Bytes, StoreError> {
@@ -296,6 +413,51 @@ impl S3Store {
             },
         }
     }
+}
+
+/// Reads `size` bytes of `file` in parts of `part` bytes and sends them, at most [`PARTS_IN_FLIGHT`] at once.
+/// Stops at the first failure; the caller aborts the upload.
+async fn send_parts(
+    upload: &mut dyn MultipartUpload,
+    file: &mut tokio::fs::File,
+    size: u64,
+    part: u64,
+    counters: &Counters,
+    (store, key): (&str, &str),
+    local: &(dyn Fn(std::io::Error) -> StoreError + Sync),
+) -> Result<(), StoreError> {
+    let store_error = |e: object_store::Error| from_object_store(store, key, e);
+    let mut in_flight = FuturesUnordered::new();
+    let mut offset = 0u64;
+    while offset < size {
+        let len = part.min(size - offset);
+        let mut buf = vec![0u8; usize::try_from(len).unwrap_or(usize::MAX)];
+        file.read_exact(&mut buf).await.map_err(local)?;
+        counters.put(len);
+        in_flight.push(upload.put_part(PutPayload::from(buf)));
+        offset += len;
+        while in_flight.len() >= PARTS_IN_FLIGHT {
+            if let Some(done) = in_flight.next().await {
+                done.map_err(store_error)?;
+            }
+        }
+    }
+    while let Some(done) = in_flight.next().await {
+        done.map_err(store_error)?;
+    }
+    Ok(())
+}
+
+/// The user metadata of a write: the timestamp, when there is one.
+fn attributes(timestamp: Option<SystemTime>) -> Attributes {
+    let mut attributes = Attributes::new();
+    if let Some(timestamp) = timestamp {
+        attributes.insert(
+            Attribute::Metadata(Cow::Borrowed(TIMESTAMP_METADATA_KEY)),
+            format_timestamp(timestamp).into(),
+        );
+    }
+    attributes
 }
 
 /// RFC 3339 in UTC with as many fractional digits as needed, which Go's `time.RFC3339Nano` (what

@@ -6,7 +6,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 /// billed by the provider); failed requests count too, because providers bill them as well.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct StoreStats {
-    /// PUT requests (plain and conditional).
+    /// PUT requests (plain and conditional). A multipart upload counts each of its requests: the create, every
+    /// part and the complete, which S3 providers bill as PUT-class requests too.
     pub puts: u64,
     /// GET requests, whole or ranged.
     pub gets: u64,
@@ -14,9 +15,9 @@ pub struct StoreStats {
     pub lists: u64,
     /// HEAD requests.
     pub heads: u64,
-    /// DELETE requests.
+    /// DELETE requests, including the abort of a failed multipart upload.
     pub deletes: u64,
-    /// Payload bytes uploaded by PUTs.
+    /// Payload bytes uploaded by PUTs (for a multipart upload, the bytes of its parts).
     pub bytes_out: u64,
     /// Payload bytes downloaded by GETs.
     pub bytes_in: u64,
