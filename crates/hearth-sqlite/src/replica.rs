@@ -647,6 +647,18 @@ const SEALED_HEADER_RANGE: u64 = 512 * 1024;
 
 /// The name prefix of replica `name`'s temporary files. Dots cannot occur in a sanitized name, so no replica's
 /// prefix is the start of another's.
+/// Makes an I/O error of replica `replica` while doing `what`, for `map_err`.
+fn io_error<'a>(
+    replica: &'a str,
+    what: &'static str,
+) -> impl FnOnce(std::io::Error) -> ReplicaError + 'a {
+    move |source| ReplicaError::Io {
+        replica: replica.to_string(),
+        what,
+        source,
+    }
+}
+
 fn temp_prefix(name: &str) -> String {
     format!(".tmp.{}.", sanitize(name))
 }
@@ -659,13 +671,7 @@ fn relabel_as_snapshot(
     target: &Path,
     txid: u64,
 ) -> Result<(), ReplicaError> {
-    let io = |what: &'static str| {
-        move |source| ReplicaError::Io {
-            replica: replica.to_string(),
-            what,
-            source,
-        }
-    };
+    let io = |what: &'static str| io_error(replica, what);
     let ltx_err = |e| ReplicaError::Ltx {
         replica: replica.to_string(),
         key: source.display().to_string(),
@@ -709,13 +715,7 @@ fn merge_files(
     out_key: &str,
     target: &Path,
 ) -> Result<(), ReplicaError> {
-    let io = |what: &'static str| {
-        move |source| ReplicaError::Io {
-            replica: replica.to_string(),
-            what,
-            source,
-        }
-    };
+    let io = |what: &'static str| io_error(replica, what);
     let ltx_err = |key: &str, source| ReplicaError::Ltx {
         replica: replica.to_string(),
         key: key.to_string(),
