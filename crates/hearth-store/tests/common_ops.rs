@@ -6,21 +6,11 @@
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use hearth_store::{Location, PutOptions, PutOutcome, S3Location, Store, StoreError};
+use hearth_store::{Location, PutOptions, PutOutcome, Store, StoreError};
 use hearth_testkit::Garage;
 
-fn garage_location(garage: &Garage, bucket: &str, prefix: &str) -> Location {
-    Location::S3(S3Location {
-        bucket: bucket.to_string(),
-        prefix: prefix.to_string(),
-        endpoint: Some(garage.endpoint.clone()),
-        region: Some(garage.region.clone()),
-        force_path_style: true,
-        access_key_id: Some(garage.key_id.clone()),
-        secret_access_key: Some(garage.secret.clone()),
-        ..Default::default()
-    })
-}
+mod common;
+use common::garage_location;
 
 fn garage_store(hint: &str, prefix: &str) -> Store {
     let garage = Garage::shared().unwrap();

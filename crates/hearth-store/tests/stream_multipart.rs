@@ -7,23 +7,13 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-use hearth_store::{Location, PutOptions, PutOutcome, S3Location, Store, StoreError};
+use hearth_store::{Location, PutOptions, PutOutcome, Store, StoreError};
 use hearth_testkit::Garage;
 
-const MIB: usize = 1024 * 1024;
+mod common;
+use common::garage_location;
 
-fn garage_location(garage: &Garage, bucket: &str, prefix: &str) -> Location {
-    Location::S3(S3Location {
-        bucket: bucket.to_string(),
-        prefix: prefix.to_string(),
-        endpoint: Some(garage.endpoint.clone()),
-        region: Some(garage.region.clone()),
-        force_path_style: true,
-        access_key_id: Some(garage.key_id.clone()),
-        secret_access_key: Some(garage.secret.clone()),
-        ..Default::default()
-    })
-}
+const MIB: usize = 1024 * 1024;
 
 fn random_file(dir: &Path, name: &str, size: usize) -> PathBuf {
     let mut data = vec![0u8; size];
