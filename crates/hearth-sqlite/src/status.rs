@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::capture::{LocalState, list_local_files, meta_dir};
+use crate::capture::{LocalState, list_local_files, meta_dir, read_state};
 use crate::config::ReplicaConfig;
 use crate::replica::{ReplicaPosition, position_path};
 
@@ -32,9 +32,7 @@ pub struct ReplicaStatus {
 /// Reads the status of `db` from its meta directory.
 pub fn status(db: &Path, replicas: &[ReplicaConfig], now: SystemTime) -> DbStatus {
     let meta = meta_dir(db);
-    let state: Option<LocalState> = std::fs::read(meta.join("state.json"))
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok());
+    let state: Option<LocalState> = read_state(&meta).ok().flatten().map(|(s, _)| s);
     let local = list_local_files(&meta).unwrap_or_default();
     let txid = state.as_ref().map_or(0, |s| s.txid);
     let replicas = replicas

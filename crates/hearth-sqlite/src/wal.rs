@@ -248,6 +248,33 @@ pub fn read_header<R: Read + Seek>(wal: &mut R) -> Result<Option<WalHeader>, Wal
     WalHeader::parse(&bytes).map(Some)
 }
 
+/// The position just past the commit frame that ends at `offset` in the WAL generation with `salts`,
+/// after `commit` pages, with the checksum chain validated from the start of the WAL; `None` when the WAL
+/// no longer holds that commit (it was restarted, rewritten or cut short since).
+///
+/// This is how a capture finds its place again from a level-0 file's header, which records the salts and
+/// the WAL range it covers but not the checksum chain's value.
+pub fn position_at<R: Read + Seek>(
+    wal: &mut R,
+    header: &WalHeader,
+    salts: (u32, u32),
+    offset: u64,
+    commit: u32,
+) -> Result<Option<WalPosition>, WalError> {
+    if salts != header.salts() || offset <= WAL_HEADER_SIZE {
+        return Ok(None);
+    }
+    // The scan stops at the first commit at or past `offset`, so it ends exactly there only when a commit
+    // frame does.
+    let found = scan(
+        wal,
+        header,
+        WalPosition::start(header),
+        offset - WAL_HEADER_SIZE,
+    )?;
+    Ok((found.to.offset == offset && found.commit == commit).then_some(found.to))
+}
+
 /// Checks that `pos` still lies on the checksum chain of the WAL: the frame that ends at `pos.offset`
 /// carries `pos`'s checksum and salts. This tells a WAL that was only appended to from one that was
 /// restarted or overwritten since `pos` was taken.
@@ -354,6 +381,81 @@ mod tests {
         conn.execute("INSERT INTO t VALUES (x'00')", []).unwrap();
         let next = super::scan(&mut wal, &header, scan.to, u64::MAX).unwrap();
         assert_eq!(next.transactions, 1);
+    }
+
+    #[test]
+    fn finds_a_position_again_from_salts_offset_and_commit_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = wal_db(dir.path());
+        let mut ends = Vec::new();
+        let wal_len = || std::fs::metadata(dir.path().join("db-wal")).unwrap().len();
+        for i in 0..4 {
+            conn.execute("INSERT INTO t VALUES (randomblob(?1))", [3000 * (i + 1)])
+                .unwrap();
+            ends.push(wal_len());
+        }
+        let mut wal = File::open(dir.path().join("db-wal")).unwrap();
+        let header = read_header(&mut wal).unwrap().unwrap();
+        let full = scan(&mut wal, &header, WalPosition::start(&header), u64::MAX).unwrap();
+        let second = ends[1];
+        let upto = scan(
+            &mut wal,
+            &header,
+            WalPosition::start(&header),
+            second - WAL_HEADER_SIZE,
+        )
+        .unwrap();
+        assert_eq!(upto.to.offset, second);
+        let salts = header.salts();
+        let other = (salts.0.wrapping_add(1), salts.1);
+        let frame = header.frame_size();
+        // (what, salts, offset, commit, expected position)
+        let cases = [
+            (
+                "the end of the WAL",
+                salts,
+                full.to.offset,
+                full.commit,
+                Some(full.to),
+            ),
+            (
+                "an earlier commit",
+                salts,
+                second,
+                upto.commit,
+                Some(upto.to),
+            ),
+            ("another WAL generation", other, second, upto.commit, None),
+            (
+                "an offset inside a transaction",
+                salts,
+                second - frame,
+                upto.commit,
+                None,
+            ),
+            (
+                "a different database size",
+                salts,
+                second,
+                upto.commit + 1,
+                None,
+            ),
+            (
+                "past the end of the WAL",
+                salts,
+                full.to.offset + frame,
+                full.commit,
+                None,
+            ),
+            ("the WAL header itself", salts, WAL_HEADER_SIZE, 0, None),
+        ];
+        for (what, salts, offset, commit, expected) in cases {
+            let found = position_at(&mut wal, &header, salts, offset, commit).unwrap();
+            assert_eq!(found, expected, "{what}");
+            if let Some(pos) = found {
+                assert!(position_holds(&mut wal, &header, &pos).unwrap(), "{what}");
+            }
+        }
     }
 
     #[test]
