@@ -352,11 +352,19 @@ pub async fn replicate_db(
             }
         }
         report_replicas(metrics, &db.path, &replicas, &local, upto, &mut store_stats);
-        prune_local(&local, &replicas);
+        if let Some(shipped) = replicas.iter().map(Replica::uploaded).min() {
+            capture.release(&local, shipped);
+        }
     }
 
-    // Final flush: capture what is committed and upload it, within the budget.
+    // Final flush: capture what is committed and upload it, within the budget. Uploads stop a little
+    // before the budget runs out, so that a multipart upload still under way is aborted (one request)
+    // instead of being dropped with its parts left in the bucket.
     let deadline = Instant::now() + opts.shutdown_budget;
+    let uploads_by = deadline - (opts.shutdown_budget / 5).min(Duration::from_secs(1));
+    for r in &mut replicas {
+        r.set_deadline(Some(uploads_by.into()));
+    }
     let flush = async {
         // A rebase still pending (shutdown came before the first tick, as with `--once`) is
         // carried out here, or the first image of the database would never be written.
@@ -403,7 +411,6 @@ pub async fn replicate_db(
     Ok(report)
 }
 
-/// The post-apply checksum that the newest file on a replica declares (hearth-written files only).
 /// Runs `work` on the capture in tokio's blocking pool and hands the capture back.
 ///
 /// Not `block_in_place`, which moves the calling worker's other tasks to another thread on every
@@ -423,16 +430,15 @@ where
     .map_err(|e| ReplicateError::Task(db.to_owned(), e.to_string()))
 }
 
+/// The post-apply checksum that the newest file on a replica declares (hearth-written files only), from
+/// its header alone: the newest file may be a snapshot as large as the database.
 async fn last_post_apply(replica: &Replica) -> Option<u64> {
     let newest = replica
         .files()
         .iter()
         .max_by_key(|f| (f.max_txid, f.level))?;
-    let file = replica.read_file(newest).await.ok()?;
-    crate::ltx::peek_header(&file)
-        .ok()?
-        .hearth
-        .map(|h| h.post_apply.0)
+    let header = replica.read_header(newest).await.ok()?;
+    header.hearth.map(|h| h.post_apply.0)
 }
 
 /// Updates the per-replica metrics: uploaded TXID, last upload, lag and store requests.
@@ -472,19 +478,6 @@ fn report_replicas(
         let stats = r.store().stats();
         metrics.add_store_stats(db, &r.name, before, &stats);
         *before = stats;
-    }
-}
-
-/// Deletes local level-0 files that every replica holds, keeping the newest.
-fn prune_local(local: &[(u64, PathBuf)], replicas: &[Replica]) {
-    let Some(shipped) = replicas.iter().map(Replica::uploaded).min() else {
-        return;
-    };
-    let newest = local.last().map_or(0, |(t, _)| *t);
-    for (txid, path) in local {
-        if *txid <= shipped && *txid < newest {
-            let _ = std::fs::remove_file(path);
-        }
     }
 }
 

@@ -274,14 +274,13 @@ async fn apply_plan_locked<S: ObjectSource>(
         let total = plan.len();
         tokio::task::spawn_blocking(move || {
             let mut image = image;
-            let result = apply_stream(rx, &mut image, &keys, &replica, progress, total);
+            let result = apply_stream(rx, &mut image, &keys, &replica, &sealer, progress, total);
             (image, result)
         })
     };
     let fetch = Fetch {
         source,
         replica,
-        sealer: &sealer,
         window: opts.parallelism.max(1),
         tuning,
     };
@@ -460,9 +459,6 @@ const PART_SIZE: u64 = 4 << 20;
 /// go on while the applier works through the previous part.
 const READY_PARTS: usize = 2;
 
-/// The first bytes of an age-encrypted object.
-const AGE_MAGIC: &[u8] = b"age-encryption.org/v1";
-
 /// What the downloader hands the applier, in plan order: the bytes of a file in order, then its end.
 enum Piece {
     Data(Bytes),
@@ -507,11 +503,10 @@ fn requests(plan: &[FileInfo], part_size: u64) -> Vec<Request> {
     out
 }
 
-/// What downloading needs: the source, names for errors, the sealer, and how many requests run at once.
+/// What downloading needs: the source, names for errors, and how many requests run at once.
 struct Fetch<'a, S> {
     source: &'a S,
     replica: &'a str,
-    sealer: &'a Sealer,
     window: usize,
     tuning: Tuning,
 }
@@ -523,17 +518,6 @@ impl<S: ObjectSource> Fetch<'_, S> {
             key: key.to_string(),
             source: Box::new(source),
         }
-    }
-
-    fn open(&self, key: &str, stored: &[u8]) -> Result<Bytes, RestoreError> {
-        self.sealer
-            .open(stored)
-            .map(Bytes::from)
-            .map_err(|source| RestoreError::Seal {
-                replica: self.replica.to_string(),
-                key: key.to_string(),
-                source,
-            })
     }
 
     /// One request, retried on its own: a broken transfer costs one part, not the file.
@@ -567,10 +551,9 @@ impl<S: ObjectSource> Fetch<'_, S> {
     }
 
     /// Downloads every file of the plan, `window` requests at a time, and sends the bytes to the applier in
-    /// order. Memory: at most `window` requests in flight plus `READY_PARTS` finished ones here and one in
-    /// the channel, each at most one part (an encrypted file is the exception: it is collected whole,
-    /// because an age stream is only authenticated at its end). Returns `Ok` also when the applier stopped
-    /// early: its error is the one to report.
+    /// order, as stored (the applier decrypts). Memory: at most `window` requests in flight plus
+    /// `READY_PARTS` finished ones here and one in the channel, each at most one part. Returns `Ok` also when
+    /// the applier stopped early: its error is the one to report.
     async fn produce(
         &self,
         plan: &[FileInfo],
@@ -584,7 +567,6 @@ impl<S: ObjectSource> Fetch<'_, S> {
             })
             .buffered(self.window);
         let mut ready: VecDeque<Piece> = VecDeque::new();
-        let mut sealed: Option<Vec<u8>> = None;
         let mut exhausted = false;
         loop {
             if exhausted && ready.is_empty() {
@@ -606,30 +588,7 @@ impl<S: ObjectSource> Fetch<'_, S> {
                         continue;
                     };
                     let (req, data) = next?;
-                    let key = &keys[req.file];
-                    match &req.range {
-                        None if data.starts_with(AGE_MAGIC) => {
-                            ready.push_back(Piece::Data(self.open(key, &data)?));
-                        }
-                        None => ready.push_back(Piece::Data(data)),
-                        Some(range) => {
-                            if range.start == 0 && data.starts_with(AGE_MAGIC) {
-                                let size = plan.get(req.file).map_or(0, |f| f.size);
-                                sealed = Some(Vec::with_capacity(usize::try_from(size).unwrap_or(0)));
-                            }
-                            match sealed.as_mut() {
-                                Some(whole) => {
-                                    whole.extend_from_slice(&data);
-                                    if req.last {
-                                        let plain = self.open(key, whole)?;
-                                        sealed = None;
-                                        ready.push_back(Piece::Data(plain));
-                                    }
-                                }
-                                None => ready.push_back(Piece::Data(data)),
-                            }
-                        }
-                    }
+                    ready.push_back(Piece::Data(data));
                     if req.last {
                         ready.push_back(Piece::End);
                     }
@@ -710,6 +669,7 @@ fn apply_stream(
     image: &mut File,
     keys: &[String],
     replica: &str,
+    sealer: &Sealer,
     progress: Option<Progress>,
     files_total: usize,
 ) -> Result<Applied, RestoreError> {
@@ -731,11 +691,21 @@ fn apply_stream(
             source,
         };
         received.ended = false;
-        let reader = PieceReader {
+        let stored = PieceReader {
             rx: &mut rx,
             cur: Bytes::new(),
             received: &mut received,
         };
+        // An encrypted file is decrypted as its parts arrive. age authenticates each 64 KiB chunk, and only
+        // a cut at a chunk boundary shows no sooner than the end; pages decoded before an error only ever
+        // reach the temporary file, which is removed when the restore fails.
+        let reader = sealer
+            .open_reader(stored)
+            .map_err(|source| RestoreError::Seal {
+                replica: replica.to_string(),
+                key: key.clone(),
+                source,
+            })?;
         let dec = Decoder::new(reader).map_err(ltx_err)?;
         let header = *dec.header();
         let declares = header.declared_pre_apply().is_some();
@@ -877,7 +847,7 @@ fn record_restored_state(
     fs::create_dir_all(meta.join("replicas"))?;
     let m = fs::metadata(output)?;
     let state = LocalState {
-        version: 1,
+        version: crate::capture::STATE_VERSION,
         txid,
         checksum: checksum.0,
         commit: (m.len() / u64::from(page_size.max(1))) as u32,
@@ -1405,11 +1375,11 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread")]
-    async fn an_encrypted_file_in_parts_is_opened_whole() {
+    async fn an_encrypted_file_is_decrypted_part_by_part_as_it_arrives() {
         let fx = Fixture::with_encryption("restore-sealed", true).await;
         let key = fx.snapshot_key();
         let head = fx.store.get_range(&key, 0..64).await.unwrap();
-        assert!(head.starts_with(AGE_MAGIC));
+        assert!(head.starts_with(crate::seal::AGE_MAGIC));
         assert!(fx.plan[0].size >= 2 * PART, "{:?}", fx.plan[0]);
         // A failed part of an encrypted file is retried like any other.
         let mut faulty = Faulty::new(&fx.store, &key);
@@ -1419,6 +1389,19 @@ mod tests {
         assert!(restored.checksum_verified);
         assert_eq!(faulty.attempts(2 * PART), 2);
         assert_eq!(rows(&opts.output), rows(&fx.db));
+
+        // A byte flipped in the middle fails that chunk's authentication: the restore fails naming the
+        // object and leaves nothing behind.
+        let mut faulty = Faulty::new(&fx.store, &key);
+        faulty.corrupt = Some(PART);
+        let opts = fx.options("damaged.db");
+        let err = fx.restore_from(&faulty, &opts).await.unwrap_err();
+        assert!(
+            matches!(&err, RestoreError::Ltx { key: k, .. } if *k == key),
+            "{err}"
+        );
+        assert!(err.to_string().contains("decrypt"), "{err}");
+        fx.assert_nothing_left(&opts.output);
     }
 
     #[tokio::test(flavor = "multi_thread")]

@@ -12,7 +12,7 @@ use std::io::{self, Cursor, Read, Write};
 use std::str::FromStr;
 
 /// The first bytes of every age file.
-const AGE_MAGIC: &[u8] = b"age-encryption.org/v1";
+pub const AGE_MAGIC: &[u8] = b"age-encryption.org/v1";
 
 /// zstd level: fast, and LTX pages are already LZ4-compressed, so higher levels buy little.
 const ZSTD_LEVEL: i32 = 3;

@@ -63,6 +63,13 @@ pub enum StoreError {
         source: std::io::Error,
     },
 
+    /// A multipart upload was still sending parts when the caller's deadline came; it was aborted, so it
+    /// left no object and no stored parts. Retrying later (with more time) can help.
+    #[error(
+        "{store}: the upload of `{key}` did not finish before its deadline and was aborted (retryable)"
+    )]
+    DeadlineReached { store: String, key: String },
+
     /// Any other refusal from the store (an unexpected 4xx, a malformed answer).
     #[error("{store}: request for `{key}` failed: {detail}")]
     Other {
@@ -77,7 +84,7 @@ impl StoreError {
     /// stores and for interrupted local I/O, false for everything that needs a change of key, config or data.
     pub fn is_retryable(&self) -> bool {
         match self {
-            StoreError::Unreachable { .. } => true,
+            StoreError::Unreachable { .. } | StoreError::DeadlineReached { .. } => true,
             StoreError::Io { source, .. } => matches!(
                 source.kind(),
                 std::io::ErrorKind::Interrupted

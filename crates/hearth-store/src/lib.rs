@@ -43,6 +43,11 @@ pub struct PutOptions {
     /// The object's own timestamp (for LTX files: the header timestamp). Stored as the file's mtime or as
     /// S3 metadata, and returned by [`Store::head`]. `None` leaves the store's own time.
     pub timestamp: Option<SystemTime>,
+    /// When a multipart upload must have sent its parts. Past it, the upload is aborted and the write fails
+    /// with [`StoreError::DeadlineReached`]: a caller that stops within a budget passes its deadline so that
+    /// no unfinished upload (whose parts S3 keeps and bills) is left behind when the budget runs out. A
+    /// single PUT ignores it, since a cancelled PUT leaves nothing.
+    pub deadline: Option<tokio::time::Instant>,
 }
 
 /// The result of a write.
@@ -248,7 +253,7 @@ impl Store {
                     &self.name,
                     key,
                     path,
-                    options.timestamp,
+                    &options,
                     self.part_size,
                     &self.counters,
                 )

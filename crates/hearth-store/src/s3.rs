@@ -24,7 +24,7 @@ use crate::error::from_object_store;
 use crate::location::{Credentials, S3Location};
 use crate::parts::{PARTS_IN_FLIGHT, part_size_for};
 use crate::stats::Counters;
-use crate::{ObjectInfo, PutOutcome, StoreError, TIMESTAMP_METADATA_KEY, WriteMode};
+use crate::{ObjectInfo, PutOptions, PutOutcome, StoreError, TIMESTAMP_METADATA_KEY, WriteMode};
 
 /// How long to wait for a TCP connection. Short, because an unreachable store should be reported quickly.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -193,10 +193,11 @@ impl S3Store {
         store: &str,
         key: &str,
         source: &std::path::Path,
-        timestamp: Option<SystemTime>,
+        options: &PutOptions,
         part_size: usize,
         counters: &Counters,
     ) -> Result<PutOutcome, StoreError> {
+        let timestamp = options.timestamp;
         let local = |err: std::io::Error| StoreError::Io {
             store: store.to_string(),
             key: key.to_string(),
@@ -223,17 +224,17 @@ impl S3Store {
                 .await;
         };
         let path = self.path(store, key)?;
-        let options = PutMultipartOptions {
+        let multipart = PutMultipartOptions {
             attributes: attributes(timestamp),
             ..Default::default()
         };
         counters.put(0);
         let mut upload = self
             .client
-            .put_multipart_opts(&path, options)
+            .put_multipart_opts(&path, multipart)
             .await
             .map_err(|e| from_object_store(store, key, e))?;
-        let sent = send_parts(
+        let sending = send_parts(
             &mut *upload,
             &mut file,
             size,
@@ -241,8 +242,18 @@ impl S3Store {
             counters,
             (store, key),
             &local,
-        )
-        .await;
+        );
+        let sent = match options.deadline {
+            Some(deadline) => tokio::time::timeout_at(deadline, sending)
+                .await
+                .unwrap_or_else(|_| {
+                    Err(StoreError::DeadlineReached {
+                        store: store.to_string(),
+                        key: key.to_string(),
+                    })
+                }),
+            None => sending.await,
+        };
         let result = match sent {
             Ok(()) => {
                 counters.put(0);

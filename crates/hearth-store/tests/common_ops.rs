@@ -41,6 +41,7 @@ async fn exercise(store: &Store, precise_list_time: bool) {
             data.clone(),
             PutOptions {
                 timestamp: Some(stamp),
+                ..Default::default()
             },
         )
         .await
@@ -263,6 +264,7 @@ async fn file_store_operations() {
             Bytes::from_static(b"x"),
             PutOptions {
                 timestamp: Some(SystemTime::UNIX_EPOCH + Duration::from_secs(1_600_000_000)),
+                ..Default::default()
             },
         )
         .await
@@ -348,6 +350,7 @@ async fn the_litestream_timestamp_metadata_is_what_garage_stores() {
             Bytes::from_static(b"x"),
             PutOptions {
                 timestamp: Some(stamp),
+                ..Default::default()
             },
         )
         .await

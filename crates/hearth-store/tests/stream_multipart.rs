@@ -30,6 +30,7 @@ fn stamp() -> SystemTime {
 fn with_stamp() -> PutOptions {
     PutOptions {
         timestamp: Some(stamp()),
+        ..Default::default()
     }
 }
 
@@ -177,6 +178,40 @@ async fn garage_small_parts_and_a_failed_upload_leaves_no_object_and_no_parts() 
         .await
         .unwrap_err();
     assert!(matches!(err, StoreError::Io { .. }), "{err:?}");
+}
+
+#[tokio::test]
+async fn garage_a_multipart_upload_past_its_deadline_is_aborted_and_leaves_nothing() {
+    let garage = Garage::shared().unwrap();
+    let bucket = garage.new_bucket("multipart-deadline").unwrap();
+    let store = Store::open(&garage_location(garage, &bucket, "db"))
+        .unwrap()
+        .with_part_size(64 * 1024);
+    let dir = tempfile::tempdir().unwrap();
+    // 320 parts of 64 KiB, three in flight: far more than loopback Garage takes in 100 ms.
+    let file = random_file(dir.path(), "f", 20 * MIB);
+    let before = store.stats();
+    let options = PutOptions {
+        deadline: Some(tokio::time::Instant::now() + Duration::from_millis(100)),
+        ..with_stamp()
+    };
+    let err = store.put_file("late", &file, options).await.unwrap_err();
+    assert!(matches!(err, StoreError::DeadlineReached { .. }), "{err:?}");
+    assert!(err.is_retryable());
+    assert!(err.to_string().contains("deadline"), "{err}");
+    let after = store.stats();
+    assert!(after.puts > before.puts, "the upload started: {after:?}");
+    assert_eq!(after.deletes, before.deletes + 1, "the upload was aborted");
+    assert!(store.head("late").await.unwrap_err().is_not_found());
+    assert_eq!(unfinished_uploads(garage, &bucket), 0);
+
+    // With time enough, the same upload goes through.
+    let options = PutOptions {
+        deadline: Some(tokio::time::Instant::now() + Duration::from_secs(120)),
+        ..with_stamp()
+    };
+    store.put_file("late", &file, options).await.unwrap();
+    assert!(store.get("late").await.unwrap() == std::fs::read(&file).unwrap());
 }
 
 #[tokio::test]
