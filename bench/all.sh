@@ -4,6 +4,8 @@
 # separately (see docs/benchmarks.md) because they do not depend on the machine's load.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
+# Checked first, so that a missing tool does not stop the run half-way (the restore figure needs it).
+command -v hyperfine >/dev/null || { echo "all.sh: hyperfine is missing; install it (Debian: apt-get install hyperfine)" >&2; exit 2; }
 MAX_LOAD=${MAX_LOAD:-0.7}
 MAX_WAIT=${MAX_WAIT:-600}
 waited=0

@@ -224,6 +224,7 @@ EOF
     ;;
 restore)
     runs=${2:-3}
+    command -v hyperfine >/dev/null || { echo "run.sh restore: hyperfine is missing; install it (Debian: apt-get install hyperfine)" >&2; exit 2; }
     d="$B/restore"; bucket=$(cat "$d/bucket")
     out=$(newdir restore)
     load | tee "$out/load.txt"

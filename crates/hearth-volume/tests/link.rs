@@ -341,9 +341,9 @@ async fn a_cut_first_sync_resumes_and_a_tampered_stream_is_rejected() {
     let sb = start_standby(dir.path(), &[&p_id]).await;
     let mut cfg = primary(dir.path(), "p", &p_id, sb.target(), 1);
     // Random-looking content, so it does not compress or dedupe: about 6 MB.
-    let mut x: u64 = 12345;
+    let mut rng = common::seeded(12345);
     for i in 0..12 {
-        let body = common::random_bytes(&mut x, 500_000);
+        let body = common::random_bytes(&mut rng, 500_000);
         fs::write(cfg.source.join(format!("big{i}")), body).unwrap();
     }
     // A byte flipped inside the TLS stream breaks the record's authentication: the standby
@@ -430,8 +430,8 @@ async fn the_store_keeps_nothing_and_lost_live_chunks_are_asked_for_again() {
     let p_id = Identity::generate().unwrap();
     let sb = start_standby(dir.path(), &[&p_id]).await;
     let cfg = primary(dir.path(), "p", &p_id, sb.target(), 1);
-    let mut x: u64 = 99;
-    let mut random = |n: usize| common::random_bytes(&mut x, n);
+    let mut rng = common::seeded(99);
+    let mut random = |n: usize| common::random_bytes(&mut rng, n);
     fs::write(cfg.source.join("big"), random(3_000_000)).unwrap();
     fs::write(cfg.source.join("other"), random(1_000_000)).unwrap();
     push_once(&cfg, &Metrics::default()).await.unwrap().results[0]

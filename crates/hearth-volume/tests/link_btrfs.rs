@@ -271,12 +271,12 @@ async fn a_cut_full_stream_resumes_where_it_stopped() {
     let _serial = SERIAL.lock().await;
     let s = Sides::new().await;
     // Random bytes, so the stream is about as large as the data: ~8 MB.
-    let mut x: u64 = 4242;
+    let mut rng = common::seeded(4242);
     for i in 0..8 {
         write(
             &s.src(),
             &format!("d/f{i}"),
-            &common::random_bytes(&mut x, 1_000_000),
+            &common::random_bytes(&mut rng, 1_000_000),
         );
     }
     let mut cfg = s.cfg(1, "p");

@@ -12,6 +12,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::Duration;
 
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 use rusqlite::Connection;
 
 fn hearth() -> Command {
@@ -123,13 +125,8 @@ fn kill_9_at_random_points_leaves_a_restorable_committed_prefix() {
         })
     };
 
-    let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
-    let mut rand = move |n: u64| {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        seed % n
-    };
+    let mut rng = StdRng::seed_from_u64(0x9e37_79b9_7f4a_7c15);
+    let mut rand = move |n: u64| rng.random_range(0..n);
     let mut best = 0;
     for cycle in 0..cycles {
         let mut child = start(&config);

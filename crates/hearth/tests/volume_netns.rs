@@ -11,6 +11,8 @@ use std::process::{Child, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use hearth_testkit::netns::Hosts;
+use rand::rngs::StdRng;
+use rand::{RngCore, SeedableRng};
 
 const PORT: u16 = 7431;
 
@@ -85,16 +87,10 @@ fn one_primary_two_standbys_over_a_real_network_with_a_partition() {
     let src = p_dir.join("src");
     fs::create_dir_all(&src).unwrap();
     // About 8 MB of incompressible data in a few files, so a transfer takes long enough to cut.
-    let mut x: u64 = 7;
+    let mut rng = StdRng::seed_from_u64(7);
     for i in 0..8 {
-        let body: Vec<u8> = (0..1_000_000)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect();
+        let mut body = vec![0u8; 1_000_000];
+        rng.fill_bytes(&mut body);
         fs::write(src.join(format!("f{i}")), body).unwrap();
     }
     let p_id = keygen(&hosts, 0, &p_dir.join("id"));

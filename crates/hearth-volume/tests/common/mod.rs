@@ -350,15 +350,15 @@ pub async fn relay(upstream: String, cut_after: usize, flip: bool) -> String {
     addr
 }
 
-/// `n` bytes from a xorshift generator seeded with `seed` (not 0): incompressible data that no two
-/// seeds share, so transfers of it cannot be shortened by compression or deduplication.
-pub fn random_bytes(seed: &mut u64, n: usize) -> Vec<u8> {
-    (0..n)
-        .map(|_| {
-            *seed ^= *seed << 13;
-            *seed ^= *seed >> 7;
-            *seed ^= *seed << 17;
-            *seed as u8
-        })
-        .collect()
+/// `n` bytes from a seeded generator: incompressible data that differs between calls and seeds, so
+/// transfers of it cannot be shortened by compression or deduplication, and the same on every run.
+pub fn random_bytes(rng: &mut impl rand::RngCore, n: usize) -> Vec<u8> {
+    let mut data = vec![0u8; n];
+    rng.fill_bytes(&mut data);
+    data
+}
+
+/// A generator for [`random_bytes`] that gives the same bytes on every run.
+pub fn seeded(seed: u64) -> rand::rngs::StdRng {
+    rand::SeedableRng::seed_from_u64(seed)
 }
