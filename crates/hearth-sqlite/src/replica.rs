@@ -9,7 +9,7 @@
 //! temporary file beside the meta directory, merging their inputs page by page from downloaded copies. The
 //! temporary files live on the database's disk, not in `/tmp`, which is often a RAM-backed tmpfs.
 
-use std::io::{BufReader, BufWriter, Read, Write};
+use std::io::{BufReader, BufWriter, Read, Seek, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -102,8 +102,8 @@ pub struct Replica {
     /// Highest TXID uploaded from this process's local level-0 files.
     uploaded: u64,
     pos_path: PathBuf,
-    /// `pos_path`, open for rewriting in place (see `save_position`); opened on first use.
-    pos_file: Option<std::fs::File>,
+    /// `pos_path`, open for rewriting in place (see `save_position`), and its length; opened on first use.
+    pos_file: Option<(std::fs::File, u64)>,
     /// Where temporary files of this replica go: the meta directory's `replicas/`, named
     /// `.tmp.<replica>.<random>`.
     tmp_dir: PathBuf,
@@ -430,31 +430,34 @@ impl Replica {
         min_txid: u64,
         max_txid: u64,
     ) -> Result<(), ReplicaError> {
-        // Inputs are downloaded to temporary files and merged page by page (every file's pages are sorted by
-        // page number), so memory holds one page per input whatever the files' sizes; a snapshot of the
-        // whole database is compacted like a few minutes of changes.
-        let mut downloaded = Vec::with_capacity(inputs.len());
+        // Inputs are downloaded one after another into one temporary file and merged page by page (every
+        // file's pages are sorted by page number), so memory holds one page per input whatever the files'
+        // sizes; a snapshot of the whole database is compacted like a few minutes of changes. One file for
+        // all inputs, not one each: creating and deleting a file per input cost more than the merge.
+        let inputs_file = self.temp_file()?;
+        let mut sources = Vec::with_capacity(inputs.len());
+        let mut offset = 0;
         for f in inputs {
             let key = self.layout.ltx_key(f.level, f.min_txid, f.max_txid);
-            let copy = self.temp_file()?;
-            self.store
-                .download(&key, copy.path())
+            let len = self
+                .store
+                .download_to(&key, inputs_file.as_file())
                 .await
                 .map_err(|e| self.store_error(e))?;
-            downloaded.push((key, copy));
+            sources.push(MergeInput { key, offset, len });
+            offset += len;
         }
         let out = self.temp_file()?;
         let out_key = self.layout.ltx_key(level, min_txid, max_txid);
         let name = self.name.clone();
         let sealer = self.sealer.clone();
-        let sources: Vec<(String, PathBuf)> = downloaded
-            .iter()
-            .map(|(key, copy)| (key.clone(), copy.path().to_path_buf()))
-            .collect();
+        let inputs_path = inputs_file.path().to_path_buf();
         let target = out.path().to_path_buf();
-        self.blocking(move || merge_files(&name, &sealer, &sources, &out_key, &target))
-            .await?;
-        drop(downloaded);
+        self.blocking(move || {
+            merge_files(&name, &sealer, &inputs_path, &sources, &out_key, &target)
+        })
+        .await?;
+        drop(inputs_file);
         self.put_ltx_file(level, min_txid, max_txid, out.path())
             .await
     }
@@ -649,15 +652,18 @@ impl Replica {
                 .truncate(false)
                 .open(&self.pos_path)
                 .map_err(io)?;
-            self.pos_file = Some(file);
+            let len = file.metadata().map_err(io)?.len();
+            self.pos_file = Some((file, len));
         }
-        let Some(file) = &self.pos_file else {
+        let Some((file, len)) = &mut self.pos_file else {
             return Ok(());
         };
-        std::os::unix::fs::FileExt::write_all_at(file, &body, 0).map_err(io)?;
-        // Only a longer body from an earlier version needs cutting; the padding keeps the size otherwise.
-        if file.metadata().map_err(io)?.len() != body.len() as u64 {
+        std::os::unix::fs::FileExt::write_all_at(&*file, &body, 0).map_err(io)?;
+        // A file of another length (written unpadded by a restore, or holding a longer body) is set to this
+        // body's; the padding keeps the length the same otherwise.
+        if *len != body.len() as u64 {
             file.set_len(body.len() as u64).map_err(io)?;
+            *len = body.len() as u64;
         }
         Ok(())
     }
@@ -740,10 +746,18 @@ fn relabel_as_snapshot(
 
 /// Merges the downloaded LTX files `sources` (key and local copy, oldest first; sealed or plain) into the
 /// plain LTX file `target`, streaming: one page per input in memory.
+/// Where one compaction input lies in the file its inputs were downloaded into.
+struct MergeInput {
+    key: String,
+    offset: u64,
+    len: u64,
+}
+
 fn merge_files(
     replica: &str,
     sealer: &Sealer,
-    sources: &[(String, PathBuf)],
+    inputs_path: &Path,
+    sources: &[MergeInput],
     out_key: &str,
     target: &Path,
 ) -> Result<(), ReplicaError> {
@@ -754,15 +768,18 @@ fn merge_files(
         source,
     };
     let mut decoders = Vec::with_capacity(sources.len());
-    for (key, path) in sources {
-        let file = std::fs::File::open(path).map_err(io("read a downloaded LTX file"))?;
-        let reader =
-            sealer
-                .open_reader(BufReader::new(file))
-                .map_err(|source| ReplicaError::Seal {
-                    replica: replica.to_string(),
-                    source,
-                })?;
+    for input in sources {
+        let mut file =
+            std::fs::File::open(inputs_path).map_err(io("read a downloaded LTX file"))?;
+        file.seek(std::io::SeekFrom::Start(input.offset))
+            .map_err(io("read a downloaded LTX file"))?;
+        let key = &input.key;
+        let reader = sealer
+            .open_reader(BufReader::new(file.take(input.len)))
+            .map_err(|source| ReplicaError::Seal {
+                replica: replica.to_string(),
+                source,
+            })?;
         decoders.push(Decoder::new(reader).map_err(|e| ltx_err(key, e))?);
     }
     let output = std::fs::File::create(target).map_err(io("write the compacted file"))?;

@@ -119,9 +119,8 @@ impl FileStore {
     }
 
     /// Copies the object at `key` into the local file `dest` and returns its size.
-    pub(crate) async fn download(&self, key: &str, dest: &Path) -> Result<u64, StoreError> {
+    pub(crate) async fn download_to(&self, key: &str, mut dest: File) -> Result<u64, StoreError> {
         let path = self.path(key);
-        let dest = dest.to_path_buf();
         self.blocking(key, move || {
             let mut from = File::open(&path)?;
             if !from.metadata()?.is_file() {
@@ -130,8 +129,7 @@ impl FileStore {
                     "not a regular file",
                 ));
             }
-            let mut to = File::create(&dest)?;
-            io::copy(&mut from, &mut to)
+            io::copy(&mut from, &mut dest)
         })
         .await
     }

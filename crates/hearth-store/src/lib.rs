@@ -267,10 +267,32 @@ impl Store {
     /// working copies, not for data that must survive a crash.
     pub async fn download(&self, key: &str, path: &Path) -> Result<u64, StoreError> {
         self.check_key(key)?;
+        let file = std::fs::File::create(path).map_err(|e| StoreError::Io {
+            store: self.name.to_string(),
+            key: key.to_string(),
+            source: std::io::Error::new(
+                e.kind(),
+                format!("create the local file {}: {e}", path.display()),
+            ),
+        })?;
+        self.download_to(key, &file).await
+    }
+
+    /// Like [`Store::download`], into `dest` at its current offset: several objects can be downloaded one
+    /// after another into one working file (one file created instead of one per object), each at the
+    /// offset where the previous one ended.
+    pub async fn download_to(&self, key: &str, dest: &std::fs::File) -> Result<u64, StoreError> {
+        self.check_key(key)?;
+        // A duplicate descriptor shares the offset, so the caller's file moves on by what was written.
+        let dest = dest.try_clone().map_err(|e| StoreError::Io {
+            store: self.name.to_string(),
+            key: key.to_string(),
+            source: e,
+        })?;
         self.counters.get();
         let size = match &*self.backend {
-            Backend::File(f) => f.download(key, path).await?,
-            Backend::S3(s) => s.download(&self.name, key, path).await?,
+            Backend::File(f) => f.download_to(key, dest).await?,
+            Backend::S3(s) => s.download_to(&self.name, key, dest).await?,
         };
         self.counters.got_bytes(size);
         Ok(size)

@@ -284,27 +284,24 @@ impl S3Store {
     }
 
     /// Copies the object at `key` into the local file `dest`, chunk by chunk as the body arrives.
-    pub(crate) async fn download(
+    pub(crate) async fn download_to(
         &self,
         store: &str,
         key: &str,
-        dest: &std::path::Path,
+        dest: std::fs::File,
     ) -> Result<u64, StoreError> {
         let path = self.path(store, key)?;
         let local = |err: std::io::Error| StoreError::Io {
             store: store.to_string(),
             key: key.to_string(),
-            source: std::io::Error::new(
-                err.kind(),
-                format!("write the local file {}: {err}", dest.display()),
-            ),
+            source: std::io::Error::new(err.kind(), format!("write the local file: {err}")),
         };
         let result = self
             .client
             .get(&path)
             .await
             .map_err(|e| from_object_store(store, key, e))?;
-        let mut file = tokio::fs::File::create(dest).await.map_err(local)?;
+        let mut file = tokio::fs::File::from_std(dest);
         let mut body = result.into_stream();
         let mut size = 0u64;
         while let Some(chunk) = body.next().await {

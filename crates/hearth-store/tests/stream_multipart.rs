@@ -214,6 +214,38 @@ async fn garage_a_multipart_upload_past_its_deadline_is_aborted_and_leaves_nothi
     assert!(store.get("late").await.unwrap() == std::fs::read(&file).unwrap());
 }
 
+/// Two objects downloaded one after the other into one file land back to back, each at the offset where
+/// the previous one ended; a missing object fails and names it.
+async fn check_download_to(store: &Store, dir: &Path) {
+    let first = random_file(dir, "first", 100_000);
+    let second = random_file(dir, "second", 5);
+    store.put_file("in/1", &first, with_stamp()).await.unwrap();
+    store.put_file("in/2", &second, with_stamp()).await.unwrap();
+    let joined = std::fs::File::create(dir.join("joined")).unwrap();
+    assert_eq!(store.download_to("in/1", &joined).await.unwrap(), 100_000);
+    assert_eq!(store.download_to("in/2", &joined).await.unwrap(), 5);
+    let mut expected = std::fs::read(&first).unwrap();
+    expected.extend(std::fs::read(&second).unwrap());
+    assert!(std::fs::read(dir.join("joined")).unwrap() == expected);
+    let err = store.download_to("in/missing", &joined).await.unwrap_err();
+    assert!(err.is_not_found(), "{err:?}");
+}
+
+#[tokio::test]
+async fn downloads_into_one_file_land_back_to_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let files = Store::open(&Location::File {
+        root: dir.path().join("store"),
+    })
+    .unwrap();
+    check_download_to(&files, dir.path()).await;
+    let garage = Garage::shared().unwrap();
+    let bucket = garage.new_bucket("download-to").unwrap();
+    let s3 = Store::open(&garage_location(garage, &bucket, "db")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    check_download_to(&s3, dir.path()).await;
+}
+
 #[tokio::test]
 async fn file_store_streams_files_in_and_out() {
     let dir = tempfile::tempdir().unwrap();
