@@ -665,13 +665,20 @@ impl Capture {
             ..header
         };
         let txid = header.min_txid;
-        let (tmp, mut enc) = self.create_file(txid, header)?;
+        let (tmp, recycled, mut enc) = self.create_file(txid, header)?;
         for (&pgno, source) in pages {
             self.read_page(wal, *source, pgno, &mut buf)?;
             enc.write_page(pgno, &buf)
                 .map_err(|source| self.ltx_error(source))?;
         }
-        let captured = self.finish_file(tmp, enc, Checksum(0), txid, transactions, rebase)?;
+        let captured = self.finish_file(
+            (tmp, recycled),
+            enc,
+            Checksum(0),
+            txid,
+            transactions,
+            rebase,
+        )?;
         Ok((captured, post_apply))
     }
 
@@ -894,7 +901,7 @@ impl Capture {
         &mut self,
         txid: u64,
         header: Header,
-    ) -> Result<(PathBuf, Encoder<io::BufWriter<File>>), CaptureError> {
+    ) -> Result<(PathBuf, bool, Encoder<io::BufWriter<File>>), CaptureError> {
         let tmp = self.local_file(txid).with_extension("ltx.tmp");
         // A spare is written over in place and cut to size in `finish_file`; when it cannot be taken (it
         // vanished), a new file does as well.
@@ -902,6 +909,7 @@ impl Capture {
             fs::rename(&spare, &tmp).ok()?;
             fs::OpenOptions::new().write(true).open(&tmp).ok()
         });
+        let was_recycled = recycled.is_some();
         let file = match recycled {
             Some(file) => file,
             None => File::create(&tmp).map_err(|source| CaptureError::Io {
@@ -912,12 +920,13 @@ impl Capture {
         };
         let enc = Encoder::new(io::BufWriter::new(file), header)
             .map_err(|source| self.ltx_error(source))?;
-        Ok((tmp, enc))
+        Ok((tmp, was_recycled, enc))
     }
 
+    /// Finishes the file that `create_file` began at `tmp` (`recycled` when it was written over a spare).
     fn finish_file(
         &self,
-        tmp: PathBuf,
+        (tmp, recycled): (PathBuf, bool),
         enc: Encoder<io::BufWriter<File>>,
         post_apply: Checksum,
         txid: u64,
@@ -935,8 +944,8 @@ impl Capture {
             .writer
             .into_inner()
             .map_err(|e| io("flush a level-0 file")(e.into_error()))?;
-        // A recycled file may be longer than what was written over it.
-        if file.metadata().map_err(io("stat a level-0 file"))?.len() != finished.size {
+        // A recycled file may be longer than what was written over it; a new one is exactly this long.
+        if recycled {
             file.set_len(finished.size)
                 .map_err(io("cut a recycled level-0 file to size"))?;
         }
@@ -997,7 +1006,6 @@ impl Capture {
     /// WAL position) that no level-0 header records.
     fn save_state(&mut self) -> Result<(), CaptureError> {
         let path = self.meta.join("state.json");
-        self.state.version = STATE_VERSION;
         let bytes = serde_json::to_vec_pretty(&self.state).map_err(|e| CaptureError::BadState {
             path: path.clone(),
             reason: e.to_string(),
