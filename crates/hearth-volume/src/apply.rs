@@ -17,7 +17,14 @@
 //! - `.<name>.hearth-incoming`: files a first sync streamed before their manifest
 //!   ([`crate::incoming`]); apply moves the ones that are whole into the new tree;
 //! - `.<name>.hearth-diverged.<ns>`: a replaced tree that no longer matched its manifest (changed
-//!   on the standby) or whose history is unknown; never deleted by hearth.
+//!   on the standby) or whose history is unknown; never deleted by hearth;
+//! - `.<name>.hearth-patch`: an in-place apply's staged files and commit record ([`crate::patch`]);
+//!   `.<name>.hearth-prev.<ns>.partial` marks a `prev` tree that holds only what such an apply
+//!   replaced or removed.
+//!
+//! When the live tree is exactly as the last apply left it and the new tree changes few of its
+//! entries, [`crate::patch`] applies the change in place instead of building a whole tree: the
+//! cost of a sync then follows the size of the change, not the size of the volume.
 
 use std::ffi::{OsStr, OsString};
 use std::fs::{self, File, OpenOptions};
@@ -69,6 +76,22 @@ impl TreeNames {
         n.push(".hearth-");
         n.push(suffix);
         self.parent.join(n)
+    }
+
+    /// Where an in-place apply stages its files and keeps its commit record ([`crate::patch`]).
+    pub fn patch_dir(&self) -> PathBuf {
+        self.hidden("patch")
+    }
+
+    /// Present beside [`previous`](Self::previous) when that tree holds only the entries an
+    /// in-place apply replaced or removed (it shares no inodes with the live tree).
+    pub fn previous_partial_marker(&self, ns: u128) -> PathBuf {
+        self.hidden(&format!("prev.{ns}.partial"))
+    }
+
+    /// The directory holding the live path and its hidden companions.
+    pub(crate) fn parent_dir(&self) -> PathBuf {
+        self.parent.clone()
     }
 
     /// The live path.
@@ -176,22 +199,25 @@ pub struct ApplyReport {
     /// replaced tree. Files changed before the apply make the whole live tree count as changed
     /// instead ([`ApplyReport::set_aside`]).
     pub changed_live: Vec<PathBuf>,
+    /// The change was applied in place ([`crate::patch`]) instead of by building a whole tree;
+    /// [`previous`](Self::previous) then holds only what it replaced or removed.
+    pub in_place: bool,
 }
 
-fn now_ns() -> u128 {
+pub(crate) fn now_ns() -> u128 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_nanos())
         .unwrap_or(0)
 }
 
-fn sync_dir(dir: &Path) -> Result<(), VolumeError> {
+pub(crate) fn sync_dir(dir: &Path) -> Result<(), VolumeError> {
     File::open(dir)
         .and_then(|d| d.sync_all())
         .ctx("syncing directory", dir)
 }
 
-fn exists(path: &Path) -> bool {
+pub(crate) fn exists(path: &Path) -> bool {
     fs::symlink_metadata(path).is_ok()
 }
 
@@ -209,7 +235,17 @@ pub fn apply(
     manifest: &Manifest,
     live: &Path,
 ) -> Result<ApplyReport, VolumeError> {
-    apply_inner(store, manifest, live, None, None, None).map(|(report, _)| report)
+    apply_inner(store, manifest, live, None, None, None, true).map(|(report, _)| report)
+}
+
+/// [`apply`] without the in-place path: always builds the whole tree beside the live one and
+/// swaps, so that the replaced tree is kept whole.
+pub fn apply_whole(
+    store: &ChunkStore,
+    manifest: &Manifest,
+    live: &Path,
+) -> Result<ApplyReport, VolumeError> {
+    apply_inner(store, manifest, live, None, None, None, false).map(|(report, _)| report)
 }
 
 /// [`apply`], and [`prune_previous`] so that `keep` replaced trees remain once the new tree is
@@ -218,7 +254,8 @@ pub fn apply(
 /// their ctimes; done later, the next apply would have to read those files again to trust them.
 ///
 /// Files in `incoming` that hold exactly an entry's chunks are moved into the new tree, and its
-/// other verified chunks are read from there like chunks of the store.
+/// other verified chunks are read from there like chunks of the store. With `in_place` false
+/// the change is never applied in place ([`apply_whole`]).
 pub fn apply_and_prune(
     store: &ChunkStore,
     manifest: &Manifest,
@@ -226,8 +263,17 @@ pub fn apply_and_prune(
     keep: usize,
     keep_live_aside: Option<SetAside>,
     incoming: Option<&mut Incoming>,
+    in_place: bool,
 ) -> Result<(ApplyReport, PruneReport), VolumeError> {
-    apply_inner(store, manifest, live, Some(keep), keep_live_aside, incoming)
+    apply_inner(
+        store,
+        manifest,
+        live,
+        Some(keep),
+        keep_live_aside,
+        incoming,
+        in_place,
+    )
 }
 
 /// Why the live tree must be kept aside at the switch even if it is unchanged (the standby
@@ -247,6 +293,7 @@ fn apply_inner(
     keep: Option<usize>,
     keep_live_aside: Option<SetAside>,
     incoming: Option<&mut Incoming>,
+    in_place: bool,
 ) -> Result<(ApplyReport, PruneReport), VolumeError> {
     manifest.validate()?;
     let names = TreeNames::of(live)?;
@@ -262,6 +309,9 @@ fn apply_inner(
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(VolumeError::io("inspecting", live, e)),
     }
+    // An in-place apply a crash interrupted is completed first: until then the live manifest
+    // does not say what the live tree holds.
+    crate::patch::finish_interrupted(&live)?;
     let staging = names.staging();
     let marker = names.building_marker();
     let mut report = ApplyReport {
@@ -277,6 +327,7 @@ fn apply_inner(
         linked: 0,
         reused_bytes: 0,
         changed_live: Vec::new(),
+        in_place: false,
     };
     // The same tree again (a sync with no change on the primary): rebuilding would rewrite the
     // whole volume for nothing. Whether the standby changed its copy locally is `verify`'s and
@@ -308,7 +359,12 @@ fn apply_inner(
     // switch (a `prev` tree, or kept aside as diverged) and whether its files may be linked. It is
     // checked now, before linking changes the shared inodes' ctimes.
     let mut phases = Phases::start();
-    let (live_files, live_clean) = reusable_files(&names)?;
+    let LiveState {
+        files: live_files,
+        check: live_clean,
+        manifest: live_manifest,
+        stamps: live_stamps,
+    } = reusable_files(&names)?;
     // A tree from another history is kept aside like a changed one: at the switch, so the live
     // path is never empty, and without hard links into it.
     let (live_files, live_clean) = match &keep_live_aside {
@@ -328,6 +384,30 @@ fn apply_inner(
         .collect();
     if !missing.is_empty() {
         return Err(VolumeError::MissingChunks { ids: missing });
+    }
+    // A small change to a tree that is exactly as applied goes in place.
+    if in_place
+        && keep_live_aside.is_none()
+        && live_clean == LiveCheck::Clean
+        && incoming.as_ref().is_none_or(|i| !i.exists())
+        && let Some(old) = &live_manifest
+        && let Some(plan) = crate::patch::plan(old, manifest)
+    {
+        phases.mark("check live");
+        let pruned = crate::patch::apply_in_place(
+            store,
+            &names,
+            old,
+            manifest,
+            &plan,
+            live_files.as_ref(),
+            live_stamps.as_ref(),
+            keep,
+            &mut report,
+        )?;
+        phases.mark("in place");
+        tracing::debug!(phases = %phases, entries = plan.size(), "applied in place");
+        return Ok((report, pruned));
     }
     File::create(&marker).ctx("creating", &marker)?;
     fs::create_dir(&staging).ctx("creating", &staging)?;
@@ -475,6 +555,18 @@ impl std::fmt::Display for Phases {
     }
 }
 
+/// What the check of the live tree found.
+struct LiveState {
+    /// Its files that may be reused.
+    files: Option<LiveFiles>,
+    /// Whether it is exactly as the last apply left it.
+    check: LiveCheck,
+    /// The manifest it was applied from.
+    manifest: Option<Manifest>,
+    /// Its files' stamps as the check saw them (valid for the unchanged files of a clean tree).
+    stamps: Option<AppliedStamps>,
+}
+
 /// Whether the live tree is exactly as the last apply left it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum LiveCheck {
@@ -489,15 +581,23 @@ enum LiveCheck {
 /// only files changed since apply are read, and compares tree hashes: anything that differs (a
 /// file, a directory's mode, an entry added or removed) makes the tree changed. Without usable
 /// stamps every file is read. A tree that changed gives nothing to reuse.
-fn reusable_files(names: &TreeNames) -> Result<(Option<LiveFiles>, LiveCheck), VolumeError> {
+fn reusable_files(names: &TreeNames) -> Result<LiveState, VolumeError> {
+    let state = |files, check, manifest, stamps| LiveState {
+        files,
+        check,
+        manifest,
+        stamps,
+    };
     let live = names.live();
     if !exists(&live) {
-        return Ok((None, LiveCheck::Clean));
+        return Ok(state(None, LiveCheck::Clean, None, None));
     }
     let Ok(Some(manifest)) = read_live_manifest(&live) else {
-        return Ok((
+        return Ok(state(
             None,
             LiveCheck::Changed("the tree has no manifest (not written by hearth)".into()),
+            None,
+            None,
         ));
     };
     let path = names.live_stamps();
@@ -520,9 +620,11 @@ fn reusable_files(names: &TreeNames) -> Result<(Option<LiveFiles>, LiveCheck), V
     let now = match capture(&live, &opts, cache.as_ref()) {
         Ok(now) => now,
         Err(e) => {
-            return Ok((
+            return Ok(state(
                 None,
                 LiveCheck::Changed(format!("could not be read whole: {e}")),
+                Some(manifest),
+                None,
             ));
         }
     };
@@ -536,17 +638,24 @@ fn reusable_files(names: &TreeNames) -> Result<(Option<LiveFiles>, LiveCheck), V
     let current = AppliedStamps::from_capture(now_hash, &now.cache);
     let files = LiveFiles::new(&live, &now.manifest, &current)?;
     if now_hash == manifest.tree_hash()? {
-        Ok((Some(files), LiveCheck::Clean))
+        Ok(state(
+            Some(files),
+            LiveCheck::Clean,
+            Some(manifest),
+            Some(current),
+        ))
     } else {
         // Unchanged files of a changed tree may still be cloned or copied (each is checked
         // again when it is taken), but not hard-linked: the tree is kept aside as diverged and
         // must not share inodes with the new live tree.
-        Ok((
+        Ok(state(
             Some(files.without_links()),
             LiveCheck::Changed(format!(
                 "changed on the standby since it was applied ({} file(s) read again)",
                 now.report.files_read
             )),
+            Some(manifest),
+            None,
         ))
     }
 }
@@ -596,7 +705,7 @@ fn times(entry: &Entry) -> Timestamps {
 
 /// Owner, mode and xattrs by path, for everything but regular files (which use their
 /// descriptor) and symlinks (which have no mode of their own).
-fn set_path_meta(path: &Path, entry: &Entry, symlink: bool) -> Result<(), VolumeError> {
+pub(crate) fn set_path_meta(path: &Path, entry: &Entry, symlink: bool) -> Result<(), VolumeError> {
     std::os::unix::fs::lchown(path, Some(entry.uid), Some(entry.gid))
         .ctx("changing owner of", path)?;
     if !symlink {
@@ -638,7 +747,7 @@ fn build(
     // Directories first, in order (parents before children); their metadata comes last, deepest
     // first, so creating their children does not disturb their mtimes.
     let mut dirs: Vec<&Entry> = Vec::new();
-    let mut files: Vec<&Entry> = Vec::new();
+    let mut files: Vec<(&Entry, PathBuf)> = Vec::new();
     for entry in &manifest.entries {
         match &entry.kind {
             EntryKind::Dir => {
@@ -648,13 +757,68 @@ fn build(
                 }
                 dirs.push(entry);
             }
-            EntryKind::File { .. } => files.push(entry),
+            EntryKind::File { .. } => files.push((entry, join(staging, &entry.path))),
             _ => {}
         }
     }
-    // Regular files, on several threads.
+    build_regular(store, &files, staging, live_files, incoming, report)?;
+    // Everything else in manifest order: hard links after the files they name.
+    for entry in &manifest.entries {
+        let path = join(staging, &entry.path);
+        match &entry.kind {
+            EntryKind::Dir | EntryKind::File { .. } => {}
+            EntryKind::HardLink { target } => {
+                let original = join(staging, target);
+                fs::hard_link(&original, &path).ctx("creating hard link", &path)?;
+            }
+            _ => create_special(&path, entry)?,
+        }
+    }
+    for entry in dirs.iter().rev() {
+        set_path_meta(&join(staging, &entry.path), entry, false)?;
+    }
+    Ok(())
+}
+
+/// Creates a symlink, fifo or device node at `path` with `entry`'s metadata.
+pub(crate) fn create_special(path: &Path, entry: &Entry) -> Result<(), VolumeError> {
+    match &entry.kind {
+        EntryKind::Symlink { target } => {
+            std::os::unix::fs::symlink(OsStr::from_bytes(target), path)
+                .ctx("creating symlink", path)?;
+            set_path_meta(path, entry, true)
+        }
+        EntryKind::Fifo | EntryKind::CharDevice { .. } | EntryKind::BlockDevice { .. } => {
+            let (ft, rdev) = match entry.kind {
+                EntryKind::CharDevice { rdev } => (FileType::CharacterDevice, rdev),
+                EntryKind::BlockDevice { rdev } => (FileType::BlockDevice, rdev),
+                _ => (FileType::Fifo, 0),
+            };
+            rustix::fs::mknodat(CWD, path, ft, Mode::from_raw_mode(entry.mode), rdev)
+                .ctx("creating special file", path)?;
+            set_path_meta(path, entry, false)
+        }
+        EntryKind::Dir | EntryKind::File { .. } | EntryKind::HardLink { .. } => {
+            Err(VolumeError::InvalidManifest(format!(
+                "{} is not a symlink or special file",
+                String::from_utf8_lossy(&entry.path)
+            )))
+        }
+    }
+}
+
+/// Builds the regular files `files` (each entry with the path to create it at) on several
+/// threads; `root` names the tree in errors.
+pub(crate) fn build_regular(
+    store: &ChunkStore,
+    files: &[(&Entry, PathBuf)],
+    root: &Path,
+    live_files: Option<&LiveFiles>,
+    incoming: Option<&mut Incoming>,
+    report: &mut ApplyReport,
+) -> Result<(), VolumeError> {
     if let Some(l) = live_files {
-        l.probe_clone(staging);
+        l.probe_clone(root);
     }
     let incoming = incoming.map(std::sync::Mutex::new);
     let next = std::sync::atomic::AtomicUsize::new(0);
@@ -669,13 +833,14 @@ fn build(
                             return Ok(tally);
                         }
                         let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        let Some(entry) = files.get(i) else {
+                        let Some((entry, path)) = files.get(i) else {
                             return Ok(tally);
                         };
                         if let Err(e) = build_file(
                             store,
-                            staging,
+                            root,
                             entry,
+                            path,
                             live_files,
                             incoming.as_ref(),
                             &mut tally,
@@ -693,7 +858,7 @@ fn build(
                 w.join().unwrap_or_else(|_| {
                     Err(VolumeError::io(
                         "building",
-                        staging,
+                        root,
                         std::io::Error::other("a build thread panicked"),
                     ))
                 })
@@ -709,35 +874,6 @@ fn build(
         report.linked += t.linked;
         report.reused_bytes += t.reused_bytes;
         report.changed_live.extend(t.changed_live);
-    }
-    // Everything else in manifest order: hard links after the files they name.
-    for entry in &manifest.entries {
-        let path = join(staging, &entry.path);
-        match &entry.kind {
-            EntryKind::Dir | EntryKind::File { .. } => {}
-            EntryKind::Symlink { target } => {
-                std::os::unix::fs::symlink(OsStr::from_bytes(target), &path)
-                    .ctx("creating symlink", &path)?;
-                set_path_meta(&path, entry, true)?;
-            }
-            EntryKind::HardLink { target } => {
-                let original = join(staging, target);
-                fs::hard_link(&original, &path).ctx("creating hard link", &path)?;
-            }
-            EntryKind::Fifo | EntryKind::CharDevice { .. } | EntryKind::BlockDevice { .. } => {
-                let (ft, rdev) = match entry.kind {
-                    EntryKind::CharDevice { rdev } => (FileType::CharacterDevice, rdev),
-                    EntryKind::BlockDevice { rdev } => (FileType::BlockDevice, rdev),
-                    _ => (FileType::Fifo, 0),
-                };
-                rustix::fs::mknodat(CWD, &path, ft, Mode::from_raw_mode(entry.mode), rdev)
-                    .ctx("creating special file", &path)?;
-                set_path_meta(&path, entry, false)?;
-            }
-        }
-    }
-    for entry in dirs.iter().rev() {
-        set_path_meta(&join(staging, &entry.path), entry, false)?;
     }
     Ok(())
 }
@@ -756,12 +892,14 @@ fn locked<'a, 'b>(
     })
 }
 
-/// Builds one regular file of the new tree at its place under `staging`: moved in whole from the
-/// received files, linked or copied from an unchanged live file, or written from chunks.
+/// Builds one regular file of the new tree at `path` (under `staging`, which names the tree in
+/// errors): moved in whole from the received files, linked or copied from an unchanged live file,
+/// or written from chunks.
 fn build_file(
     store: &ChunkStore,
     staging: &Path,
     entry: &Entry,
+    path: &Path,
     live_files: Option<&LiveFiles>,
     incoming: Option<&std::sync::Mutex<&mut Incoming>>,
     report: &mut Tally,
@@ -769,7 +907,6 @@ fn build_file(
     let EntryKind::File { size, chunks } = &entry.kind else {
         return Ok(());
     };
-    let path = join(staging, &entry.path);
     let lock = |m| locked(m, staging);
     // A file received whole before its manifest is moved in, not copied.
     let claimed = match incoming {
@@ -778,12 +915,12 @@ fn build_file(
     };
     let received = claimed.is_some();
     if let (Some(from), Some(m)) = (claimed, incoming) {
-        rustix::fs::renameat_with(CWD, &from, CWD, &path, RenameFlags::NOREPLACE)
-            .ctx("moving a received file to", &path)?;
-        lock(m)?.relocate(chunks, &from, &path);
+        rustix::fs::renameat_with(CWD, &from, CWD, path, RenameFlags::NOREPLACE)
+            .ctx("moving a received file to", path)?;
+        lock(m)?.relocate(chunks, &from, path);
         report.bytes += chunks.iter().map(|c| u64::from(c.len)).sum::<u64>();
     } else if let Some(l) = live_files.filter(|l| l.prefers_links()) {
-        match l.link(entry, *size, chunks, &path)? {
+        match l.link(entry, *size, chunks, path)? {
             Attempt::Done(_) => {
                 // Content and metadata are the live file's: nothing else to set.
                 report.files += 1;
@@ -803,8 +940,8 @@ fn build_file(
         .write(true)
         .create_new(!received)
         .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
-        .open(&path)
-        .ctx("creating", &path)?;
+        .open(path)
+        .ctx("creating", path)?;
     // An unchanged file of the live tree is cloned or copied rather than rebuilt.
     let attempt = match live_files {
         _ if received => None,
@@ -845,7 +982,7 @@ fn build_file(
                     Err(e) => return Err(e),
                 };
                 file.write_all_at(&data, chunk.offset)
-                    .ctx("writing", &path)?;
+                    .ctx("writing", path)?;
                 report.bytes += data.len() as u64;
             }
         }
@@ -853,26 +990,26 @@ fn build_file(
     // Every metadata change is a journal transaction on most filesystems, so the ones that would
     // change nothing (a clone already has the size, a new file usually already has the wanted
     // owner and mode) are skipped.
-    let md = file.metadata().ctx("inspecting", &path)?;
+    let md = file.metadata().ctx("inspecting", path)?;
     if md.len() != *size {
         // Extending the length leaves every range no chunk covered as a hole.
-        file.set_len(*size).ctx("sizing", &path)?;
+        file.set_len(*size).ctx("sizing", path)?;
     }
     if (md.uid(), md.gid()) != (entry.uid, entry.gid) {
         std::os::unix::fs::fchown(&file, Some(entry.uid), Some(entry.gid))
-            .ctx("changing owner of", &path)?;
+            .ctx("changing owner of", path)?;
     }
     // After chown, which clears set-uid and set-gid bits; a new file has none, so when chown was
     // skipped the mode read above is still the file's.
     if md.uid() != entry.uid || md.gid() != entry.gid || md.mode() & 0o7777 != entry.mode {
         file.set_permissions(fs::Permissions::from_mode(entry.mode))
-            .ctx("changing mode of", &path)?;
+            .ctx("changing mode of", path)?;
     }
     for x in &entry.xattrs {
         xattr::FileExt::set_xattr(&file, OsStr::from_bytes(&x.name), &x.value)
-            .ctx("setting xattr on", &path)?;
+            .ctx("setting xattr on", path)?;
     }
-    rustix::fs::futimens(&file, &times(entry)).ctx("setting times of", &path)?;
+    rustix::fs::futimens(&file, &times(entry)).ctx("setting times of", path)?;
     report.files += 1;
     Ok(())
 }
@@ -927,6 +1064,9 @@ fn matches_by_metadata(root: &Path, manifest: &Manifest) -> bool {
 pub struct PruneReport {
     /// Replaced trees deleted because they still equalled the manifest they were applied from.
     pub removed: Vec<PathBuf>,
+    /// Whether a deleted tree was a whole tree (built beside and swapped out), whose files
+    /// shared inodes with the live tree: deleting it moved those files' ctimes.
+    pub removed_shared: bool,
     /// Replaced trees that had changed (or had no manifest) and were renamed to a `diverged`
     /// name instead of being deleted.
     pub diverged: Vec<PathBuf>,
@@ -961,9 +1101,12 @@ pub fn prune_previous(live: &Path, keep: usize) -> Result<PruneReport, VolumeErr
             Some(m) => matches_by_metadata(&tree, m),
             None => false,
         };
+        let marker = names.previous_partial_marker(ns);
+        let partial = exists(&marker);
         if unchanged {
             fs::remove_dir_all(&tree).ctx("removing", &tree)?;
             report.removed.push(tree);
+            report.removed_shared |= !partial;
         } else {
             let aside = names.diverged(ns);
             fs::rename(&tree, &aside).ctx("moving aside", &tree)?;
@@ -972,6 +1115,9 @@ pub fn prune_previous(live: &Path, keep: usize) -> Result<PruneReport, VolumeErr
         }
         if exists(&manifest_path) {
             fs::remove_file(&manifest_path).ctx("removing", &manifest_path)?;
+        }
+        if partial {
+            fs::remove_file(&marker).ctx("removing", &marker)?;
         }
     }
     sync_dir(&names.parent)?;

@@ -23,6 +23,7 @@ pub mod link_btrfs;
 mod manifest;
 pub mod metrics;
 pub mod net;
+mod patch;
 pub mod primary;
 mod reuse;
 pub mod schedule;
@@ -31,8 +32,8 @@ pub mod state;
 mod store;
 
 pub use apply::{
-    ApplyReport, PruneReport, SetAside, TreeNames, apply, apply_and_prune, prune_previous,
-    read_live_manifest, select_for_prune,
+    ApplyReport, PruneReport, SetAside, TreeNames, apply, apply_and_prune, apply_whole,
+    prune_previous, read_live_manifest, select_for_prune,
 };
 pub use capture::{
     Capture, CaptureCache, CaptureOptions, CaptureReport, Sink, Streamed, UnstablePolicy, capture,
@@ -44,4 +45,5 @@ pub use incoming::Incoming;
 pub use manifest::{
     ChunkId, ChunkParams, ChunkRef, Entry, EntryKind, FORMAT_VERSION, Manifest, TreeHash, Xattr,
 };
+pub use patch::finish_interrupted;
 pub use store::{ChunkStore, Durability, VerifiedChunk};

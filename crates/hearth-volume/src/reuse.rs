@@ -141,6 +141,16 @@ impl AppliedStamps {
         }
     }
 
+    /// The hash of the tree these stamps were taken of.
+    pub(crate) fn tree_hash(&self) -> TreeHash {
+        TreeHash(self.tree_hash)
+    }
+
+    /// `(path, stamp)` for each regular file, in manifest order.
+    pub(crate) fn files(&self) -> &[(Vec<u8>, FileStamp)] {
+        &self.files
+    }
+
     pub(crate) fn new(tree_hash: TreeHash, files: Vec<(Vec<u8>, FileStamp)>) -> Self {
         AppliedStamps {
             tree_hash: tree_hash.0,

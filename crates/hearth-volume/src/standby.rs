@@ -62,6 +62,9 @@ pub struct ServeConfig {
     /// btrfs backend: keep a copy of each full stream as it arrives, so that a cut first sync
     /// resumes (costs a second write of the stream on this disk).
     pub resume_copies: bool,
+    /// files backend: apply small changes in place ([`crate::patch`]) instead of building the
+    /// whole tree beside the live one; replaced trees then keep only what changed.
+    pub in_place: bool,
     /// Time allowed for the TLS handshake and for each message to arrive.
     pub timeout: Duration,
 }
@@ -312,7 +315,12 @@ async fn current_live(
     st: &StandbyState,
 ) -> Result<Option<LiveTree>, NetError> {
     let live = live.to_owned();
-    let manifest = blocking(move || read_live_manifest(&live)).await?;
+    // An in-place apply a crash interrupted is completed before the primary is told what is live.
+    let manifest = blocking(move || {
+        crate::patch::finish_interrupted(&live)?;
+        read_live_manifest(&live)
+    })
+    .await?;
     let Some(m) = manifest else {
         return Ok(None);
     };
@@ -753,13 +761,14 @@ impl Session {
         };
         let aside_reason = set_aside.as_ref().map(|a| a.reason.clone());
         let keep = self.shared.config.keep;
+        let in_place = self.shared.config.in_place;
         let applied = {
             let store = store.clone();
             let m = manifest.clone();
             let l = live.clone();
             let mut inc = self.take_incoming();
             let r = blocking(move || {
-                let r = apply_and_prune(&store, &m, &l, keep, set_aside, Some(&mut inc));
+                let r = apply_and_prune(&store, &m, &l, keep, set_aside, Some(&mut inc), in_place);
                 Ok((inc, r))
             })
             .await?;

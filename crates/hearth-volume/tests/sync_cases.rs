@@ -9,15 +9,15 @@ mod common;
 
 use std::collections::HashSet;
 use std::fs::{self, OpenOptions};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use hearth_volume::{
-    CaptureOptions, ChunkStore, EntryKind, Manifest, UnstablePolicy, VolumeError, apply, capture,
-    missing_chunks, prune_previous, read_chunk,
+    CaptureOptions, ChunkStore, EntryKind, Manifest, UnstablePolicy, VolumeError, apply,
+    apply_whole, capture, missing_chunks, prune_previous, read_chunk,
 };
 use rand::{RngCore, SeedableRng, rngs::StdRng};
 
@@ -116,7 +116,7 @@ fn small_edit_sends_few_chunks_and_moves_send_nothing() {
 #[test]
 fn interrupted_apply_leaves_live_untouched_and_resumes() {
     let s = setup();
-    common::sync(&s.src, &s.store, &s.live, None);
+    common::sync_whole(&s.src, &s.store, &s.live, None);
     let before = common::snapshot(&s.live);
 
     // A second version whose apply fails half-way: one of its chunks rots in the store after
@@ -146,7 +146,7 @@ fn interrupted_apply_leaves_live_untouched_and_resumes() {
         .join(&victim.to_hex()[..2])
         .join(victim.to_hex());
     fs::write(&path, b"rotten").unwrap();
-    let err = apply(&s.store, &cap.manifest, &s.live).unwrap_err();
+    let err = apply_whole(&s.store, &cap.manifest, &s.live).unwrap_err();
     assert!(matches!(err, VolumeError::ChunkMismatch { .. }), "{err}");
     assert!(err.is_retryable());
     assert_eq!(common::snapshot(&s.live), before, "live tree changed");
@@ -165,7 +165,7 @@ fn interrupted_apply_leaves_live_untouched_and_resumes() {
             .put(&want.id, &read_chunk(&s.src, &want).unwrap())
             .unwrap();
     }
-    let report = apply(&s.store, &cap.manifest, &s.live).unwrap();
+    let report = apply_whole(&s.store, &cap.manifest, &s.live).unwrap();
     assert!(report.discarded_partial);
     common::assert_same_tree(&s.src, &s.live);
     assert!(hidden(&s.live, "staging").is_empty());
@@ -213,13 +213,13 @@ fn leftover_tree_of_unknown_state_is_kept_aside() {
 #[test]
 fn prune_deletes_only_unchanged_old_trees() {
     let s = setup();
-    common::sync(&s.src, &s.store, &s.live, None);
+    common::sync_whole(&s.src, &s.store, &s.live, None);
     fs::write(s.src.join("v2"), b"2").unwrap();
-    let (_, r2, _) = common::sync(&s.src, &s.store, &s.live, None);
+    let (_, r2, _) = common::sync_whole(&s.src, &s.store, &s.live, None);
     fs::write(s.src.join("v3"), b"3").unwrap();
-    let (_, r3, _) = common::sync(&s.src, &s.store, &s.live, None);
+    let (_, r3, _) = common::sync_whole(&s.src, &s.store, &s.live, None);
     fs::write(s.src.join("v4"), b"4").unwrap();
-    common::sync(&s.src, &s.store, &s.live, None);
+    common::sync_whole(&s.src, &s.store, &s.live, None);
     // Someone added a file to the first replaced tree (v1) after it was replaced. (Writing into
     // one of its files would, on a filesystem without clones, also change the live tree, whose
     // unchanged files are hard links to the same inodes; the next apply would notice that.)
@@ -541,7 +541,7 @@ fn live_files_changed_on_the_standby_are_not_reused_and_not_lost() {
 #[test]
 fn damaged_or_missing_stamps_only_cost_speed() {
     let s = setup();
-    common::sync(&s.src, &s.store, &s.live, None);
+    common::sync_whole(&s.src, &s.store, &s.live, None);
     let stamps = s.live.parent().unwrap().join(".live.hearth-live.stamps");
     let mut bytes = fs::read(&stamps).unwrap();
     let mid = bytes.len() / 2;
@@ -550,7 +550,7 @@ fn damaged_or_missing_stamps_only_cost_speed() {
     // Without usable stamps the live tree is read whole to check it, and then its unchanged file
     // is reused as usual: damaged stamps cost a read, nothing else.
     fs::write(s.src.join("d/small"), b"changed").unwrap();
-    let (_, report, _) = common::sync(&s.src, &s.store, &s.live, None);
+    let (_, report, _) = common::sync_whole(&s.src, &s.store, &s.live, None);
     common::assert_same_tree(&s.src, &s.live);
     assert_eq!(report.reused, 1);
     assert!(
@@ -559,15 +559,85 @@ fn damaged_or_missing_stamps_only_cost_speed() {
     );
 
     fs::write(s.src.join("d/small"), b"changed again").unwrap();
-    let (_, report, _) = common::sync(&s.src, &s.store, &s.live, None);
+    let (_, report, _) = common::sync_whole(&s.src, &s.store, &s.live, None);
     assert_eq!(report.reused, 1);
     fs::remove_file(&stamps).unwrap();
     fs::write(s.src.join("d/small"), b"third").unwrap();
-    let (_, report, _) = common::sync(&s.src, &s.store, &s.live, None);
+    let (_, report, _) = common::sync_whole(&s.src, &s.store, &s.live, None);
     common::assert_same_tree(&s.src, &s.live);
     assert_eq!(report.reused, 1);
     assert!(
         report.previous.is_some() && report.set_aside.is_none(),
         "{report:?}"
     );
+}
+
+#[test]
+fn small_changes_go_in_place_and_keep_only_what_they_replaced() {
+    let s = setup();
+    for i in 0..10 {
+        fs::write(s.src.join(format!("f{i}")), format!("file {i}")).unwrap();
+    }
+    let (_, first, _) = common::sync(&s.src, &s.store, &s.live, None);
+    assert!(!first.in_place, "a first sync builds the whole tree");
+    let big_ino = fs::metadata(s.live.join("d/e/big")).unwrap().ino();
+
+    fs::write(s.src.join("d/small"), b"changed").unwrap();
+    fs::remove_file(s.src.join("f3")).unwrap();
+    fs::create_dir(s.src.join("n")).unwrap();
+    fs::write(s.src.join("n/new"), b"new").unwrap();
+    let (_, second, _) = common::sync(&s.src, &s.store, &s.live, None);
+    assert!(second.in_place, "{second:?}");
+    common::assert_same_tree(&s.src, &s.live);
+    // Unchanged files were not touched at all: the same inode, no link, no copy.
+    assert_eq!(fs::metadata(s.live.join("d/e/big")).unwrap().ino(), big_ino);
+    assert_eq!((second.files, second.reused, second.linked), (2, 0, 0));
+    // The kept tree holds exactly what the change replaced or removed, with its parents.
+    let prev = second.previous.clone().unwrap();
+    assert_eq!(fs::read(prev.join("d/small")).unwrap(), b"hello");
+    assert_eq!(fs::read(prev.join("f3")).unwrap(), b"file 3");
+    assert!(!prev.join("d/e").exists() && !prev.join("f4").exists() && !prev.join("n").exists());
+    assert_eq!(hidden(&s.live, "partial").len(), 1);
+    assert!(
+        hidden(&s.live, "patch").is_empty(),
+        "the patch folder is cleaned up"
+    );
+
+    // A metadata change alone is applied in place too, and the next check still trusts the tree.
+    fs::set_permissions(s.src.join("f5"), fs::Permissions::from_mode(0o600)).unwrap();
+    let (_, third, _) = common::sync(&s.src, &s.store, &s.live, None);
+    assert!(third.in_place && third.set_aside.is_none(), "{third:?}");
+    common::assert_same_tree(&s.src, &s.live);
+
+    // Kept trees of in-place applies are pruned like whole ones: deleted while they are as
+    // applied, kept aside once edited. Deleting them does not touch the live tree's inodes.
+    fs::write(third.previous.clone().unwrap().join("note"), b"local").unwrap();
+    let pruned = prune_previous(&s.live, 0).unwrap();
+    assert_eq!(pruned.removed, vec![prev]);
+    assert_eq!(pruned.diverged.len(), 1);
+    assert!(!pruned.removed_shared);
+    assert!(hidden(&s.live, "partial").is_empty());
+    fs::write(s.src.join("f6"), b"six").unwrap();
+    let (_, fourth, _) = common::sync(&s.src, &s.store, &s.live, None);
+    assert!(fourth.in_place && fourth.set_aside.is_none(), "{fourth:?}");
+    common::assert_same_tree(&s.src, &s.live);
+}
+
+#[test]
+fn a_standby_edit_before_a_small_change_still_sets_the_whole_tree_aside() {
+    let s = setup();
+    for i in 0..10 {
+        fs::write(s.src.join(format!("f{i}")), format!("file {i}")).unwrap();
+    }
+    common::sync(&s.src, &s.store, &s.live, None);
+    fs::write(s.live.join("f1"), b"edited on the standby").unwrap();
+    fs::write(s.src.join("f2"), b"changed on the primary").unwrap();
+    let (_, report, _) = common::sync(&s.src, &s.store, &s.live, None);
+    assert!(!report.in_place, "{report:?}");
+    let aside = report.set_aside.unwrap();
+    assert_eq!(
+        fs::read(aside.join("f1")).unwrap(),
+        b"edited on the standby"
+    );
+    common::assert_same_tree(&s.src, &s.live);
 }

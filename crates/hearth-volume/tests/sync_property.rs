@@ -416,11 +416,24 @@ proptest! {
             let before = read_live_manifest(&live).unwrap().unwrap();
             let (cap, report, _) = common::sync(&src, &store, &live, cache.as_ref());
             common::assert_same_tree(&src, &live);
-            // Nothing touched the standby, so every file of the new tree whose content some
-            // file of the old tree had was taken from the live tree, not from chunks.
+            // Nothing touched the standby, so every file the apply created whose content some
+            // file of the old tree had was taken from the live tree, not from chunks. A change
+            // applied in place creates only the files that are new or changed at their path.
             if !report.unchanged {
                 let old = file_contents(&before);
-                let want: usize = file_contents(&cap.manifest)
+                let old_kind: std::collections::HashMap<&[u8], &EntryKind> =
+                    before.entries.iter().map(|e| (e.path.as_slice(), &e.kind)).collect();
+                let created = Manifest {
+                    chunking: cap.manifest.chunking,
+                    entries: cap
+                        .manifest
+                        .entries
+                        .iter()
+                        .filter(|e| !report.in_place || old_kind.get(e.path.as_slice()) != Some(&&e.kind))
+                        .cloned()
+                        .collect(),
+                };
+                let want: usize = file_contents(&created)
                     .into_iter()
                     .filter(|(k, _)| old.contains_key(k))
                     .map(|(_, n)| n)

@@ -63,9 +63,15 @@ enum VolumeCommand {
         /// A volume this standby receives: NAME=PATH. Repeatable. Primaries name volumes, never paths.
         #[arg(long = "volume", value_name = "NAME=PATH", required = true)]
         volumes: Vec<String>,
-        /// Replaced trees kept per volume.
+        /// Replaced trees kept per volume. After a change applied in place, the replaced tree
+        /// holds only the entries that change replaced or removed.
         #[arg(long, default_value_t = 2)]
         keep: usize,
+        /// files backend: always build the whole new tree beside the live one and swap, so every
+        /// replaced tree is a whole copy, instead of applying small changes in place. Costs work
+        /// in proportion to the volume's size on every sync.
+        #[arg(long)]
+        no_in_place: bool,
         /// btrfs backend: do not keep a copy of full streams as they arrive. A cut first sync then
         /// starts over instead of resuming, but each byte is written once instead of twice.
         #[arg(long)]
@@ -161,11 +167,13 @@ pub fn main(args: VolumeArgs) -> ExitCode {
                 volumes,
                 keep,
                 no_resume_copy,
+                no_in_place,
                 metrics,
             } => {
                 let opts = ServeOpts {
                     keep,
                     resume_copies: !no_resume_copy,
+                    in_place: !no_in_place,
                 };
                 serve_cmd(common, &listen, &allow, &volumes, opts, metrics.as_deref()).await
             }
@@ -282,6 +290,7 @@ async fn start_metrics(
 struct ServeOpts {
     keep: usize,
     resume_copies: bool,
+    in_place: bool,
 }
 
 async fn serve_cmd(
@@ -332,6 +341,7 @@ async fn serve_cmd(
         state_dir: common.state,
         keep: opts.keep,
         resume_copies: opts.resume_copies,
+        in_place: opts.in_place,
         timeout: Duration::from_secs(60),
     };
     // Shutdown order: a signal stops accepting; running exchanges get 5 s (an apply in progress

@@ -21,8 +21,8 @@ use hearth_volume::state::{self, StandbyState, VolumeDirs};
 use tokio::net::TcpListener;
 
 use hearth_volume::{
-    ApplyReport, Capture, CaptureCache, CaptureOptions, ChunkStore, Manifest, apply, capture,
-    missing_chunks, read_chunk,
+    ApplyReport, Capture, CaptureCache, CaptureOptions, ChunkStore, Manifest, apply, apply_whole,
+    capture, missing_chunks, read_chunk,
 };
 
 /// Everything about one path that replication must preserve.
@@ -190,6 +190,28 @@ pub fn sync(
     live: &Path,
     cache: Option<&CaptureCache>,
 ) -> (Capture, ApplyReport, u64) {
+    sync_with(src, store, live, cache, apply)
+}
+
+/// [`sync`], always building the whole tree beside the live one ([`apply_whole`]).
+pub fn sync_whole(
+    src: &Path,
+    store: &ChunkStore,
+    live: &Path,
+    cache: Option<&CaptureCache>,
+) -> (Capture, ApplyReport, u64) {
+    sync_with(src, store, live, cache, apply_whole)
+}
+
+type ApplyFn = fn(&ChunkStore, &Manifest, &Path) -> Result<ApplyReport, hearth_volume::VolumeError>;
+
+fn sync_with(
+    src: &Path,
+    store: &ChunkStore,
+    live: &Path,
+    cache: Option<&CaptureCache>,
+    apply: ApplyFn,
+) -> (Capture, ApplyReport, u64) {
     let cap = capture(src, &CaptureOptions::default(), cache).unwrap();
     let plan = missing_chunks(&cap.manifest, &store.index().unwrap());
     for want in &plan.wants {
@@ -255,6 +277,7 @@ impl Standby {
             state_dir: state.clone(),
             keep,
             resume_copies,
+            in_place: true,
             timeout: Duration::from_secs(20),
         };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
