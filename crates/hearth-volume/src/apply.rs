@@ -41,6 +41,7 @@ use crate::incoming::Incoming;
 use crate::manifest::{Entry, EntryKind, Manifest, TreeHash};
 use crate::reuse::{AppliedStamps, Attempt, FileStamp, LiveFiles, Reused, wait_until};
 use crate::store::ChunkStore;
+use crate::watch::LiveWatch;
 
 /// The hidden names that belong to one live path; see the module documentation.
 #[derive(Clone, Debug)]
@@ -202,6 +203,9 @@ pub struct ApplyReport {
     /// The change was applied in place ([`crate::patch`]) instead of by building a whole tree;
     /// [`previous`](Self::previous) then holds only what it replaced or removed.
     pub in_place: bool,
+    /// The live tree was walked to check that it is as applied; `false` when a [`LiveWatch`]
+    /// vouched for it (or there was no live tree).
+    pub walked_live: bool,
 }
 
 pub(crate) fn now_ns() -> u128 {
@@ -235,7 +239,7 @@ pub fn apply(
     manifest: &Manifest,
     live: &Path,
 ) -> Result<ApplyReport, VolumeError> {
-    apply_inner(store, manifest, live, None, None, None, true).map(|(report, _)| report)
+    apply_inner(store, manifest, live, None, None, None, true, None).map(|(report, _)| report)
 }
 
 /// [`apply`] without the in-place path: always builds the whole tree beside the live one and
@@ -245,7 +249,7 @@ pub fn apply_whole(
     manifest: &Manifest,
     live: &Path,
 ) -> Result<ApplyReport, VolumeError> {
-    apply_inner(store, manifest, live, None, None, None, false).map(|(report, _)| report)
+    apply_inner(store, manifest, live, None, None, None, false, None).map(|(report, _)| report)
 }
 
 /// [`apply`], and [`prune_previous`] so that `keep` replaced trees remain once the new tree is
@@ -256,6 +260,11 @@ pub fn apply_whole(
 /// Files in `incoming` that hold exactly an entry's chunks are moved into the new tree, and its
 /// other verified chunks are read from there like chunks of the store. With `in_place` false
 /// the change is never applied in place ([`apply_whole`]).
+///
+/// `watch` holds the [`LiveWatch`] the previous apply left for this tree, if any: when it saw
+/// nothing since, the live tree is trusted without walking it. On success it holds the watch of
+/// the tree now live (or nothing, if watching failed); on failure it is left empty.
+#[allow(clippy::too_many_arguments)]
 pub fn apply_and_prune(
     store: &ChunkStore,
     manifest: &Manifest,
@@ -264,6 +273,7 @@ pub fn apply_and_prune(
     keep_live_aside: Option<SetAside>,
     incoming: Option<&mut Incoming>,
     in_place: bool,
+    watch: Option<&mut Option<LiveWatch>>,
 ) -> Result<(ApplyReport, PruneReport), VolumeError> {
     apply_inner(
         store,
@@ -273,6 +283,7 @@ pub fn apply_and_prune(
         keep_live_aside,
         incoming,
         in_place,
+        watch,
     )
 }
 
@@ -286,6 +297,7 @@ pub struct SetAside {
     pub reason: String,
 }
 
+#[allow(clippy::too_many_arguments)]
 fn apply_inner(
     store: &ChunkStore,
     manifest: &Manifest,
@@ -294,6 +306,7 @@ fn apply_inner(
     keep_live_aside: Option<SetAside>,
     incoming: Option<&mut Incoming>,
     in_place: bool,
+    watch: Option<&mut Option<LiveWatch>>,
 ) -> Result<(ApplyReport, PruneReport), VolumeError> {
     manifest.validate()?;
     let names = TreeNames::of(live)?;
@@ -328,6 +341,7 @@ fn apply_inner(
         reused_bytes: 0,
         changed_live: Vec::new(),
         in_place: false,
+        walked_live: false,
     };
     // The same tree again (a sync with no change on the primary): rebuilding would rewrite the
     // whole volume for nothing. Whether the standby changed its copy locally is `verify`'s and
@@ -340,6 +354,11 @@ fn apply_inner(
         report.unchanged = true;
         return Ok((report, PruneReport::default()));
     }
+    // From here on the slot is empty unless this apply succeeds and leaves a watch in it.
+    let (mut prior, slot) = match watch {
+        Some(slot) => (slot.take(), Some(slot)),
+        None => (None, None),
+    };
     if exists(&staging) {
         if exists(&marker) {
             // Our own partial build: nothing in it exists anywhere else only there.
@@ -364,7 +383,9 @@ fn apply_inner(
         check: live_clean,
         manifest: live_manifest,
         stamps: live_stamps,
-    } = reusable_files(&names)?;
+        walked,
+    } = reusable_files(&names, prior.as_mut())?;
+    report.walked_live = walked;
     // A tree from another history is kept aside like a changed one: at the switch, so the live
     // path is never empty, and without hard links into it.
     let (live_files, live_clean) = match &keep_live_aside {
@@ -394,6 +415,13 @@ fn apply_inner(
         && let Some(plan) = crate::patch::plan(old, manifest)
     {
         phases.mark("check live");
+        // The watch that vouched for the tree goes on watching it through the change; after a
+        // walk, a new one starts now, before anything else can change it unnoticed.
+        let mut watch = match prior.take().filter(|_| !walked) {
+            Some(w) => Some(w),
+            None if slot.is_some() => start_watch(&live, old),
+            None => None,
+        };
         let pruned = crate::patch::apply_in_place(
             store,
             &names,
@@ -404,8 +432,12 @@ fn apply_inner(
             live_stamps.as_ref(),
             keep,
             &mut report,
+            &mut phases,
+            watch.as_mut(),
         )?;
-        phases.mark("in place");
+        if let Some(slot) = slot {
+            *slot = watch;
+        }
         tracing::debug!(phases = %phases, entries = plan.size(), "applied in place");
         return Ok((report, pruned));
     }
@@ -433,6 +465,12 @@ fn apply_inner(
         None => PruneReport::default(),
     };
     phases.mark("prune");
+    // The new tree is watched from before its stamps are taken; the old one's watch goes.
+    drop(prior);
+    let mut watch = match slot.is_some() {
+        true => start_watch(&staging, manifest),
+        false => None,
+    };
     let mut stamps = Vec::new();
     for entry in &manifest.entries {
         if let EntryKind::File { .. } = entry.kind {
@@ -517,24 +555,31 @@ fn apply_inner(
     sync_dir(&names.parent)?;
     phases.mark("switch");
     tracing::debug!(phases = %phases, "applied");
+    if let Some(w) = watch.as_mut() {
+        // The exchange moved the watched root itself; anything else is someone else's doing.
+        w.drain(&std::collections::HashSet::from([&b""[..]]));
+    }
+    if let Some(slot) = slot {
+        *slot = watch;
+    }
     Ok((report, pruned))
 }
 
 /// How long each phase of an apply took, for the debug log.
-struct Phases {
+pub(crate) struct Phases {
     last: std::time::Instant,
     done: Vec<(&'static str, std::time::Duration)>,
 }
 
 impl Phases {
-    fn start() -> Self {
+    pub(crate) fn start() -> Self {
         Phases {
             last: std::time::Instant::now(),
             done: Vec::new(),
         }
     }
 
-    fn mark(&mut self, name: &'static str) {
+    pub(crate) fn mark(&mut self, name: &'static str) {
         let now = std::time::Instant::now();
         self.done.push((name, now - self.last));
         self.last = now;
@@ -555,6 +600,18 @@ impl std::fmt::Display for Phases {
     }
 }
 
+/// Starts watching the tree at `root` applied from `manifest`; `None` (logged) when it cannot.
+fn start_watch(root: &Path, manifest: &Manifest) -> Option<LiveWatch> {
+    let tree = manifest.tree_hash().ok()?;
+    match LiveWatch::start(root, manifest, tree) {
+        Ok(w) => Some(w),
+        Err(e) => {
+            tracing::info!(path = %root.display(), error = %e, "cannot watch the live tree; the next apply walks it to check it");
+            None
+        }
+    }
+}
+
 /// What the check of the live tree found.
 struct LiveState {
     /// Its files that may be reused.
@@ -565,6 +622,8 @@ struct LiveState {
     manifest: Option<Manifest>,
     /// Its files' stamps as the check saw them (valid for the unchanged files of a clean tree).
     stamps: Option<AppliedStamps>,
+    /// Whether the tree was walked to check it (rather than trusted by a watch).
+    walked: bool,
 }
 
 /// Whether the live tree is exactly as the last apply left it.
@@ -581,16 +640,23 @@ enum LiveCheck {
 /// only files changed since apply are read, and compares tree hashes: anything that differs (a
 /// file, a directory's mode, an entry added or removed) makes the tree changed. Without usable
 /// stamps every file is read. A tree that changed gives nothing to reuse.
-fn reusable_files(names: &TreeNames) -> Result<LiveState, VolumeError> {
+fn reusable_files(
+    names: &TreeNames,
+    watch: Option<&mut LiveWatch>,
+) -> Result<LiveState, VolumeError> {
     let state = |files, check, manifest, stamps| LiveState {
         files,
         check,
         manifest,
         stamps,
+        walked: true,
     };
     let live = names.live();
     if !exists(&live) {
-        return Ok(state(None, LiveCheck::Clean, None, None));
+        return Ok(LiveState {
+            walked: false,
+            ..state(None, LiveCheck::Clean, None, None)
+        });
     }
     let Ok(Some(manifest)) = read_live_manifest(&live) else {
         return Ok(state(
@@ -606,6 +672,27 @@ fn reusable_files(names: &TreeNames) -> Result<LiveState, VolumeError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
         Err(e) => return Err(VolumeError::io("reading", path, e)),
     };
+    // A watch that saw nothing but apply's own changes since this tree was applied vouches for
+    // it, together with its stamps: no walk.
+    if let (Some(w), Some(st)) = (watch, &stamps) {
+        let hash = manifest.tree_hash()?;
+        match w.trusts(&live, hash) {
+            Ok(()) if st.tree_hash() == hash => {
+                let files = LiveFiles::new(&live, &manifest, st)?;
+                return Ok(LiveState {
+                    files: Some(files),
+                    check: LiveCheck::Clean,
+                    manifest: Some(manifest),
+                    stamps,
+                    walked: false,
+                });
+            }
+            Ok(()) => {}
+            Err(why) => {
+                tracing::debug!(path = %live.display(), %why, "the watch does not vouch for the live tree; walking it");
+            }
+        }
+    }
     let cache = match &stamps {
         Some(st) => crate::reuse::cache_for(&manifest, st)?,
         None => None,

@@ -30,6 +30,7 @@ pub mod schedule;
 pub mod standby;
 pub mod state;
 mod store;
+mod watch;
 
 pub use apply::{
     ApplyReport, PruneReport, SetAside, TreeNames, apply, apply_and_prune, apply_whole,
@@ -47,3 +48,4 @@ pub use manifest::{
 };
 pub use patch::finish_interrupted;
 pub use store::{ChunkStore, Durability, VerifiedChunk};
+pub use watch::{LiveWatch, TRUST_FOR};

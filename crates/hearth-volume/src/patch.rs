@@ -33,13 +33,14 @@ use std::path::{Path, PathBuf};
 use rustix::fs::{CWD, RenameFlags};
 
 use crate::apply::{
-    ApplyReport, PruneReport, TreeNames, build_regular, create_special, exists, join, now_ns,
-    prune_previous, read_live_manifest, set_path_meta, sync_dir,
+    ApplyReport, Phases, PruneReport, TreeNames, build_regular, create_special, exists, join,
+    now_ns, prune_previous, read_live_manifest, set_path_meta, sync_dir,
 };
 use crate::error::{IoContext, VolumeError};
 use crate::manifest::{Entry, EntryKind, Manifest, TreeHash};
 use crate::reuse::{AppliedStamps, FileStamp, LiveFiles, wait_until};
 use crate::store::ChunkStore;
+use crate::watch::LiveWatch;
 
 /// What an in-place apply changes, worked out from the old and the new manifest alone.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -279,11 +280,15 @@ pub(crate) fn apply_in_place(
     current: Option<&AppliedStamps>,
     keep: Option<usize>,
     report: &mut ApplyReport,
+    phases: &mut Phases,
+    watch: Option<&mut LiveWatch>,
 ) -> Result<PruneReport, VolumeError> {
     let (commit, pruned) =
         stage_and_commit(store, names, old, new, plan, live_files, keep, report)?;
+    phases.mark("stage and commit");
     let current = current.filter(|_| !pruned.removed_shared);
-    roll_forward(names, old, new, plan, &commit, current)?;
+    roll_forward(names, old, new, plan, &commit, current, watch)?;
+    phases.mark("roll forward");
     report.previous = Some(names.previous(commit.prev_ns));
     report.in_place = true;
     Ok(pruned)
@@ -338,7 +343,8 @@ fn stage_and_commit(
 
 /// Step 3 and 4 of the module documentation; every part may already have been done by an
 /// interrupted run. `current` are stamps of the live files still valid for the unchanged ones;
-/// without them every file of the new tree is stat'ed.
+/// without them every file of the new tree is stat'ed. `watch`, when the tree is watched, is
+/// kept watching exactly the new tree's directories, and told which changes were apply's own.
 fn roll_forward(
     names: &TreeNames,
     old: &Manifest,
@@ -346,6 +352,7 @@ fn roll_forward(
     plan: &Plan,
     commit: &Commit,
     current: Option<&AppliedStamps>,
+    mut watch: Option<&mut LiveWatch>,
 ) -> Result<(), VolumeError> {
     let live = names.live();
     let prev = names.previous(commit.prev_ns);
@@ -369,12 +376,28 @@ fn roll_forward(
         rustix::fs::renameat_with(CWD, &from, CWD, &to, RenameFlags::NOREPLACE)
             .ctx("moving the replaced entry to", &to)?;
     }
+    if let Some(w) = watch.as_deref_mut() {
+        let tops: HashSet<&[u8]> = plan.out.iter().map(Vec::as_slice).collect();
+        for e in &old.entries {
+            if e.kind == EntryKind::Dir
+                && (tops.contains(e.path.as_slice())
+                    || ancestors(&e.path).any(|a| tops.contains(a)))
+            {
+                w.remove_dir(&e.path);
+            }
+        }
+    }
     for &i in &plan.dirs {
         let path = join(&live, &new.entries[i].path);
         match fs::create_dir(&path) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && path.is_dir() => {}
             Err(e) => return Err(VolumeError::io("creating directory", path, e)),
+        }
+        if let Some(w) = watch.as_deref_mut()
+            && let Err(e) = w.add_dir(&live, &new.entries[i].path)
+        {
+            w.spoil(format!("a new directory could not be watched: {e}"));
         }
     }
     for &i in &plan.place {
@@ -465,7 +488,21 @@ fn roll_forward(
     sync_dir(&names.parent_dir())?;
     let work = names.patch_dir();
     fs::remove_dir_all(&work).ctx("removing", &work)?;
-    sync_dir(&names.parent_dir())
+    sync_dir(&names.parent_dir())?;
+    if let Some(w) = watch {
+        let mut expected: HashSet<&[u8]> = plan.out.iter().map(Vec::as_slice).collect();
+        expected.extend(
+            plan.dirs
+                .iter()
+                .chain(&plan.place)
+                .chain(plan.meta.iter().map(|(i, _)| i))
+                .chain(&plan.touched_dirs)
+                .map(|&i| new.entries[i].path.as_slice()),
+        );
+        w.drain(&expected);
+        w.now_watches(commit.new);
+    }
+    Ok(())
 }
 
 /// Sets `new`'s metadata on the entry at `path`, which has `old`'s, removing xattrs `new` lacks.
@@ -535,7 +572,7 @@ pub fn finish_interrupted(live: &Path) -> Result<bool, VolumeError> {
         return Err(bad("its plan cannot be worked out again"));
     };
     tracing::warn!(path = %live.display(), tree = %commit.new, "completing an in-place apply interrupted by a crash");
-    roll_forward(&names, &old, &new, &plan, &commit, None)?;
+    roll_forward(&names, &old, &new, &plan, &commit, None, None)?;
     Ok(true)
 }
 
@@ -857,6 +894,7 @@ mod tests {
             reused_bytes: 0,
             changed_live: Vec::new(),
             in_place: false,
+            walked_live: false,
         }
     }
 

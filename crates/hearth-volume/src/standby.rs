@@ -80,10 +80,32 @@ pub async fn serve(
     grace: Duration,
 ) -> Result<(), NetError> {
     let acceptor = TlsAcceptor::from(config.identity.server_config(config.allowed.clone())?);
+    // Before the first exchange (and before anyone is told what is live): complete in-place
+    // applies a crash interrupted, so each live tree is one whole tree again.
+    for (name, live) in &config.volumes {
+        let dirs = VolumeDirs::new(&config.state_dir, name);
+        let (name, live) = (name.clone(), live.clone());
+        let done = blocking(move || {
+            let Some(_lock) = VolumeLock::try_acquire(&dirs)? else {
+                return Ok(false);
+            };
+            crate::patch::finish_interrupted(&live)
+        })
+        .await;
+        match done {
+            Ok(true) => tracing::info!(volume = %name, "completed an apply interrupted by a crash"),
+            Ok(false) => {}
+            // The exchanges of this volume fail with the same error until it is resolved.
+            Err(e) => {
+                tracing::error!(volume = %name, error = %e, "cannot complete an interrupted apply")
+            }
+        }
+    }
     let shared = Arc::new(Shared {
         config,
         metrics,
         busy: Mutex::new(HashSet::new()),
+        watches: Mutex::new(BTreeMap::new()),
     });
     let mut tasks = JoinSet::new();
     tokio::pin!(shutdown);
@@ -128,6 +150,8 @@ struct Shared {
     metrics: Metrics,
     /// Volumes with an exchange in progress in this process.
     busy: Mutex<HashSet<String>>,
+    /// The watch on each volume's live tree that the last apply left ([`crate::watch`]).
+    watches: Mutex<BTreeMap<String, crate::watch::LiveWatch>>,
 }
 
 /// Marks a volume busy in this process for as long as it lives.
@@ -767,12 +791,31 @@ impl Session {
             let m = manifest.clone();
             let l = live.clone();
             let mut inc = self.take_incoming();
+            let volume = self.hello.volume.clone();
+            let mut watch = self
+                .shared
+                .watches
+                .lock()
+                .ok()
+                .and_then(|mut w| w.remove(&volume));
             let r = blocking(move || {
-                let r = apply_and_prune(&store, &m, &l, keep, set_aside, Some(&mut inc), in_place);
-                Ok((inc, r))
+                let r = apply_and_prune(
+                    &store,
+                    &m,
+                    &l,
+                    keep,
+                    set_aside,
+                    Some(&mut inc),
+                    in_place,
+                    Some(&mut watch),
+                );
+                Ok((inc, r, watch))
             })
             .await?;
             self.incoming = Some(r.0);
+            if let (Some(w), Ok(mut all)) = (r.2, self.shared.watches.lock()) {
+                all.insert(volume, w);
+            }
             r.1.map_err(NetError::Volume)
         };
         let (report, pruned) = match applied {
@@ -866,7 +909,7 @@ impl Session {
                 volume: self.hello.volume.clone(),
             })
             .inc();
-        tracing::info!(volume = %self.hello.volume, tree = %offer.tree_hash, files = report.files, unchanged = report.unchanged, "tree applied");
+        tracing::info!(volume = %self.hello.volume, tree = %offer.tree_hash, files = report.files, unchanged = report.unchanged, in_place = report.in_place, walked_live = report.walked_live, "tree applied");
         send(
             wr,
             &Response::Applied(Applied {

@@ -16,8 +16,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use hearth_volume::{
-    CaptureOptions, ChunkStore, EntryKind, Manifest, UnstablePolicy, VolumeError, apply,
-    apply_whole, capture, missing_chunks, prune_previous, read_chunk,
+    CaptureOptions, ChunkStore, EntryKind, LiveWatch, Manifest, UnstablePolicy, VolumeError, apply,
+    apply_and_prune, apply_whole, capture, missing_chunks, prune_previous, read_chunk,
 };
 use rand::{RngCore, SeedableRng, rngs::StdRng};
 
@@ -640,4 +640,109 @@ fn a_standby_edit_before_a_small_change_still_sets_the_whole_tree_aside() {
         b"edited on the standby"
     );
     common::assert_same_tree(&s.src, &s.live);
+}
+
+/// One sync with a watch slot, as `serve` does it: returns the report.
+fn sync_watched(s: &Setup, watch: &mut Option<LiveWatch>) -> hearth_volume::ApplyReport {
+    let cap = capture(&s.src, &CaptureOptions::default(), None).unwrap();
+    for want in missing_chunks(&cap.manifest, &s.store.index().unwrap()).wants {
+        s.store
+            .put(&want.id, &read_chunk(&s.src, &want).unwrap())
+            .unwrap();
+    }
+    let (report, _) = apply_and_prune(
+        &s.store,
+        &cap.manifest,
+        &s.live,
+        2,
+        None,
+        None,
+        true,
+        Some(watch),
+    )
+    .unwrap();
+    common::assert_same_tree(&s.src, &s.live);
+    report
+}
+
+#[test]
+fn a_watched_standby_is_trusted_without_a_walk_until_someone_else_touches_it() {
+    let s = setup();
+    for i in 0..20 {
+        fs::write(s.src.join(format!("f{i}")), format!("file {i}")).unwrap();
+    }
+    let mut watch = None;
+    let first = sync_watched(&s, &mut watch);
+    assert!(!first.in_place && watch.is_some(), "{first:?}");
+    let mut round = 0;
+    let mut primary_change = |s: &Setup| {
+        round += 1;
+        fs::write(
+            s.src.join(format!("f{}", round % 20)),
+            format!("round {round}"),
+        )
+        .unwrap();
+    };
+    primary_change(&s);
+    let r = sync_watched(&s, &mut watch);
+    assert!(r.in_place && !r.walked_live, "{r:?}");
+    // A new folder made by apply is watched too.
+    fs::create_dir(s.src.join("new")).unwrap();
+    fs::write(s.src.join("new/x"), b"x").unwrap();
+    let r = sync_watched(&s, &mut watch);
+    assert!(r.in_place && !r.walked_live, "{r:?}");
+
+    // Each change made on the standby behind apply's back makes the next apply walk, find the
+    // tree changed and keep it aside; the apply after that is trusted again.
+    type Edit = (&'static str, fn(&Path), &'static str);
+    let edits: [Edit; 6] = [
+        (
+            "write",
+            |l| fs::write(l.join("f7"), b"edited").unwrap(),
+            "f7",
+        ),
+        (
+            "chmod",
+            |l| fs::set_permissions(l.join("d/small"), fs::Permissions::from_mode(0o600)).unwrap(),
+            "d/small",
+        ),
+        (
+            "create in a subfolder",
+            |l| fs::write(l.join("d/e/local"), b"mine").unwrap(),
+            "d/e/local",
+        ),
+        (
+            "create in a new folder",
+            |l| fs::write(l.join("new/local"), b"mine").unwrap(),
+            "new/local",
+        ),
+        ("remove", |l| fs::remove_file(l.join("f9")).unwrap(), ""),
+        (
+            "rename",
+            |l| fs::rename(l.join("f11"), l.join("f11.bak")).unwrap(),
+            "f11.bak",
+        ),
+    ];
+    for (name, edit, kept) in edits {
+        edit(&s.live);
+        primary_change(&s);
+        let r = sync_watched(&s, &mut watch);
+        assert!(r.walked_live && !r.in_place, "{name}: {r:?}");
+        let aside = r
+            .set_aside
+            .clone()
+            .unwrap_or_else(|| panic!("{name}: not kept aside"));
+        if !kept.is_empty() {
+            assert!(
+                aside.join(kept).exists(),
+                "{name}: {kept} is in the kept tree"
+            );
+        }
+        primary_change(&s);
+        let r = sync_watched(&s, &mut watch);
+        assert!(
+            r.in_place && !r.walked_live && r.set_aside.is_none(),
+            "{name}, after: {r:?}"
+        );
+    }
 }

@@ -278,7 +278,16 @@ fn push_status_verify_and_refusals_from_the_command_line() {
 fn kill_9_either_side_during_transfers() {
     let dir = tempfile::tempdir().unwrap();
     let s = Setup::new(dir.path());
-    kill_cycles(&s, crash_cycles(40));
+    kill_cycles(&s, crash_cycles(40), &[]);
+}
+
+/// With `--no-in-place` every apply is a build beside the live tree and one atomic exchange, so
+/// the live path shows one whole version at every instant, even before `serve` is started again.
+#[test]
+fn kill_9_either_side_during_transfers_with_whole_tree_swaps() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Setup::new(dir.path());
+    kill_cycles(&s, crash_cycles(20), &["--no-in-place"]);
 }
 
 #[test]
@@ -288,7 +297,7 @@ fn kill_9_either_side_during_btrfs_transfers() {
     let standby = hearth_testkit::btrfs::BtrfsLoop::new(1024).unwrap();
     let src = primary.create_subvolume("vol").unwrap();
     let s = Setup::with_paths(dir.path(), src, standby.mount().join("data/data"));
-    kill_cycles(&s, crash_cycles(20));
+    kill_cycles(&s, crash_cycles(20), &[]);
     // Every push went the btrfs way: the standby holds received snapshots, and no chunk store.
     assert!(standby.mount().join("data/.data.hearth-received").is_dir());
     assert!(
@@ -311,8 +320,11 @@ fn crash_cycles(default: usize) -> usize {
 
 /// Pushes from `s.src` to `s.live` `cycles` times, killing either side with SIGKILL at a random
 /// moment of each push, and checks that the standby always holds one whole version of the primary
-/// and that a final push completes.
-fn kill_cycles(s: &Setup, cycles: usize) {
+/// and that a final push completes. `serve_args` go to every `serve`. Without `--no-in-place`, a
+/// change applied in place that a kill cut short is completed when `serve` starts again, before
+/// it listens; the check then comes after that start.
+fn kill_cycles(s: &Setup, cycles: usize, serve_args: &[&str]) {
+    let whole = serve_args.contains(&"--no-in-place");
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
     // About 24 MB in 60 files of random bytes plus small files, so a push takes long enough to
     // be cut in every phase (capture, offer, chunks, apply).
@@ -325,7 +337,7 @@ fn kill_cycles(s: &Setup, cycles: usize) {
         fs::write(d.join(format!("small{i}")), format!("small {i}")).unwrap();
     }
     let mut versions = vec![digest(&tree(&s.src).unwrap())];
-    let mut serve = Some(s.serve());
+    let mut serve = Some(s.serve_with(serve_args));
     let mut kills = (0, 0);
     let mut mid_transfer = 0;
     // How long to let a push run before the kill, at most. It adapts to how long pushes take on
@@ -373,6 +385,9 @@ fn kill_cycles(s: &Setup, cycles: usize) {
                 "the standby kept the volume locked for a minute"
             );
         }
+        if serve.is_none() && !whole {
+            serve = Some(s.serve_with(serve_args));
+        }
         // The standby holds nothing yet, or exactly one whole version of the primary.
         if let Some(t) = tree(&s.live) {
             assert!(
@@ -381,7 +396,7 @@ fn kill_cycles(s: &Setup, cycles: usize) {
             );
         }
         if serve.is_none() {
-            serve = Some(s.serve());
+            serve = Some(s.serve_with(serve_args));
         }
         // Change the primary before every cycle, so every push has work to do: a new file of
         // 3 MB of fresh bytes, part of an old file rewritten, a small file removed.
