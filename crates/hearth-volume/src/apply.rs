@@ -26,11 +26,13 @@
 //! entries, [`crate::patch`] applies the change in place instead of building a whole tree: the
 //! cost of a sync then follows the size of the change, not the size of the volume.
 
+use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use rustix::fs::{AtFlags, CWD, FileType, Mode, RenameFlags, Timespec, Timestamps, UTIME_OMIT};
@@ -206,6 +208,10 @@ pub struct ApplyReport {
     /// The live tree was walked to check that it is as applied; `false` when a [`LiveWatch`]
     /// vouched for it (or there was no live tree).
     pub walked_live: bool,
+    /// [`apply_and_prune`] left pruning to its caller: only kept trees of in-place applies were
+    /// due, which share no inodes with the live tree, so `prune_previous(live, keep)` may run once
+    /// the apply has been acknowledged.
+    pub prune_later: bool,
 }
 
 pub(crate) fn now_ns() -> u128 {
@@ -342,14 +348,15 @@ fn apply_inner(
         changed_live: Vec::new(),
         in_place: false,
         walked_live: false,
+        prune_later: false,
     };
     // The same tree again (a sync with no change on the primary): rebuilding would rewrite the
     // whole volume for nothing. Whether the standby changed its copy locally is `verify`'s and
     // `prune_previous`'s business, not a reason to rewrite it here.
     if exists(&live)
         && !exists(&staging)
-        && let Ok(Some(current)) = read_live_manifest(&live)
-        && current.tree_hash()? == report.tree_hash
+        && let Ok(Some((_, current))) = read_live_manifest_hashed(&live)
+        && current == report.tree_hash
     {
         report.unchanged = true;
         return Ok((report, PruneReport::default()));
@@ -619,7 +626,7 @@ struct LiveState {
     /// Whether it is exactly as the last apply left it.
     check: LiveCheck,
     /// The manifest it was applied from.
-    manifest: Option<Manifest>,
+    manifest: Option<Arc<Manifest>>,
     /// Its files' stamps as the check saw them (valid for the unchanged files of a clean tree).
     stamps: Option<AppliedStamps>,
     /// Whether the tree was walked to check it (rather than trusted by a watch).
@@ -658,7 +665,7 @@ fn reusable_files(
             ..state(None, LiveCheck::Clean, None, None)
         });
     }
-    let Ok(Some(manifest)) = read_live_manifest(&live) else {
+    let Ok(Some((manifest, hash))) = read_live_manifest_hashed(&live) else {
         return Ok(state(
             None,
             LiveCheck::Changed("the tree has no manifest (not written by hearth)".into()),
@@ -675,7 +682,6 @@ fn reusable_files(
     // A watch that saw nothing but apply's own changes since this tree was applied vouches for
     // it, together with its stamps: no walk.
     if let (Some(w), Some(st)) = (watch, &stamps) {
-        let hash = manifest.tree_hash()?;
         match w.trusts(&live, hash) {
             Ok(()) if st.tree_hash() == hash => {
                 let files = LiveFiles::new(&live, &manifest, st)?;
@@ -724,7 +730,7 @@ fn reusable_files(
     // of shared inodes move it) was read again above and proved unchanged, so it stays reusable.
     let current = AppliedStamps::from_capture(now_hash, &now.cache);
     let files = LiveFiles::new(&live, &now.manifest, &current)?;
-    if now_hash == manifest.tree_hash()? {
+    if now_hash == hash {
         Ok(state(
             Some(files),
             LiveCheck::Clean,
@@ -749,6 +755,28 @@ fn reusable_files(
 
 /// The manifest of the tree last applied at `live`, if any.
 pub fn read_live_manifest(live: &Path) -> Result<Option<Manifest>, VolumeError> {
+    Ok(read_live_manifest_hashed(live)?.map(|(m, _)| Manifest::clone(&m)))
+}
+
+/// What identifies one version of a live manifest file: it is only ever replaced by a rename
+/// (a new inode), and any write in place moves its ctime.
+type FileIdentity = (u64, u64, u64, i64, i64, i64, i64);
+
+/// Live manifests already decoded, by live path, each with the identity of the file it was
+/// decoded from. A standby reads its live manifest several times per sync (to tell the primary
+/// what it holds, to work out wanted chunks, to decide between replace and keep aside, to check
+/// the tree); for 100,000 files each decode costs about a tenth of a second.
+type LiveManifests = HashMap<PathBuf, (FileIdentity, Arc<Manifest>, TreeHash)>;
+static LIVE_MANIFESTS: std::sync::LazyLock<Mutex<LiveManifests>> =
+    std::sync::LazyLock::new(|| Mutex::new(HashMap::new()));
+
+/// Volumes a process serves are few; tests make many. Past this the cache starts over.
+const LIVE_MANIFESTS_MAX: usize = 64;
+
+/// [`read_live_manifest`] without a copy, with its tree hash.
+pub fn read_live_manifest_hashed(
+    live: &Path,
+) -> Result<Option<(Arc<Manifest>, TreeHash)>, VolumeError> {
     let path = TreeNames::of(live)?.live_manifest();
     // A manifest beside a live directory that is gone (deleted by hand, or by `nomad volume
     // delete`) describes nothing: the tree must be sent again, not reported as in sync.
@@ -762,11 +790,38 @@ pub fn read_live_manifest(live: &Path) -> Result<Option<Manifest>, VolumeError> 
         }
         Err(e) => return Err(VolumeError::io("inspecting", live, e)),
     }
-    match fs::read(&path) {
-        Ok(bytes) => Manifest::decode(&bytes).map(Some),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(VolumeError::io("reading", path, e)),
+    let mut file = match File::open(&path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(VolumeError::io("reading", path, e)),
+    };
+    let md = file.metadata().ctx("inspecting", &path)?;
+    let id = (
+        md.dev(),
+        md.ino(),
+        md.size(),
+        md.mtime(),
+        md.mtime_nsec(),
+        md.ctime(),
+        md.ctime_nsec(),
+    );
+    if let Ok(cache) = LIVE_MANIFESTS.lock()
+        && let Some((known, m, hash)) = cache.get(&path)
+        && *known == id
+    {
+        return Ok(Some((m.clone(), *hash)));
     }
+    let mut bytes = Vec::with_capacity(md.size() as usize);
+    std::io::Read::read_to_end(&mut file, &mut bytes).ctx("reading", &path)?;
+    let (m, hash) = Manifest::decode_hashed(&bytes)?;
+    let m = Arc::new(m);
+    if let Ok(mut cache) = LIVE_MANIFESTS.lock() {
+        if cache.len() >= LIVE_MANIFESTS_MAX {
+            cache.clear();
+        }
+        cache.insert(path, (id, m.clone(), hash));
+    }
+    Ok(Some((m, hash)))
 }
 
 pub(crate) fn join(root: &Path, rel: &[u8]) -> PathBuf {

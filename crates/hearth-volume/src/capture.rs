@@ -95,7 +95,7 @@ pub struct Capture {
 /// Chunk lists of files from an earlier capture, keyed by path, so an unchanged file (same
 /// device, inode, size, mtime and ctime) is not read again.
 ///
-/// A file whose ctime is within [`CaptureCache::RACY_MARGIN_NS`] of the start of the capture
+/// A file whose ctime is within [`CaptureCache::racy_margin_ns`] of the start of the capture
 /// that recorded it is never reused: it might have changed again within the same timestamp
 /// granularity (the "racy git" problem).
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -115,6 +115,24 @@ struct CachedFile {
 impl CaptureCache {
     /// Two seconds: larger than any timestamp granularity of the filesystems we support.
     pub const RACY_MARGIN_NS: i128 = 2_000_000_000;
+
+    /// A tenth of a second, for timestamps with a sub-second part: such a filesystem keeps
+    /// nanoseconds and its clock advances every tick (10 ms at the lowest common `HZ`, and on
+    /// kernels since 6.13 a timestamp that was read is followed by a later one), so a change made
+    /// after the capture read a file gets a later ctime once 100 ms have passed.
+    pub const FINE_RACY_MARGIN_NS: i128 = 100_000_000;
+
+    /// The racy margin for a file with this ctime: [`Self::RACY_MARGIN_NS`] when the ctime has
+    /// no sub-second part (a filesystem with whole-second or two-second timestamps, or, once in
+    /// a billion, a fine one by chance), else [`Self::FINE_RACY_MARGIN_NS`]. With the long margin
+    /// every file changed shortly before a sync would be read again by the next one too.
+    pub fn racy_margin_ns(ctime_ns: i128) -> i128 {
+        if ctime_ns.rem_euclid(1_000_000_000) == 0 {
+            Self::RACY_MARGIN_NS
+        } else {
+            Self::FINE_RACY_MARGIN_NS
+        }
+    }
 
     /// Number of files remembered.
     pub fn len(&self) -> usize {
@@ -196,8 +214,9 @@ impl CaptureCache {
             return None;
         }
         let cached = self.files.get(path)?;
-        (cached.stamp == *stamp && stamp.ctime_ns < self.started_ns - Self::RACY_MARGIN_NS)
-            .then_some(cached)
+        (cached.stamp == *stamp
+            && stamp.ctime_ns < self.started_ns - Self::racy_margin_ns(stamp.ctime_ns))
+        .then_some(cached)
     }
 }
 
@@ -852,4 +871,24 @@ fn read_xattrs_path(path: &Path) -> io::Result<Vec<Xattr>> {
     unsupported_is_empty(
         xattr::list(path).and_then(|names| sorted_xattrs(names, |n| xattr::get(path, n))),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_racy_margin_follows_the_timestamp_granularity() {
+        let cases = [
+            (1_700_000_000_000_000_000i128, CaptureCache::RACY_MARGIN_NS),
+            (1_700_000_000_000_000_001, CaptureCache::FINE_RACY_MARGIN_NS),
+            (1_700_000_000_123_456_789, CaptureCache::FINE_RACY_MARGIN_NS),
+            (0, CaptureCache::RACY_MARGIN_NS),
+            (-1_500_000_000, CaptureCache::FINE_RACY_MARGIN_NS),
+            (-2_000_000_000, CaptureCache::RACY_MARGIN_NS),
+        ];
+        for (ctime, want) in cases {
+            assert_eq!(CaptureCache::racy_margin_ns(ctime), want, "ctime {ctime}");
+        }
+    }
 }

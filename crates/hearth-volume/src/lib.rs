@@ -34,7 +34,7 @@ mod watch;
 
 pub use apply::{
     ApplyReport, PruneReport, SetAside, TreeNames, apply, apply_and_prune, apply_whole,
-    prune_previous, read_live_manifest, select_for_prune,
+    prune_previous, read_live_manifest, read_live_manifest_hashed, select_for_prune,
 };
 pub use capture::{
     Capture, CaptureCache, CaptureOptions, CaptureReport, Sink, Streamed, UnstablePolicy, capture,

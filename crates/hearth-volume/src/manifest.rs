@@ -198,6 +198,12 @@ impl Manifest {
     /// Decodes and validates an encoded manifest. Anything that breaks the format's rules is an
     /// error, so a decoded manifest is safe to apply.
     pub fn decode(bytes: &[u8]) -> Result<Self, VolumeError> {
+        Self::decode_hashed(bytes).map(|(m, _)| m)
+    }
+
+    /// [`Manifest::decode`], with the tree hash: the envelope's trailer is the BLAKE3 of the
+    /// body, which decoding checks, so the hash costs nothing more.
+    pub fn decode_hashed(bytes: &[u8]) -> Result<(Self, TreeHash), VolumeError> {
         let bad = |m: &str| VolumeError::InvalidManifest(m.to_owned());
         let body = envelope::open(MAGIC, FORMAT_VERSION, bytes).map_err(|e| match e {
             EnvelopeError::TooShort => bad("too short"),
@@ -215,7 +221,9 @@ impl Manifest {
             return Err(bad("body is not in canonical form"));
         }
         manifest.validate()?;
-        Ok(manifest)
+        let mut hash = [0u8; 32];
+        hash.copy_from_slice(&bytes[bytes.len() - 32..]);
+        Ok((manifest, TreeHash(hash)))
     }
 
     fn body(&self) -> Result<Vec<u8>, VolumeError> {
@@ -437,6 +445,9 @@ mod tests {
         let back = Manifest::decode(&bytes).unwrap();
         assert_eq!(back, m);
         assert_eq!(back.tree_hash().unwrap(), m.tree_hash().unwrap());
+        // The envelope's trailer is the tree hash.
+        let (hashed, hash) = Manifest::decode_hashed(&bytes).unwrap();
+        assert_eq!((hashed, hash), (m.clone(), m.tree_hash().unwrap()));
         let mut other = m.clone();
         other.entries[2].mtime_nsec += 1;
         assert_ne!(other.tree_hash().unwrap(), m.tree_hash().unwrap());

@@ -283,12 +283,11 @@ pub(crate) fn apply_in_place(
     phases: &mut Phases,
     watch: Option<&mut LiveWatch>,
 ) -> Result<PruneReport, VolumeError> {
-    let (commit, pruned) =
-        stage_and_commit(store, names, old, new, plan, live_files, keep, report)?;
-    phases.mark("stage and commit");
+    let (commit, pruned) = stage_and_commit(
+        store, names, old, new, plan, live_files, keep, report, phases,
+    )?;
     let current = current.filter(|_| !pruned.removed_shared);
-    roll_forward(names, old, new, plan, &commit, current, watch)?;
-    phases.mark("roll forward");
+    roll_forward(names, old, new, plan, &commit, current, watch, Some(phases))?;
     report.previous = Some(names.previous(commit.prev_ns));
     report.in_place = true;
     Ok(pruned)
@@ -305,6 +304,7 @@ fn stage_and_commit(
     live_files: Option<&LiveFiles>,
     keep: Option<usize>,
     report: &mut ApplyReport,
+    phases: &mut Phases,
 ) -> Result<(Commit, PruneReport), VolumeError> {
     let work = names.patch_dir();
     if exists(&work) {
@@ -322,12 +322,28 @@ fn stage_and_commit(
         }
     }
     build_regular(store, &files, &new_dir, live_files, None, report)?;
+    phases.mark("stage");
     // Pruning older kept trees before the stamps are taken: a whole-tree `prev` shares inodes
     // with the live tree, and unlinking them moves their ctimes.
+    // Kept trees of earlier in-place applies share nothing with the live tree: their pruning can
+    // wait until the apply is acknowledged (`ApplyReport::prune_later`).
     let pruned = match keep {
-        Some(keep) => prune_previous(&names.live(), keep.saturating_sub(1))?,
+        Some(keep) => {
+            let due =
+                crate::apply::select_for_prune(&names.list_previous()?, keep.saturating_sub(1));
+            if due
+                .iter()
+                .all(|&ns| exists(&names.previous_partial_marker(ns)))
+            {
+                report.prune_later = !due.is_empty();
+                PruneReport::default()
+            } else {
+                prune_previous(&names.live(), keep.saturating_sub(1))?
+            }
+        }
         None => PruneReport::default(),
     };
+    phases.mark("prune");
     rustix::fs::syncfs(File::open(&new_dir).ctx("opening", &new_dir)?).ctx("syncing", &new_dir)?;
     let commit = Commit {
         old: old.tree_hash()?,
@@ -338,6 +354,7 @@ fn stage_and_commit(
     write_synced(&work.join("commit"), commit.encode().as_bytes())?;
     sync_dir(&work)?;
     sync_dir(&names.parent_dir())?;
+    phases.mark("commit");
     Ok((commit, pruned))
 }
 
@@ -353,7 +370,13 @@ fn roll_forward(
     commit: &Commit,
     current: Option<&AppliedStamps>,
     mut watch: Option<&mut LiveWatch>,
+    mut phases: Option<&mut Phases>,
 ) -> Result<(), VolumeError> {
+    let mut mark = |name| {
+        if let Some(p) = phases.as_deref_mut() {
+            p.mark(name);
+        }
+    };
     let live = names.live();
     let prev = names.previous(commit.prev_ns);
     let marker = names.previous_partial_marker(commit.prev_ns);
@@ -438,7 +461,9 @@ fn roll_forward(
             _ => set_path_meta(&join(&live, &n.path), n, false)?,
         }
     }
+    mark("moves");
     rustix::fs::syncfs(File::open(&live).ctx("opening", &live)?).ctx("syncing", &live)?;
+    mark("sync");
 
     let kept = Manifest {
         chunking: old.chunking,
@@ -481,6 +506,7 @@ fn roll_forward(
     if newest.is_some() {
         wait_until(stamps.switch_not_before());
     }
+    mark("stamps");
     write_synced(&names.next_stamps(), &stamps.encode()?)?;
     fs::rename(names.next_manifest(), names.live_manifest())
         .ctx("renaming", &names.next_manifest())?;
@@ -489,6 +515,7 @@ fn roll_forward(
     let work = names.patch_dir();
     fs::remove_dir_all(&work).ctx("removing", &work)?;
     sync_dir(&names.parent_dir())?;
+    mark("finish");
     if let Some(w) = watch {
         let mut expected: HashSet<&[u8]> = plan.out.iter().map(Vec::as_slice).collect();
         expected.extend(
@@ -501,6 +528,7 @@ fn roll_forward(
         );
         w.drain(&expected);
         w.now_watches(commit.new);
+        mark("watch");
     }
     Ok(())
 }
@@ -572,7 +600,7 @@ pub fn finish_interrupted(live: &Path) -> Result<bool, VolumeError> {
         return Err(bad("its plan cannot be worked out again"));
     };
     tracing::warn!(path = %live.display(), tree = %commit.new, "completing an in-place apply interrupted by a crash");
-    roll_forward(&names, &old, &new, &plan, &commit, None, None)?;
+    roll_forward(&names, &old, &new, &plan, &commit, None, None, None)?;
     Ok(true)
 }
 
@@ -895,6 +923,7 @@ mod tests {
             changed_live: Vec::new(),
             in_place: false,
             walked_live: false,
+            prune_later: false,
         }
     }
 
@@ -911,8 +940,18 @@ mod tests {
         let names = TreeNames::of(&live).unwrap();
         let plan = super::plan(&old, &new).unwrap();
         let mut report = empty_report(&new);
-        let (commit, _) =
-            stage_and_commit(&store, &names, &old, &new, &plan, None, None, &mut report).unwrap();
+        let (commit, _) = stage_and_commit(
+            &store,
+            &names,
+            &old,
+            &new,
+            &plan,
+            None,
+            None,
+            &mut report,
+            &mut Phases::start(),
+        )
+        .unwrap();
         let prev = names.previous(commit.prev_ns);
         fs::create_dir(&prev).unwrap();
         fs::rename(join(&live, &plan.out[0]), join(&prev, &plan.out[0])).unwrap();
@@ -936,7 +975,18 @@ mod tests {
         let names = TreeNames::of(&live).unwrap();
         let plan = super::plan(&old, &new).unwrap();
         let mut report = empty_report(&new);
-        stage_and_commit(&store, &names, &old, &new, &plan, None, None, &mut report).unwrap();
+        stage_and_commit(
+            &store,
+            &names,
+            &old,
+            &new,
+            &plan,
+            None,
+            None,
+            &mut report,
+            &mut Phases::start(),
+        )
+        .unwrap();
         fs::remove_file(names.patch_dir().join("commit")).unwrap();
         assert!(!finish_interrupted(&live).unwrap());
         assert!(!exists(&names.patch_dir()));
@@ -955,7 +1005,18 @@ mod tests {
         let names = TreeNames::of(&live).unwrap();
         let plan = super::plan(&old, &new).unwrap();
         let mut report = empty_report(&new);
-        stage_and_commit(&store, &names, &old, &new, &plan, None, None, &mut report).unwrap();
+        stage_and_commit(
+            &store,
+            &names,
+            &old,
+            &new,
+            &plan,
+            None,
+            None,
+            &mut report,
+            &mut Phases::start(),
+        )
+        .unwrap();
         let commit = names.patch_dir().join("commit");
         for bad in [
             "garbage".to_string(),

@@ -14,7 +14,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 
-use crate::apply::{SetAside, TreeNames, apply_and_prune, read_live_manifest};
+use crate::apply::{SetAside, TreeNames, apply_and_prune, read_live_manifest_hashed};
 use crate::capture::{CaptureOptions, UnstablePolicy, capture};
 use crate::error::VolumeError;
 use crate::incoming::Incoming;
@@ -342,13 +342,12 @@ async fn current_live(
     // An in-place apply a crash interrupted is completed before the primary is told what is live.
     let manifest = blocking(move || {
         crate::patch::finish_interrupted(&live)?;
-        read_live_manifest(&live)
+        read_live_manifest_hashed(&live)
     })
     .await?;
-    let Some(m) = manifest else {
+    let Some((_, tree_hash)) = manifest else {
         return Ok(None);
     };
-    let tree_hash = m.tree_hash()?;
     let captured_at_ms = st
         .live
         .as_ref()
@@ -621,7 +620,7 @@ impl Session {
                 }
             }
         }
-        let manifest = match blocking(move || Manifest::decode(&bytes)).await {
+        let (manifest, hash) = match blocking(move || Manifest::decode_hashed(&bytes)).await {
             Ok(m) => m,
             Err(NetError::Volume(e)) => {
                 return Err(Stop::Refuse(Refusal::new(
@@ -649,7 +648,7 @@ impl Session {
                 ),
             )));
         }
-        if manifest.tree_hash()? != offer.tree_hash {
+        if hash != offer.tree_hash {
             return Err(Stop::Refuse(Refusal::new(
                 RefusalCode::InvalidManifest,
                 "the manifest does not have the announced tree hash",
@@ -878,18 +877,6 @@ impl Session {
                 at_ms: now_ms(),
             });
         }
-        // The live tree now holds every chunk it needs; the store and the received files keep
-        // nothing between syncs, so the standby needs room for the volume once (plus replaced
-        // trees), not twice.
-        let s = store.clone();
-        let mut inc = self.take_incoming();
-        let inc = blocking(move || {
-            s.retain(&HashSet::new())?;
-            inc.remove()?;
-            Ok(inc)
-        })
-        .await?;
-        self.incoming = Some(inc);
         self.st.version = STATE_VERSION;
         self.st.applies += 1;
         self.st.bytes_received += self.bytes;
@@ -923,6 +910,37 @@ impl Session {
         )
         .await?;
         self.offer = None;
+        // Clean-up after the answer, off the primary's clock but still under the volume's lock.
+        // The live tree now holds every chunk it needs; the store and the received files keep
+        // nothing between syncs, so the standby needs room for the volume once (plus replaced
+        // trees), not twice. Kept trees an in-place apply left to prune share no inodes with the
+        // live tree, so deleting them now cannot move the stamps just taken.
+        let s = store.clone();
+        let mut inc = self.take_incoming();
+        let live = self.live.clone();
+        let prune = report.prune_later;
+        let (inc, pruned) = blocking(move || {
+            s.retain(&HashSet::new())?;
+            inc.remove()?;
+            let pruned = match prune {
+                true => Some(crate::apply::prune_previous(&live, keep)?),
+                false => None,
+            };
+            Ok((inc, pruned))
+        })
+        .await?;
+        self.incoming = Some(inc);
+        if let Some(p) = pruned.filter(|p| !p.diverged.is_empty()) {
+            for d in &p.diverged {
+                self.st.kept_aside.push(KeptAside {
+                    path: d.display().to_string(),
+                    reason: "a replaced tree had been changed on the standby".into(),
+                    epoch: self.hello.epoch,
+                    at_ms: now_ms(),
+                });
+            }
+            state::save(&self.dirs.standby(), &self.st)?;
+        }
         Ok(())
     }
 
@@ -1105,9 +1123,9 @@ impl Session {
         let live = self.live.clone();
         let chunking = {
             let l = live.clone();
-            blocking(move || read_live_manifest(&l))
+            blocking(move || read_live_manifest_hashed(&l))
                 .await?
-                .map(|m| m.chunking)
+                .map(|(m, _)| m.chunking)
         };
         // A btrfs volume has no manifest; its tree is captured with the default chunk sizes, as
         // the primary captures its snapshot for the comparison.
@@ -1154,8 +1172,8 @@ fn wanted_chunks(
     live: &std::path::Path,
     incoming: Option<&Incoming>,
 ) -> Result<Vec<ChunkId>, VolumeError> {
-    let in_live = read_live_manifest(live)?
-        .map(|l| l.chunk_ids())
+    let in_live = read_live_manifest_hashed(live)?
+        .map(|(l, _)| l.chunk_ids())
         .unwrap_or_default();
     Ok(store
         .missing(manifest)
@@ -1179,8 +1197,8 @@ fn aside_name(live: &std::path::Path, epoch: u64, suffix: &str) -> String {
 }
 
 fn live_content(live: &std::path::Path) -> Result<LiveContent, VolumeError> {
-    match read_live_manifest(live)? {
-        Some(m) => Ok(LiveContent::Applied(m.tree_hash()?)),
+    match read_live_manifest_hashed(live)? {
+        Some((_, hash)) => Ok(LiveContent::Applied(hash)),
         None => match std::fs::read_dir(live) {
             Ok(mut it) => Ok(if it.next().is_none() {
                 LiveContent::Empty

@@ -110,9 +110,10 @@ async fn full_incremental_unchanged_and_verify() {
     );
     common::assert_same_tree(&cfg.source, &sb.live);
 
-    // Files captured within 2 s of being written are read again by the next capture (the cache's
-    // racy margin). Once a capture has recorded them past that margin, an unchanged tree is not
-    // read at all, and then the cache is not written again either.
+    // Files captured within 100 ms of being written (2 s on filesystems with whole-second
+    // timestamps) are read again by the next capture (the cache's racy margin). Once a capture has
+    // recorded them past that margin, an unchanged tree is not read at all, and then the cache is
+    // not written again either.
     tokio::time::sleep(Duration::from_millis(2100)).await;
     let r = push_once(&cfg, &metrics).await.unwrap();
     assert_eq!(outcome(&r).kind, SyncKind::Unchanged);
@@ -522,10 +523,13 @@ async fn a_first_sync_streams_while_capturing_and_resumes_from_what_arrived() {
         "received files are removed once applied"
     );
 
-    // A fresh standby gets the whole tree streamed: every byte once, nothing via the store.
+    // A fresh standby gets the whole tree streamed: every byte once, nothing via the store. (A
+    // primary without a capture cache, which reads every file; with one, unchanged files are not
+    // read, and their chunks go the offer's way, each distinct chunk once.)
     let dir2 = tempfile::tempdir().unwrap();
     let sb2 = start_standby(dir2.path(), &[&p_id]).await;
     cfg.targets = vec![sb2.target()];
+    cfg.state_dir = dir2.path().join("primary-state");
     let r = push_once(&cfg, &Metrics::default()).await.unwrap();
     let o = outcome(&r);
     assert_eq!(o.kind, SyncKind::Full);
@@ -601,5 +605,62 @@ async fn a_standby_whose_volume_was_deleted_is_sent_everything_again() {
     assert_eq!(o.kind, SyncKind::Full, "{o:?}");
     assert_eq!(o.bytes_sent, 200_000);
     common::assert_same_tree(&cfg.source, &sb.live);
+    sb.stop().await;
+}
+
+/// The kept trees (`prev`) of a volume's standby, by name, without their manifests and markers.
+fn kept_trees(live: &Path) -> Vec<String> {
+    let mut v: Vec<String> = fs::read_dir(live.parent().unwrap())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| {
+            n.contains(".hearth-prev.") && !n.ends_with(".manifest") && !n.ends_with(".partial")
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_changes_are_applied_in_place_and_their_kept_trees_pruned_after_the_answer() {
+    let dir = tempfile::tempdir().unwrap();
+    let p_id = Identity::generate().unwrap();
+    // keep 1: after each apply one replaced tree remains.
+    let sb = start_standby(dir.path(), &[&p_id]).await;
+    let cfg = primary(dir.path(), "p", &p_id, sb.target(), 1);
+    fill(&cfg.source, 40, 20_000, 1);
+    let metrics = Metrics::default();
+    push_once(&cfg, &metrics).await.unwrap();
+    for round in 0..4u8 {
+        fs::write(cfg.source.join("d1/f1"), [round; 100]).unwrap();
+        let r = push_once(&cfg, &metrics).await.unwrap();
+        assert_eq!(outcome(&r).kind, SyncKind::Incremental);
+        common::assert_same_tree(&cfg.source, &sb.live);
+        // Pruning runs after the answer, under the volume's lock: wait for it.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while kept_trees(&sb.live).len() > 1 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "round {round}: {:?}",
+                kept_trees(&sb.live)
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let kept = kept_trees(&sb.live);
+        assert_eq!(kept.len(), 1, "round {round}");
+        // The kept tree of an in-place apply: only the replaced file, with its parent.
+        let prev = sb.live.parent().unwrap().join(&kept[0]);
+        assert!(
+            prev.with_extension(format!(
+                "{}.partial",
+                prev.extension().unwrap().to_string_lossy()
+            ))
+            .exists()
+        );
+        let old = fs::read(prev.join("d1/f1")).unwrap();
+        assert!(round == 0 || old == vec![round - 1; 100], "round {round}");
+        assert_eq!(walk_files(&prev), 1, "round {round}");
+    }
+    assert!(sb.state().kept_aside.is_empty());
     sb.stop().await;
 }

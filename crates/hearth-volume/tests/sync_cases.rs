@@ -304,14 +304,22 @@ fn cache_skips_unchanged_files_but_not_changed_ones() {
     for i in 0..20 {
         fs::write(tmp.path().join(format!("f{i}")), random(i, 10_000)).unwrap();
     }
-    // The cache trusts only files whose ctime is safely older than the capture's start.
-    std::thread::sleep(Duration::from_millis(2100));
+    // The cache trusts only files whose ctime is safely older than the capture's start: 100 ms
+    // on a filesystem with sub-second timestamps (ext4 and tmpfs, where tests run), else 2 s.
+    std::thread::sleep(Duration::from_millis(150));
     let first = capture(tmp.path(), &CaptureOptions::default(), None).unwrap();
     assert_eq!(first.report.files_read, 20);
     fs::write(tmp.path().join("f3"), random(99, 10_000)).unwrap();
     let second = capture(tmp.path(), &CaptureOptions::default(), Some(&first.cache)).unwrap();
     assert_eq!(second.report.files_reused, 19);
     assert_eq!(second.report.files_read, 1);
+    // f3 changed just before `second` read it: the next capture reads it again, and once it was
+    // read more than the margin after its change, it is trusted.
+    std::thread::sleep(Duration::from_millis(150));
+    let third = capture(tmp.path(), &CaptureOptions::default(), Some(&second.cache)).unwrap();
+    assert_eq!(third.report.files_read, 1);
+    let fourth = capture(tmp.path(), &CaptureOptions::default(), Some(&third.cache)).unwrap();
+    assert_eq!(fourth.report.files_read, 0);
     let fresh = capture(tmp.path(), &CaptureOptions::default(), None).unwrap();
     assert_eq!(
         fresh.manifest.tree_hash().unwrap(),
