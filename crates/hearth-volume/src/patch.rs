@@ -287,7 +287,13 @@ pub(crate) fn apply_in_place(
         store, names, old, new, plan, live_files, keep, report, phases,
     )?;
     let current = current.filter(|_| !pruned.removed_shared);
-    roll_forward(names, old, new, plan, &commit, current, watch, Some(phases))?;
+    let decided = Decided {
+        old,
+        new,
+        plan,
+        commit: &commit,
+    };
+    roll_forward(names, decided, current, watch, Some(phases))?;
     report.previous = Some(names.previous(commit.prev_ns));
     report.in_place = true;
     Ok(pruned)
@@ -358,20 +364,32 @@ fn stage_and_commit(
     Ok((commit, pruned))
 }
 
+/// A decided in-place apply: the two trees, the plan between them and its commit record.
+#[derive(Clone, Copy)]
+struct Decided<'a> {
+    old: &'a Manifest,
+    new: &'a Manifest,
+    plan: &'a Plan,
+    commit: &'a Commit,
+}
+
 /// Step 3 and 4 of the module documentation; every part may already have been done by an
 /// interrupted run. `current` are stamps of the live files still valid for the unchanged ones;
 /// without them every file of the new tree is stat'ed. `watch`, when the tree is watched, is
 /// kept watching exactly the new tree's directories, and told which changes were apply's own.
 fn roll_forward(
     names: &TreeNames,
-    old: &Manifest,
-    new: &Manifest,
-    plan: &Plan,
-    commit: &Commit,
+    decided: Decided<'_>,
     current: Option<&AppliedStamps>,
     mut watch: Option<&mut LiveWatch>,
     mut phases: Option<&mut Phases>,
 ) -> Result<(), VolumeError> {
+    let Decided {
+        old,
+        new,
+        plan,
+        commit,
+    } = decided;
     let mut mark = |name| {
         if let Some(p) = phases.as_deref_mut() {
             p.mark(name);
@@ -600,7 +618,13 @@ pub fn finish_interrupted(live: &Path) -> Result<bool, VolumeError> {
         return Err(bad("its plan cannot be worked out again"));
     };
     tracing::warn!(path = %live.display(), tree = %commit.new, "completing an in-place apply interrupted by a crash");
-    roll_forward(&names, &old, &new, &plan, &commit, None, None, None)?;
+    let decided = Decided {
+        old: &old,
+        new: &new,
+        plan: &plan,
+        commit: &commit,
+    };
+    roll_forward(&names, decided, None, None, None)?;
     Ok(true)
 }
 
