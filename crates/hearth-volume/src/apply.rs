@@ -26,7 +26,7 @@
 //! entries, [`crate::patch`] applies the change in place instead of building a whole tree: the
 //! cost of a sync then follows the size of the change, not the size of the volume.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ffi::{OsStr, OsString};
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::ffi::OsStrExt;
@@ -40,7 +40,7 @@ use rustix::fs::{AtFlags, CWD, FileType, Mode, RenameFlags, Timespec, Timestamps
 use crate::capture::{CaptureOptions, UnstablePolicy, capture};
 use crate::error::{IoContext, VolumeError};
 use crate::incoming::Incoming;
-use crate::manifest::{Entry, EntryKind, Manifest, TreeHash};
+use crate::manifest::{ChunkId, Entry, EntryKind, Manifest, TreeHash};
 use crate::reuse::{AppliedStamps, Attempt, FileStamp, LiveFiles, Reused, wait_until};
 use crate::store::ChunkStore;
 use crate::watch::LiveWatch;
@@ -391,7 +391,8 @@ fn apply_inner(
         manifest: live_manifest,
         stamps: live_stamps,
         walked,
-    } = reusable_files(&names, prior.as_mut())?;
+        only,
+    } = reusable_files(&names, prior.as_mut(), manifest)?;
     report.walked_live = walked;
     // A tree from another history is kept aside like a changed one: at the switch, so the live
     // path is never empty, and without hard links into it.
@@ -402,10 +403,34 @@ fn apply_inner(
         ),
         _ => (live_files, live_clean),
     };
+    let patch_plan = match &live_manifest {
+        Some(old)
+            if in_place
+                && keep_live_aside.is_none()
+                && live_clean == LiveCheck::Clean
+                && incoming.as_ref().is_none_or(|i| !i.exists()) =>
+        {
+            crate::patch::plan(old, manifest)
+        }
+        _ => None,
+    };
+    // An index of the live files made for an in-place apply's few files does not serve a build
+    // of the whole tree.
+    let mut live_files = live_files;
+    if patch_plan.is_none()
+        && only.is_some()
+        && let (Some(old), Some(st)) = (&live_manifest, &live_stamps)
+    {
+        live_files = Some(LiveFiles::new_for(&live, old, st.tree_hash(), st, None)?);
+    }
+    let needed = match (&patch_plan, &only) {
+        (Some(_), Some(only)) => only,
+        _ => manifest,
+    };
     // Every chunk must come from the store or from a live file that holds it (checked now, before
     // anything is built; each is verified again when it is read).
     let missing: Vec<_> = store
-        .missing(manifest)
+        .missing(needed)
         .into_iter()
         .filter(|id| !live_files.as_ref().is_some_and(|l| l.has_chunk(id)))
         .filter(|id| !incoming.as_ref().is_some_and(|i| i.has_chunk(id)))
@@ -414,13 +439,7 @@ fn apply_inner(
         return Err(VolumeError::MissingChunks { ids: missing });
     }
     // A small change to a tree that is exactly as applied goes in place.
-    if in_place
-        && keep_live_aside.is_none()
-        && live_clean == LiveCheck::Clean
-        && incoming.as_ref().is_none_or(|i| !i.exists())
-        && let Some(old) = &live_manifest
-        && let Some(plan) = crate::patch::plan(old, manifest)
-    {
+    if let (Some(plan), Some(old)) = (patch_plan, &live_manifest) {
         phases.mark("check live");
         // The watch that vouched for the tree goes on watching it through the change; after a
         // walk, a new one starts now, before anything else can change it unnoticed.
@@ -631,6 +650,9 @@ struct LiveState {
     stamps: Option<AppliedStamps>,
     /// Whether the tree was walked to check it (rather than trusted by a watch).
     walked: bool,
+    /// When `files` indexes only the live files an in-place apply may take data from: the new
+    /// tree's regular files that are new or changed at their path (the ones it builds).
+    only: Option<Manifest>,
 }
 
 /// Whether the live tree is exactly as the last apply left it.
@@ -650,6 +672,7 @@ enum LiveCheck {
 fn reusable_files(
     names: &TreeNames,
     watch: Option<&mut LiveWatch>,
+    new: &Manifest,
 ) -> Result<LiveState, VolumeError> {
     let state = |files, check, manifest, stamps| LiveState {
         files,
@@ -657,6 +680,7 @@ fn reusable_files(
         manifest,
         stamps,
         walked: true,
+        only: None,
     };
     let live = names.live();
     if !exists(&live) {
@@ -684,13 +708,34 @@ fn reusable_files(
     if let (Some(w), Some(st)) = (watch, &stamps) {
         match w.trusts(&live, hash) {
             Ok(()) if st.tree_hash() == hash => {
-                let files = LiveFiles::new(&live, &manifest, st)?;
+                // A small change needs an index of only the live files that share data with the
+                // files it builds.
+                let changed = crate::patch::changed_files(&manifest, new);
+                let (files, only) = if changed.len() * 2 <= new.entries.len() {
+                    let wanted: HashSet<ChunkId> = changed
+                        .iter()
+                        .flat_map(|e| match &e.kind {
+                            EntryKind::File { chunks, .. } => chunks.as_slice(),
+                            _ => &[],
+                        })
+                        .map(|c| c.id)
+                        .collect();
+                    let only = Manifest {
+                        chunking: new.chunking,
+                        entries: changed.into_iter().cloned().collect(),
+                    };
+                    let files = LiveFiles::new_for(&live, &manifest, hash, st, Some(&wanted))?;
+                    (files, Some(only))
+                } else {
+                    (LiveFiles::new_for(&live, &manifest, hash, st, None)?, None)
+                };
                 return Ok(LiveState {
                     files: Some(files),
                     check: LiveCheck::Clean,
                     manifest: Some(manifest),
                     stamps,
                     walked: false,
+                    only,
                 });
             }
             Ok(()) => {}

@@ -225,6 +225,24 @@ pub(crate) fn plan(old: &Manifest, new: &Manifest) -> Option<Plan> {
     Some(plan)
 }
 
+/// The regular files of `new` that an in-place apply from `old` builds: new at their path, or
+/// different there (in content, kind or metadata). Both manifests are sorted by path, so this is
+/// one merge, without an index of either.
+pub(crate) fn changed_files<'a>(old: &Manifest, new: &'a Manifest) -> Vec<&'a Entry> {
+    let mut out = Vec::new();
+    let mut olds = old.entries.iter().peekable();
+    for n in &new.entries {
+        if !matches!(n.kind, EntryKind::File { .. }) {
+            continue;
+        }
+        while olds.next_if(|o| o.path < n.path).is_some() {}
+        if olds.peek().is_none_or(|o| *o != n) {
+            out.push(n);
+        }
+    }
+    out
+}
+
 /// The commit record: written once everything is staged, it decides the apply.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Commit {
@@ -827,6 +845,28 @@ mod tests {
             .validate()
             .unwrap_or_else(|e| panic!("{}: kept manifest invalid: {e}", c.name));
         }
+    }
+
+    #[test]
+    fn changed_files_are_the_new_or_different_regular_files() {
+        let old = manifest(base());
+        let mut v = base();
+        v.retain(|e| e.path != b"f0");
+        v.iter_mut()
+            .filter(|e| e.path == b"f1")
+            .for_each(|e| *e = file("f1", 42));
+        v.iter_mut()
+            .filter(|e| e.path == b"f2")
+            .for_each(|e| e.mtime_sec = 9);
+        v.push(file("a/new", 43));
+        v.push(dir("z"));
+        let new = manifest(v);
+        let got: Vec<String> = changed_files(&old, &new)
+            .iter()
+            .map(|e| String::from_utf8_lossy(&e.path).into_owned())
+            .collect();
+        assert_eq!(got, ["a/new", "f1", "f2"]);
+        assert!(changed_files(&old, &old).is_empty());
     }
 
     #[test]

@@ -305,30 +305,61 @@ impl LiveFiles {
         manifest: &Manifest,
         stamps: &AppliedStamps,
     ) -> Result<Self, VolumeError> {
+        Self::new_for(root, manifest, manifest.tree_hash()?, stamps, None)
+    }
+
+    /// [`LiveFiles::new`] for the manifest with tree hash `hash`, and, with `wanted`, only the
+    /// live files that hold at least one of those chunks: an in-place apply builds only a few
+    /// files and needs no index of the other 100,000.
+    pub(crate) fn new_for(
+        root: &Path,
+        manifest: &Manifest,
+        hash: TreeHash,
+        stamps: &AppliedStamps,
+        wanted: Option<&HashSet<ChunkId>>,
+    ) -> Result<Self, VolumeError> {
         let mut by_content = HashMap::new();
         let mut by_identity = ByIdentity::new();
         let mut chunk_at = HashMap::new();
-        if manifest.tree_hash()?.0 == stamps.tree_hash {
+        if hash.0 == stamps.tree_hash {
+            let useful = |chunks: &[ChunkRef]| {
+                // Nothing to gain for a file without data: it is only a length.
+                !chunks.is_empty()
+                    && wanted.is_none_or(|w| chunks.iter().any(|c| w.contains(&c.id)))
+            };
+            let candidates: Vec<(&Entry, u64, &[ChunkRef])> = manifest
+                .entries
+                .iter()
+                .filter_map(|e| match &e.kind {
+                    EntryKind::File { size, chunks } if useful(chunks) => {
+                        Some((e, *size, chunks.as_slice()))
+                    }
+                    _ => None,
+                })
+                .collect();
+            let paths: HashSet<&[u8]> = match wanted {
+                Some(_) => candidates
+                    .iter()
+                    .map(|(e, _, _)| e.path.as_slice())
+                    .collect(),
+                None => HashSet::new(),
+            };
             let by_path: HashMap<&[u8], &FileStamp> = stamps
                 .files
                 .iter()
+                .filter(|(p, _)| wanted.is_none() || paths.contains(p.as_slice()))
                 .map(|(p, s)| (p.as_slice(), s))
                 .collect();
-            for entry in &manifest.entries {
-                let EntryKind::File { size, chunks } = &entry.kind else {
-                    continue;
-                };
-                // Nothing to gain for a file without data: it is only a length.
-                if chunks.is_empty() {
-                    continue;
-                }
+            for (entry, size, chunks) in candidates {
                 for c in chunks {
-                    chunk_at
-                        .entry(c.id)
-                        .or_insert_with(|| (entry.path.clone(), c.offset, c.len));
+                    if wanted.is_none_or(|w| w.contains(&c.id)) {
+                        chunk_at
+                            .entry(c.id)
+                            .or_insert_with(|| (entry.path.clone(), c.offset, c.len));
+                    }
                 }
                 if let Some(stamp) = by_path.get(entry.path.as_slice()) {
-                    let key = content_key(*size, chunks);
+                    let key = content_key(size, chunks);
                     by_identity
                         .entry((key.clone(), meta_key(entry)))
                         .or_default()

@@ -753,4 +753,14 @@ fn a_watched_standby_is_trusted_without_a_walk_until_someone_else_touches_it() {
             "{name}, after: {r:?}"
         );
     }
+    // A change of most files, on a trusted tree, builds the whole tree beside it (with every
+    // unchanged live file at hand), and the tree after it is trusted again.
+    for i in 0..20 {
+        fs::write(s.src.join(format!("f{i}")), format!("all changed {i}")).unwrap();
+    }
+    let r = sync_watched(&s, &mut watch);
+    assert!(!r.in_place && !r.walked_live && r.reused >= 1, "{r:?}");
+    primary_change(&s);
+    let r = sync_watched(&s, &mut watch);
+    assert!(r.in_place && !r.walked_live, "{r:?}");
 }
