@@ -903,6 +903,11 @@ pub(crate) fn set_path_meta(path: &Path, entry: &Entry, symlink: bool) -> Result
     for x in &entry.xattrs {
         xattr::set(path, OsStr::from_bytes(&x.name), &x.value).ctx("setting xattr on", path)?;
     }
+    set_times(path, entry)
+}
+
+/// Sets `entry`'s mtime on `path` (not following a symlink there).
+pub(crate) fn set_times(path: &Path, entry: &Entry) -> Result<(), VolumeError> {
     rustix::fs::utimensat(CWD, path, &times(entry), AtFlags::SYMLINK_NOFOLLOW)
         .ctx("setting times of", path)
 }
@@ -1203,7 +1208,7 @@ fn build_file(
 
 /// Whether the tree at `root` has exactly the entries of `manifest`, each of the same kind, size
 /// (regular files), symlink target, mode, owner and mtime. File contents are not read.
-fn matches_by_metadata(root: &Path, manifest: &Manifest) -> bool {
+fn matches_by_metadata(root: &Path, manifest: &Manifest, dirs_meta: bool) -> bool {
     let mut seen = 0usize;
     for entry in &manifest.entries {
         let path = join(root, &entry.path);
@@ -1228,6 +1233,7 @@ fn matches_by_metadata(root: &Path, manifest: &Manifest) -> bool {
             }
         };
         let meta_ok = matches!(entry.kind, EntryKind::HardLink { .. })
+            || (entry.kind == EntryKind::Dir && !dirs_meta)
             || (md.uid() == entry.uid
                 && md.gid() == entry.gid
                 && (ft.is_symlink() || md.mode() & 0o7777 == entry.mode)
@@ -1284,12 +1290,14 @@ pub fn prune_previous(live: &Path, keep: usize) -> Result<PruneReport, VolumeErr
         // Replaced trees were checked to be exactly as applied when they were replaced (a changed
         // one is kept aside at once), so a walk comparing names, kinds, sizes, modes, owners and
         // mtimes with the manifest suffices to notice later edits without reading every file.
-        let unchanged = match &recorded {
-            Some(m) => matches_by_metadata(&tree, m),
-            None => false,
-        };
+        // The folders of a partial tree are scaffolding made to hold what was moved into it;
+        // only their names and kinds count.
         let marker = names.previous_partial_marker(ns);
         let partial = exists(&marker);
+        let unchanged = match &recorded {
+            Some(m) => matches_by_metadata(&tree, m, !partial),
+            None => false,
+        };
         if unchanged {
             fs::remove_dir_all(&tree).ctx("removing", &tree)?;
             report.removed.push(tree);

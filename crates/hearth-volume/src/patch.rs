@@ -477,14 +477,9 @@ fn roll_forward(
         let (n, o) = (&new.entries[i], &old.entries[j]);
         set_meta_in_place(&join(&live, &n.path), o, n)?;
     }
-    // The kept tree's directories, and the live directories whose entries changed, get their
-    // recorded metadata last, deepest first.
-    for &j in plan.kept.iter().rev() {
-        let o = &old.entries[j];
-        if o.kind == EntryKind::Dir {
-            set_path_meta(&join(&prev, &o.path), o, false)?;
-        }
-    }
+    // The live directories whose entries changed get their recorded metadata back last, deepest
+    // first. (The kept tree's folders above what was moved into it are scaffolding: pruning
+    // compares only their names and kinds.)
     for &i in &plan.touched_dirs {
         let n = &new.entries[i];
         let o = old
@@ -569,15 +564,34 @@ fn roll_forward(
     Ok(())
 }
 
-/// Sets `new`'s metadata on the entry at `path`, which has `old`'s, removing xattrs `new` lacks.
+/// Sets `new`'s metadata on the entry at `path`, which has `old`'s: only what differs (each
+/// change is a journal transaction), and the mtime always (moving entries in and out of a folder
+/// moves its mtime).
 fn set_meta_in_place(path: &Path, old: &Entry, new: &Entry) -> Result<(), VolumeError> {
+    let symlink = matches!(new.kind, EntryKind::Symlink { .. });
+    let owner = (old.uid, old.gid) != (new.uid, new.gid);
+    if owner {
+        std::os::unix::fs::lchown(path, Some(new.uid), Some(new.gid))
+            .ctx("changing owner of", path)?;
+    }
+    // After chown, which clears set-uid and set-gid bits.
+    if !symlink && (owner || old.mode != new.mode) {
+        fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(new.mode))
+            .ctx("changing mode of", path)?;
+    }
     for x in &old.xattrs {
         if !new.xattrs.iter().any(|n| n.name == x.name) {
             xattr::remove(path, std::ffi::OsStr::from_bytes(&x.name))
                 .ctx("removing xattr of", path)?;
         }
     }
-    set_path_meta(path, new, matches!(new.kind, EntryKind::Symlink { .. }))
+    for x in &new.xattrs {
+        if !old.xattrs.contains(x) {
+            xattr::set(path, std::ffi::OsStr::from_bytes(&x.name), &x.value)
+                .ctx("setting xattr on", path)?;
+        }
+    }
+    crate::apply::set_times(path, new)
 }
 
 /// Completes an in-place apply that a crash interrupted after its commit record was written, or
