@@ -214,6 +214,29 @@ pub struct ApplyReport {
     pub prune_later: bool,
 }
 
+impl ApplyReport {
+    /// The report of an apply of the tree `tree_hash` that has done nothing yet.
+    pub(crate) fn nothing_yet(tree_hash: TreeHash) -> Self {
+        ApplyReport {
+            tree_hash,
+            unchanged: false,
+            previous: None,
+            set_aside: None,
+            discarded_partial: false,
+            files: 0,
+            bytes: 0,
+            reused: 0,
+            cloned: 0,
+            linked: 0,
+            reused_bytes: 0,
+            changed_live: Vec::new(),
+            in_place: false,
+            walked_live: false,
+            prune_later: false,
+        }
+    }
+}
+
 pub(crate) fn now_ns() -> u128 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -333,23 +356,7 @@ fn apply_inner(
     crate::patch::finish_interrupted(&live)?;
     let staging = names.staging();
     let marker = names.building_marker();
-    let mut report = ApplyReport {
-        tree_hash: manifest.tree_hash()?,
-        unchanged: false,
-        previous: None,
-        set_aside: None,
-        discarded_partial: false,
-        files: 0,
-        bytes: 0,
-        reused: 0,
-        cloned: 0,
-        linked: 0,
-        reused_bytes: 0,
-        changed_live: Vec::new(),
-        in_place: false,
-        walked_live: false,
-        prune_later: false,
-    };
+    let mut report = ApplyReport::nothing_yet(manifest.tree_hash()?);
     // The same tree again (a sync with no change on the primary): rebuilding would rewrite the
     // whole volume for nothing. Whether the standby changed its copy locally is `verify`'s and
     // `prune_previous`'s business, not a reason to rewrite it here.

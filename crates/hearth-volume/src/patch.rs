@@ -99,41 +99,27 @@ fn same_meta(a: &Entry, b: &Entry) -> bool {
         && a.xattrs == b.xattrs
 }
 
+/// Each entry's index in `m`, by path.
+fn index_by_path(m: &Manifest) -> HashMap<&[u8], usize> {
+    m.entries
+        .iter()
+        .enumerate()
+        .map(|(i, e)| (e.path.as_slice(), i))
+        .collect()
+}
+
 /// The plan to turn the tree of `old` into the tree of `new` in place, or `None` when a whole
 /// build is the better (or the only safe) way: when hard links take part in the change (a
 /// replaced inode's other names would keep the old content), or when the change touches more
 /// than half of the entries (then building beside costs about the same and keeps whole trees).
 pub(crate) fn plan(old: &Manifest, new: &Manifest) -> Option<Plan> {
-    let old_at: HashMap<&[u8], usize> = old
-        .entries
-        .iter()
-        .enumerate()
-        .map(|(i, e)| (e.path.as_slice(), i))
-        .collect();
-    let new_at: HashMap<&[u8], usize> = new
-        .entries
-        .iter()
-        .enumerate()
-        .map(|(i, e)| (e.path.as_slice(), i))
-        .collect();
+    let (old_at, new_at) = (index_by_path(old), index_by_path(new));
     let is_link = |e: &Entry| matches!(e.kind, EntryKind::HardLink { .. });
     let mut plan = Plan::default();
     let mut moved: HashSet<&[u8]> = HashSet::new();
     let mut touched: HashSet<&[u8]> = HashSet::new();
     for (i, n) in new.entries.iter().enumerate() {
         match old_at.get(n.path.as_slice()).map(|&j| (j, &old.entries[j])) {
-            None => {
-                if is_link(n) {
-                    return None;
-                }
-                if n.kind == EntryKind::Dir {
-                    plan.dirs.push(i);
-                    touched.insert(&n.path);
-                } else {
-                    plan.place.push(i);
-                }
-                touched.insert(parent_of(&n.path));
-            }
             Some((j, o)) if o.kind == n.kind => {
                 if same_meta(o, n) {
                     continue;
@@ -147,11 +133,14 @@ pub(crate) fn plan(old: &Manifest, new: &Manifest) -> Option<Plan> {
                     plan.meta.push((i, j));
                 }
             }
-            Some((_, o)) => {
-                if is_link(n) || is_link(o) {
+            // New at its path, or of another kind or content than the entry it replaces.
+            replaced => {
+                if is_link(n) || replaced.is_some_and(|(_, o)| is_link(o)) {
                     return None;
                 }
-                moved.insert(&o.path);
+                if let Some((_, o)) = replaced {
+                    moved.insert(&o.path);
+                }
                 if n.kind == EntryKind::Dir {
                     plan.dirs.push(i);
                     touched.insert(&n.path);
@@ -985,39 +974,24 @@ mod tests {
             .unwrap()
     }
 
-    fn empty_report(new: &Manifest) -> ApplyReport {
-        ApplyReport {
-            tree_hash: new.tree_hash().unwrap(),
-            unchanged: false,
-            previous: None,
-            set_aside: None,
-            discarded_partial: false,
-            files: 0,
-            bytes: 0,
-            reused: 0,
-            cloned: 0,
-            linked: 0,
-            reused_bytes: 0,
-            changed_live: Vec::new(),
-            in_place: false,
-            walked_live: false,
-            prune_later: false,
-        }
-    }
-
-    #[test]
-    fn a_crash_after_the_commit_is_completed_and_one_before_it_leaves_the_old_tree() {
-        let change = |src: &Path| {
-            fs::write(src.join("f1"), b"changed").unwrap();
-            fs::remove_file(src.join("f2")).unwrap();
-            fs::write(src.join("d/y"), b"new").unwrap();
-        };
-        // Cut after the commit and after the first entry was moved out.
-        let tmp = tempfile::tempdir().unwrap();
-        let (store, live, old, new) = two_versions(tmp.path(), change);
+    /// [`two_versions`], then the in-place apply between them staged and committed (not rolled
+    /// forward): what a crash right after the commit leaves.
+    fn committed(
+        tmp: &Path,
+        change: impl FnOnce(&Path),
+    ) -> (
+        ChunkStore,
+        PathBuf,
+        Manifest,
+        Manifest,
+        TreeNames,
+        Plan,
+        Commit,
+    ) {
+        let (store, live, old, new) = two_versions(tmp, change);
         let names = TreeNames::of(&live).unwrap();
         let plan = super::plan(&old, &new).unwrap();
-        let mut report = empty_report(&new);
+        let mut report = ApplyReport::nothing_yet(new.tree_hash().unwrap());
         let (commit, _) = stage_and_commit(
             &store,
             &names,
@@ -1030,6 +1004,19 @@ mod tests {
             &mut Phases::start(),
         )
         .unwrap();
+        (store, live, old, new, names, plan, commit)
+    }
+
+    #[test]
+    fn a_crash_after_the_commit_is_completed_and_one_before_it_leaves_the_old_tree() {
+        let change = |src: &Path| {
+            fs::write(src.join("f1"), b"changed").unwrap();
+            fs::remove_file(src.join("f2")).unwrap();
+            fs::write(src.join("d/y"), b"new").unwrap();
+        };
+        // Cut after the commit and after the first entry was moved out.
+        let tmp = tempfile::tempdir().unwrap();
+        let (store, live, _, new, names, plan, commit) = committed(tmp.path(), change);
         let prev = names.previous(commit.prev_ns);
         fs::create_dir(&prev).unwrap();
         fs::rename(join(&live, &plan.out[0]), join(&prev, &plan.out[0])).unwrap();
@@ -1049,22 +1036,7 @@ mod tests {
 
         // Cut while staging, before the commit: the live tree is the old one, untouched.
         let tmp = tempfile::tempdir().unwrap();
-        let (store, live, old, new) = two_versions(tmp.path(), change);
-        let names = TreeNames::of(&live).unwrap();
-        let plan = super::plan(&old, &new).unwrap();
-        let mut report = empty_report(&new);
-        stage_and_commit(
-            &store,
-            &names,
-            &old,
-            &new,
-            &plan,
-            None,
-            None,
-            &mut report,
-            &mut Phases::start(),
-        )
-        .unwrap();
+        let (store, live, old, new, names, ..) = committed(tmp.path(), change);
         fs::remove_file(names.patch_dir().join("commit")).unwrap();
         assert!(!finish_interrupted(&live).unwrap());
         assert!(!exists(&names.patch_dir()));
@@ -1077,24 +1049,9 @@ mod tests {
     #[test]
     fn a_commit_record_that_does_not_fit_stops_with_a_clear_error_and_touches_nothing() {
         let tmp = tempfile::tempdir().unwrap();
-        let (store, live, old, new) = two_versions(tmp.path(), |src| {
+        let (store, live, old, new, names, ..) = committed(tmp.path(), |src| {
             fs::write(src.join("f1"), b"changed").unwrap();
         });
-        let names = TreeNames::of(&live).unwrap();
-        let plan = super::plan(&old, &new).unwrap();
-        let mut report = empty_report(&new);
-        stage_and_commit(
-            &store,
-            &names,
-            &old,
-            &new,
-            &plan,
-            None,
-            None,
-            &mut report,
-            &mut Phases::start(),
-        )
-        .unwrap();
         let commit = names.patch_dir().join("commit");
         for bad in [
             "garbage".to_string(),
