@@ -455,6 +455,11 @@ fn apply_inner(
             None if slot.is_some() => start_watch(&live, old),
             None => None,
         };
+        // No hard links from live files: the file linked stays in the tree (unless the change
+        // also moves it out), and two names of one inode are a hard link the manifest does not
+        // have, which the next check would take for a change on the standby. Data is cloned or
+        // copied instead.
+        let live_files = live_files.map(LiveFiles::without_links);
         let pruned = crate::patch::apply_in_place(
             store,
             &names,

@@ -764,3 +764,37 @@ fn a_watched_standby_is_trusted_without_a_walk_until_someone_else_touches_it() {
     let r = sync_watched(&s, &mut watch);
     assert!(r.in_place && !r.walked_live, "{r:?}");
 }
+
+#[test]
+fn a_copy_with_the_same_content_and_metadata_stays_a_separate_file_on_the_standby() {
+    let s = setup();
+    for i in 0..10 {
+        fs::write(s.src.join(format!("f{i}")), format!("file {i}")).unwrap();
+    }
+    common::sync(&s.src, &s.store, &s.live, None);
+    // `cp -a d/e/big copy`: the same bytes, mode and mtime at a new path.
+    fs::copy(s.src.join("d/e/big"), s.src.join("copy")).unwrap();
+    let md = fs::metadata(s.src.join("d/e/big")).unwrap();
+    fs::File::options()
+        .write(true)
+        .open(s.src.join("copy"))
+        .unwrap()
+        .set_modified(md.modified().unwrap())
+        .unwrap();
+    let (_, r, _) = common::sync(&s.src, &s.store, &s.live, None);
+    assert!(r.in_place, "{r:?}");
+    common::assert_same_tree(&s.src, &s.live);
+    assert_ne!(
+        fs::metadata(s.live.join("copy")).unwrap().ino(),
+        fs::metadata(s.live.join("d/e/big")).unwrap().ino(),
+        "two names of one inode would be a hard link the primary does not have"
+    );
+    // The next apply walks the tree (no watch here) and finds it exactly as applied.
+    fs::write(s.src.join("f1"), b"next").unwrap();
+    let (_, r, _) = common::sync(&s.src, &s.store, &s.live, None);
+    assert!(
+        r.in_place && r.walked_live && r.set_aside.is_none(),
+        "{r:?}"
+    );
+    common::assert_same_tree(&s.src, &s.live);
+}
