@@ -889,7 +889,7 @@ pub(crate) fn join(root: &Path, rel: &[u8]) -> PathBuf {
     }
 }
 
-fn times(entry: &Entry) -> Timestamps {
+pub(crate) fn times(entry: &Entry) -> Timestamps {
     Timestamps {
         last_access: Timespec {
             tv_sec: 0,

@@ -30,11 +30,11 @@ use std::fs::{self, File};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
-use rustix::fs::{CWD, RenameFlags};
+use rustix::fs::{AtFlags, CWD, FileType, OFlags, RenameFlags, ResolveFlags};
 
 use crate::apply::{
     ApplyReport, Phases, PruneReport, TreeNames, build_regular, create_special, exists, join,
-    now_ns, prune_previous, read_live_manifest, set_path_meta, sync_dir,
+    now_ns, prune_previous, read_live_manifest, sync_dir,
 };
 use crate::error::{IoContext, VolumeError};
 use crate::manifest::{Entry, EntryKind, Manifest, TreeHash};
@@ -411,17 +411,18 @@ fn roll_forward(
     if !exists(&prev) {
         fs::create_dir(&prev).ctx("creating", &prev)?;
     }
+    let tree = Beneath::open(&live)?;
     for path in &plan.out {
-        let from = join(&live, path);
         let to = join(&prev, path);
         // Moved already by an interrupted run (the prev folder is this apply's own), or gone.
-        if exists(&to) || !exists(&from) {
+        let (from_dir, name) = tree.parent(path)?;
+        if exists(&to) || !tree.has(&from_dir, name) {
             continue;
         }
         if let Some(parent) = to.parent() {
             fs::create_dir_all(parent).ctx("creating", parent)?;
         }
-        rustix::fs::renameat_with(CWD, &from, CWD, &to, RenameFlags::NOREPLACE)
+        rustix::fs::renameat_with(&from_dir, name, CWD, &to, RenameFlags::NOREPLACE)
             .ctx("moving the replaced entry to", &to)?;
     }
     if let Some(w) = watch.as_deref_mut() {
@@ -436,11 +437,19 @@ fn roll_forward(
         }
     }
     for &i in &plan.dirs {
-        let path = join(&live, &new.entries[i].path);
-        match fs::create_dir(&path) {
+        let rel = &new.entries[i].path;
+        let (dir, name) = tree.parent(rel)?;
+        // Private until its metadata is set with the other touched folders.
+        match rustix::fs::mkdirat(&dir, name, rustix::fs::Mode::from_raw_mode(0o700)) {
             Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && path.is_dir() => {}
-            Err(e) => return Err(VolumeError::io("creating directory", path, e)),
+            Err(rustix::io::Errno::EXIST) if tree.is_dir(&dir, name) => {}
+            Err(e) => {
+                return Err(VolumeError::io(
+                    "creating directory",
+                    join(&live, rel),
+                    e.into(),
+                ));
+            }
         }
         if let Some(w) = watch.as_deref_mut()
             && let Err(e) = w.add_dir(&live, &new.entries[i].path)
@@ -449,12 +458,14 @@ fn roll_forward(
         }
     }
     for &i in &plan.place {
-        let to = join(&live, &new.entries[i].path);
+        let rel = &new.entries[i].path;
+        let to = join(&live, rel);
         let from = staged(names, i);
+        let (dir, name) = tree.parent(rel)?;
         if exists(&from) {
-            rustix::fs::renameat_with(CWD, &from, CWD, &to, RenameFlags::NOREPLACE)
+            rustix::fs::renameat_with(CWD, &from, &dir, name, RenameFlags::NOREPLACE)
                 .ctx("moving the new entry to", &to)?;
-        } else if !exists(&to) {
+        } else if !tree.has(&dir, name) {
             return Err(VolumeError::io(
                 "finishing an in-place apply at",
                 from,
@@ -464,7 +475,7 @@ fn roll_forward(
     }
     for &(i, j) in &plan.meta {
         let (n, o) = (&new.entries[i], &old.entries[j]);
-        set_meta_in_place(&join(&live, &n.path), o, n)?;
+        tree.set_meta(&n.path, Some(o), n)?;
     }
     // The live directories whose entries changed get their recorded metadata back last, deepest
     // first. (The kept tree's folders above what was moved into it are scaffolding: pruning
@@ -476,10 +487,7 @@ fn roll_forward(
             .binary_search_by(|e| e.path.cmp(&n.path))
             .ok()
             .map(|j| &old.entries[j]);
-        match o {
-            Some(o) if o.kind == EntryKind::Dir => set_meta_in_place(&join(&live, &n.path), o, n)?,
-            _ => set_path_meta(&join(&live, &n.path), n, false)?,
-        }
+        tree.set_meta(&n.path, o.filter(|o| o.kind == EntryKind::Dir), n)?;
     }
     mark("moves");
     rustix::fs::syncfs(File::open(&live).ctx("opening", &live)?).ctx("syncing", &live)?;
@@ -553,34 +561,140 @@ fn roll_forward(
     Ok(())
 }
 
-/// Sets `new`'s metadata on the entry at `path`, which has `old`'s: only what differs (each
-/// change is a journal transaction), and the mtime always (moving entries in and out of a folder
-/// moves its mtime).
-fn set_meta_in_place(path: &Path, old: &Entry, new: &Entry) -> Result<(), VolumeError> {
-    let symlink = matches!(new.kind, EntryKind::Symlink { .. });
-    let owner = (old.uid, old.gid) != (new.uid, new.gid);
-    if owner {
-        std::os::unix::fs::lchown(path, Some(new.uid), Some(new.gid))
-            .ctx("changing owner of", path)?;
+/// The live tree, reached without following any symlink and without leaving it (`openat2` with
+/// `RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS`). Others can write to the live tree while an in-place
+/// apply runs (they should not, but it is theirs to edit): a folder swapped for a symlink must not
+/// lead a rename, a new folder or a metadata change of this root-run process outside the tree.
+struct Beneath {
+    root: std::os::fd::OwnedFd,
+    path: PathBuf,
+}
+
+impl Beneath {
+    fn open(root: &Path) -> Result<Self, VolumeError> {
+        let fd = rustix::fs::open(
+            root,
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        )
+        .map_err(|e| VolumeError::io("opening", root, e.into()))?;
+        Ok(Beneath {
+            root: fd,
+            path: root.to_owned(),
+        })
     }
-    // After chown, which clears set-uid and set-gid bits.
-    if !symlink && (owner || old.mode != new.mode) {
-        fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(new.mode))
-            .ctx("changing mode of", path)?;
+
+    /// The folder holding `rel` (opened as a path handle) and `rel`'s last component.
+    fn parent<'a>(
+        &self,
+        rel: &'a [u8],
+    ) -> Result<(std::os::fd::OwnedFd, &'a std::ffi::OsStr), VolumeError> {
+        // The root is its own folder's `.`.
+        let (dir, name) = match rel.iter().rposition(|b| *b == b'/') {
+            Some(k) => (&rel[..k], &rel[k + 1..]),
+            None if rel.is_empty() => (&b""[..], &b"."[..]),
+            None => (&b""[..], rel),
+        };
+        let dir_path: &[u8] = if dir.is_empty() { b"." } else { dir };
+        let fd = rustix::fs::openat2(
+            &self.root,
+            std::ffi::OsStr::from_bytes(dir_path),
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+            ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS,
+        )
+        .map_err(|e| {
+            VolumeError::io(
+                "opening without following symlinks",
+                join(&self.path, dir),
+                e.into(),
+            )
+        })?;
+        Ok((fd, std::ffi::OsStr::from_bytes(name)))
     }
-    for x in &old.xattrs {
-        if !new.xattrs.iter().any(|n| n.name == x.name) {
-            xattr::remove(path, std::ffi::OsStr::from_bytes(&x.name))
-                .ctx("removing xattr of", path)?;
+
+    fn stat(&self, dir: &std::os::fd::OwnedFd, name: &std::ffi::OsStr) -> Option<rustix::fs::Stat> {
+        rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW).ok()
+    }
+
+    fn has(&self, dir: &std::os::fd::OwnedFd, name: &std::ffi::OsStr) -> bool {
+        self.stat(dir, name).is_some()
+    }
+
+    fn is_dir(&self, dir: &std::os::fd::OwnedFd, name: &std::ffi::OsStr) -> bool {
+        self.stat(dir, name)
+            .is_some_and(|st| FileType::from_raw_mode(st.st_mode) == FileType::Directory)
+    }
+
+    /// Sets `new`'s metadata on the entry at `rel`, which has `old`'s (if known): only what
+    /// differs (each change is a journal transaction), and the mtime always (moving entries in
+    /// and out of a folder moves its mtime). Nothing follows a symlink: owner, times and xattrs
+    /// go by name in the opened folder without following, the mode through a handle on the
+    /// entry checked to be of its kind (`chmod` has no no-follow form on older kernels).
+    fn set_meta(&self, rel: &[u8], old: Option<&Entry>, new: &Entry) -> Result<(), VolumeError> {
+        let path = join(&self.path, rel);
+        let (dir, name) = self.parent(rel)?;
+        let symlink = matches!(new.kind, EntryKind::Symlink { .. });
+        let owner = old.is_none_or(|o| (o.uid, o.gid) != (new.uid, new.gid));
+        if owner {
+            rustix::fs::chownat(
+                &dir,
+                name,
+                Some(rustix::fs::Uid::from_raw(new.uid)),
+                Some(rustix::fs::Gid::from_raw(new.gid)),
+                AtFlags::SYMLINK_NOFOLLOW,
+            )
+            .map_err(|e| VolumeError::io("changing owner of", &path, e.into()))?;
         }
-    }
-    for x in &new.xattrs {
-        if !old.xattrs.contains(x) {
-            xattr::set(path, std::ffi::OsStr::from_bytes(&x.name), &x.value)
-                .ctx("setting xattr on", path)?;
+        // After chown, which clears set-uid and set-gid bits.
+        if !symlink && (owner || old.is_none_or(|o| o.mode != new.mode)) {
+            let entry = rustix::fs::openat(
+                &dir,
+                name,
+                OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                rustix::fs::Mode::empty(),
+            )
+            .map_err(|e| VolumeError::io("opening", &path, e.into()))?;
+            let st = rustix::fs::fstat(&entry)
+                .map_err(|e| VolumeError::io("inspecting", &path, e.into()))?;
+            if FileType::from_raw_mode(st.st_mode) == FileType::Symlink {
+                return Err(VolumeError::io(
+                    "changing mode of",
+                    &path,
+                    std::io::Error::other("it became a symlink while the apply ran"),
+                ));
+            }
+            fs::set_permissions(
+                format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&entry)),
+                std::os::unix::fs::PermissionsExt::from_mode(new.mode),
+            )
+            .ctx("changing mode of", &path)?;
         }
+        // By name in the opened folder; the `xattr` crate's calls do not follow a symlink.
+        let by_name = Path::new("/proc/self/fd")
+            .join(std::os::fd::AsRawFd::as_raw_fd(&dir).to_string())
+            .join(name);
+        let old_xattrs = old.map_or(&[][..], |o| o.xattrs.as_slice());
+        for x in old_xattrs {
+            if !new.xattrs.iter().any(|n| n.name == x.name) {
+                xattr::remove(&by_name, std::ffi::OsStr::from_bytes(&x.name))
+                    .ctx("removing xattr of", &path)?;
+            }
+        }
+        for x in &new.xattrs {
+            if !old_xattrs.contains(x) {
+                xattr::set(&by_name, std::ffi::OsStr::from_bytes(&x.name), &x.value)
+                    .ctx("setting xattr on", &path)?;
+            }
+        }
+        rustix::fs::utimensat(
+            &dir,
+            name,
+            &crate::apply::times(new),
+            AtFlags::SYMLINK_NOFOLLOW,
+        )
+        .map_err(|e| VolumeError::io("setting times of", &path, e.into()))
     }
-    crate::apply::set_times(path, new)
 }
 
 /// Completes an in-place apply that a crash interrupted after its commit record was written, or
@@ -653,6 +767,7 @@ pub fn finish_interrupted(live: &Path) -> Result<bool, VolumeError> {
 mod tests {
     use super::*;
     use crate::manifest::{ChunkId, ChunkParams, ChunkRef};
+    use std::os::unix::fs::PermissionsExt;
 
     fn entry(path: &str, kind: EntryKind, mode: u32) -> Entry {
         Entry {
@@ -1044,6 +1159,36 @@ mod tests {
         let applied = crate::apply::apply(&store, &new, &live).unwrap();
         assert!(applied.in_place);
         assert_eq!(live_hash(&live), new.tree_hash().unwrap());
+    }
+
+    #[test]
+    fn a_folder_swapped_for_a_symlink_does_not_lead_the_apply_outside_the_tree() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (_, live, _, _, _, _, _) = committed(tmp.path(), |src| {
+            fs::write(src.join("d/y"), b"new").unwrap();
+            fs::set_permissions(src.join("d"), fs::Permissions::from_mode(0o700)).unwrap();
+        });
+        // Someone on the standby replaces folder `d` with a symlink to a folder elsewhere.
+        let outside = tmp.path().join("outside");
+        fs::create_dir(&outside).unwrap();
+        fs::set_permissions(&outside, fs::Permissions::from_mode(0o755)).unwrap();
+        fs::rename(live.join("d"), live.join("d.moved")).unwrap();
+        std::os::unix::fs::symlink(&outside, live.join("d")).unwrap();
+        let err = finish_interrupted(&live).unwrap_err();
+        assert!(
+            err.to_string().contains("without following symlinks"),
+            "{err}"
+        );
+        assert_eq!(
+            fs::read_dir(&outside).unwrap().count(),
+            0,
+            "nothing written outside"
+        );
+        assert_eq!(
+            fs::metadata(&outside).unwrap().permissions().mode() & 0o7777,
+            0o755,
+            "no metadata changed outside"
+        );
     }
 
     #[test]
