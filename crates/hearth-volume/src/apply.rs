@@ -428,7 +428,12 @@ fn apply_inner(
         && only.is_some()
         && let (Some(old), Some(st)) = (&live_manifest, &live_stamps)
     {
-        live_files = Some(LiveFiles::new_for(&live, old, st.tree_hash(), st, None)?);
+        let full = LiveFiles::new_for(&live, old, st.tree_hash(), st, None)?;
+        // As above: no hard links into a tree that is kept aside.
+        live_files = Some(match live_clean {
+            LiveCheck::Clean => full,
+            LiveCheck::Changed(_) => full.without_links(),
+        });
     }
     let needed = match (&patch_plan, &only) {
         (Some(_), Some(only)) => only,
@@ -720,27 +725,7 @@ fn reusable_files(
     if let (Some(w), Some(st)) = (watch, &stamps) {
         match w.trusts(&live, hash) {
             Ok(()) if st.tree_hash() == hash => {
-                // A small change needs an index of only the live files that share data with the
-                // files it builds.
-                let changed = crate::patch::changed_files(&manifest, new);
-                let (files, only) = if changed.len() * 2 <= new.entries.len() {
-                    let wanted: HashSet<ChunkId> = changed
-                        .iter()
-                        .flat_map(|e| match &e.kind {
-                            EntryKind::File { chunks, .. } => chunks.as_slice(),
-                            _ => &[],
-                        })
-                        .map(|c| c.id)
-                        .collect();
-                    let only = Manifest {
-                        chunking: new.chunking,
-                        entries: changed.into_iter().cloned().collect(),
-                    };
-                    let files = LiveFiles::new_for(&live, &manifest, hash, st, Some(&wanted))?;
-                    (files, Some(only))
-                } else {
-                    (LiveFiles::new_for(&live, &manifest, hash, st, None)?, None)
-                };
+                let (files, only) = index_live(&live, &manifest, hash, st, new)?;
                 return Ok(LiveState {
                     files: Some(files),
                     check: LiveCheck::Clean,
@@ -786,15 +771,14 @@ fn reusable_files(
     // has now. A file whose ctime moved without a change of content (our own links and unlinks
     // of shared inodes move it) was read again above and proved unchanged, so it stays reusable.
     let current = AppliedStamps::from_capture(now_hash, &now.cache);
-    let files = LiveFiles::new(&live, &now.manifest, &current)?;
     if now_hash == hash {
-        Ok(state(
-            Some(files),
-            LiveCheck::Clean,
-            Some(manifest),
-            Some(current),
-        ))
+        let (files, only) = index_live(&live, &manifest, hash, &current, new)?;
+        Ok(LiveState {
+            only,
+            ..state(Some(files), LiveCheck::Clean, Some(manifest), Some(current))
+        })
     } else {
+        let files = LiveFiles::new(&live, &now.manifest, &current)?;
         // Unchanged files of a changed tree may still be cloned or copied (each is checked
         // again when it is taken), but not hard-linked: the tree is kept aside as diverged and
         // must not share inodes with the new live tree.
@@ -808,6 +792,40 @@ fn reusable_files(
             None,
         ))
     }
+}
+
+/// The index of the live files of a clean tree (applied from `manifest`, with hash `hash` and
+/// stamps `stamps`) for applying `new`. A small change (at most half of the entries new or changed
+/// regular files) gets an index of only the live files that share chunks with the files it
+/// builds, and those files as a manifest of their own; anything else an index of every file.
+fn index_live(
+    live: &Path,
+    manifest: &Manifest,
+    hash: TreeHash,
+    stamps: &AppliedStamps,
+    new: &Manifest,
+) -> Result<(LiveFiles, Option<Manifest>), VolumeError> {
+    let changed = crate::patch::changed_files(manifest, new);
+    if changed.len() * 2 > new.entries.len() {
+        return Ok((
+            LiveFiles::new_for(live, manifest, hash, stamps, None)?,
+            None,
+        ));
+    }
+    let wanted: HashSet<ChunkId> = changed
+        .iter()
+        .flat_map(|e| match &e.kind {
+            EntryKind::File { chunks, .. } => chunks.as_slice(),
+            _ => &[],
+        })
+        .map(|c| c.id)
+        .collect();
+    let only = Manifest {
+        chunking: new.chunking,
+        entries: changed.into_iter().cloned().collect(),
+    };
+    let files = LiveFiles::new_for(live, manifest, hash, stamps, Some(&wanted))?;
+    Ok((files, Some(only)))
 }
 
 /// The manifest of the tree last applied at `live`, if any.
