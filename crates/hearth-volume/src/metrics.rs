@@ -70,6 +70,8 @@ pub struct Metrics {
     pub applies: Family<VolumeLabels, Counter>,
     /// Trees kept aside on the standby.
     pub kept_aside: Family<VolumeLabels, Counter>,
+    /// Live trees a standby's watch saw changed by someone else between syncs.
+    pub changed_on_standby: Family<VolumeLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -87,6 +89,7 @@ impl Default for Metrics {
             bytes_received: Family::default(),
             applies: Family::default(),
             kept_aside: Family::default(),
+            changed_on_standby: Family::default(),
         }
     }
 }
@@ -143,6 +146,11 @@ impl Metrics {
             "kept_aside",
             "Standby trees kept aside read-only instead of being replaced",
             m.kept_aside.clone(),
+        );
+        r.register(
+            "changed_on_standby",
+            "Times a standby's live tree was seen changed by someone other than hearth between syncs",
+            m.changed_on_standby.clone(),
         );
         m
     }

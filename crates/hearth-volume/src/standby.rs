@@ -109,9 +109,12 @@ pub async fn serve(
     });
     let mut tasks = JoinSet::new();
     tokio::pin!(shutdown);
+    let mut look = tokio::time::interval(WATCH_LOOK_EVERY);
+    look.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             () = &mut shutdown => break,
+            _ = look.tick() => report_standby_changes(&shared),
             accepted = listener.accept() => {
                 let (tcp, addr) = match accepted {
                     Ok(a) => a,
@@ -143,6 +146,30 @@ pub async fn serve(
     let _ = tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
     tasks.shutdown().await;
     Ok(())
+}
+
+/// How often `serve` reads its watches between syncs, to report a live tree changed by someone
+/// else as soon as it happens rather than at the next sync.
+const WATCH_LOOK_EVERY: Duration = Duration::from_secs(5);
+
+/// Logs and counts each live tree whose watch newly saw a change made by someone else. The next
+/// apply walks such a tree and keeps it aside; this only makes it visible sooner.
+fn report_standby_changes(shared: &Shared) {
+    let Ok(mut watches) = shared.watches.lock() else {
+        return;
+    };
+    for (volume, w) in watches.iter_mut() {
+        if let Some(why) = w.newly_changed() {
+            tracing::warn!(volume = %volume, change = %why, "the standby's copy was changed by someone other than hearth; the next sync keeps it aside and restores the primary's tree (hearth volume verify shows the differences)");
+            shared
+                .metrics
+                .changed_on_standby
+                .get_or_create(&VolumeLabels {
+                    volume: volume.clone(),
+                })
+                .inc();
+        }
+    }
 }
 
 struct Shared {

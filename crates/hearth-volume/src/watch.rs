@@ -60,6 +60,8 @@ pub struct LiveWatch {
     since: Instant,
     /// Why the tree can no longer be trusted, once something was seen.
     dirty: Option<String>,
+    /// Whether [`LiveWatch::newly_changed`] has told of `dirty` already.
+    told: bool,
 }
 
 impl std::fmt::Debug for LiveWatch {
@@ -87,6 +89,7 @@ impl LiveWatch {
             removed: HashSet::new(),
             since: Instant::now(),
             dirty: None,
+            told: false,
         };
         for e in &manifest.entries {
             if e.kind == EntryKind::Dir {
@@ -188,6 +191,19 @@ impl LiveWatch {
             Ok(md) if (md.dev(), md.ino()) == self.root => Ok(()),
             Ok(_) => Err("the live path is another directory now".into()),
             Err(e) => Err(format!("the live path cannot be read: {e}")),
+        }
+    }
+
+    /// Between syncs: reads the pending events and, the first time they show a change by someone
+    /// else, says what it was (once per watch, so a busy intruder is reported once).
+    pub fn newly_changed(&mut self) -> Option<String> {
+        self.drain(&HashSet::new());
+        match (&self.dirty, self.told) {
+            (Some(why), false) => {
+                self.told = true;
+                Some(why.clone())
+            }
+            _ => None,
         }
     }
 

@@ -664,3 +664,44 @@ async fn small_changes_are_applied_in_place_and_their_kept_trees_pruned_after_th
     assert!(sb.state().kept_aside.is_empty());
     sb.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_made_on_the_standby_is_reported_between_syncs_and_set_aside_at_the_next() {
+    let dir = tempfile::tempdir().unwrap();
+    let p_id = Identity::generate().unwrap();
+    let sb = start_standby(dir.path(), &[&p_id]).await;
+    let cfg = primary(dir.path(), "p", &p_id, sb.target(), 1);
+    fill(&cfg.source, 20, 5_000, 2);
+    let metrics = Metrics::default();
+    push_once(&cfg, &metrics).await.unwrap();
+    let seen = || {
+        sb.metrics
+            .changed_on_standby
+            .get_or_create(&hearth_volume::metrics::VolumeLabels { volume: "v".into() })
+            .get()
+    };
+    // Nothing happens on the standby: nothing is reported.
+    tokio::time::sleep(Duration::from_millis(5500)).await;
+    assert_eq!(seen(), 0);
+    // Someone edits the standby's copy: serve reports it within its watch period, once.
+    fs::write(sb.live.join("d2/f2"), b"edited on the standby").unwrap();
+    fs::write(sb.live.join("d3/f3"), b"and again").unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while seen() == 0 {
+        assert!(std::time::Instant::now() < deadline, "not reported");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(5500)).await;
+    assert_eq!(seen(), 1, "reported once");
+    // The next change from the primary keeps the edited tree aside and restores the primary's.
+    fs::write(cfg.source.join("d1/f1"), b"primary change").unwrap();
+    let r = push_once(&cfg, &metrics).await.unwrap();
+    let applied = outcome(&r).applied.clone().unwrap();
+    assert_eq!(applied.kept_aside.len(), 1, "{applied:?}");
+    assert_eq!(
+        fs::read(Path::new(&applied.kept_aside[0]).join("d2/f2")).unwrap(),
+        b"edited on the standby"
+    );
+    common::assert_same_tree(&cfg.source, &sb.live);
+    sb.stop().await;
+}

@@ -242,6 +242,7 @@ pub struct Standby {
     pub identity: Identity,
     pub live: PathBuf,
     pub state: PathBuf,
+    pub metrics: Metrics,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -281,11 +282,13 @@ impl Standby {
             timeout: Duration::from_secs(20),
         };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let metrics = Metrics::default();
+        let served = metrics.clone();
         let task = tokio::spawn(async move {
             serve(
                 listener,
                 config,
-                Metrics::default(),
+                served,
                 async {
                     let _ = stopped.await;
                 },
@@ -299,6 +302,7 @@ impl Standby {
             identity,
             live,
             state,
+            metrics,
             stop: Some(stop),
             task,
         }
