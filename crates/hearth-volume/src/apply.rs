@@ -335,7 +335,7 @@ fn apply_inner(
     keep_live_aside: Option<SetAside>,
     incoming: Option<&mut Incoming>,
     in_place: bool,
-    watch: Option<&mut Option<LiveWatch>>,
+    mut watch: Option<&mut Option<LiveWatch>>,
 ) -> Result<(ApplyReport, PruneReport), VolumeError> {
     manifest.validate()?;
     let names = TreeNames::of(live)?;
@@ -360,8 +360,15 @@ fn apply_inner(
     // The same tree again (a sync with no change on the primary): rebuilding would rewrite the
     // whole volume for nothing. Whether the standby changed its copy locally is `verify`'s and
     // `prune_previous`'s business, not a reason to rewrite it here.
+    // A watch that saw the tree changed by someone else says the manifest no longer describes it:
+    // then the same tree is applied again (the changed one is kept aside).
+    let seen_change = watch
+        .as_deref_mut()
+        .and_then(Option::as_mut)
+        .is_some_and(LiveWatch::seen_change);
     if exists(&live)
         && !exists(&staging)
+        && !seen_change
         && let Ok(Some((_, current))) = read_live_manifest_hashed(&live)
         && current == report.tree_hash
     {
@@ -448,6 +455,11 @@ fn apply_inner(
         .filter(|id| !incoming.as_ref().is_some_and(|i| i.has_chunk(id)))
         .collect();
     if !missing.is_empty() {
+        // Nothing was touched: the watch goes back as it was (the caller asks for the chunks and
+        // applies again, and what the watch saw still counts then).
+        if let Some(slot) = slot {
+            *slot = prior;
+        }
         return Err(VolumeError::MissingChunks { ids: missing });
     }
     // A small change to a tree that is exactly as applied goes in place.

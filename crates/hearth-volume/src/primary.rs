@@ -774,10 +774,12 @@ async fn sync_on(
 ) -> Result<SyncOutcome, NetError> {
     let started = Instant::now();
     let cfg = &ctx.cfg;
+    // The same tree, unless the standby saw its copy changed by someone else: then the tree is
+    // offered again, and the standby keeps its changed copy aside and restores this one.
     if welcome
         .live
         .as_ref()
-        .is_some_and(|l| l.tree_hash == ctx.tree_hash)
+        .is_some_and(|l| l.tree_hash == ctx.tree_hash && !l.changed)
     {
         link.send(&Request::Done).await?;
         return Ok(SyncOutcome {

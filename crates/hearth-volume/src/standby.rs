@@ -307,7 +307,16 @@ async fn connection(
         state::save(&dirs.standby(), &st)?;
         tracing::info!(volume = %hello.volume, epoch, "raised the volume's epoch");
     }
-    let live_tree = current_live(&live, &st).await?;
+    let changed = shared
+        .watches
+        .lock()
+        .ok()
+        .and_then(|mut w| {
+            w.get_mut(&hello.volume)
+                .map(crate::watch::LiveWatch::seen_change)
+        })
+        .unwrap_or(false);
+    let live_tree = current_live(&live, &st, changed).await?;
     let btrfs_received = {
         let l = live.clone();
         blocking(move || crate::link_btrfs::standby_received(&l)).await?
@@ -364,6 +373,7 @@ async fn connection(
 async fn current_live(
     live: &std::path::Path,
     st: &StandbyState,
+    changed: bool,
 ) -> Result<Option<LiveTree>, NetError> {
     let live = live.to_owned();
     // An in-place apply a crash interrupted is completed before the primary is told what is live.
@@ -383,6 +393,7 @@ async fn current_live(
     Ok(Some(LiveTree {
         tree_hash,
         captured_at_ms,
+        changed,
     }))
 }
 

@@ -194,6 +194,12 @@ impl LiveWatch {
         }
     }
 
+    /// Reads the pending events; whether they (or earlier ones) show a change by someone else.
+    pub fn seen_change(&mut self) -> bool {
+        self.drain(&HashSet::new());
+        self.dirty.is_some()
+    }
+
     /// Between syncs: reads the pending events and, the first time they show a change by someone
     /// else, says what it was (once per watch, so a busy intruder is reported once).
     pub fn newly_changed(&mut self) -> Option<String> {

@@ -666,7 +666,7 @@ async fn small_changes_are_applied_in_place_and_their_kept_trees_pruned_after_th
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_change_made_on_the_standby_is_reported_between_syncs_and_set_aside_at_the_next() {
+async fn a_change_made_on_the_standby_is_reported_at_once_and_repaired_by_the_next_push() {
     let dir = tempfile::tempdir().unwrap();
     let p_id = Identity::generate().unwrap();
     let sb = start_standby(dir.path(), &[&p_id]).await;
@@ -693,9 +693,10 @@ async fn a_change_made_on_the_standby_is_reported_between_syncs_and_set_aside_at
     }
     tokio::time::sleep(Duration::from_millis(5500)).await;
     assert_eq!(seen(), 1, "reported once");
-    // The next change from the primary keeps the edited tree aside and restores the primary's.
-    fs::write(cfg.source.join("d1/f1"), b"primary change").unwrap();
+    // The next push, with nothing new on the primary, is told the standby's copy changed: it
+    // offers the same tree again, and the standby keeps its edited tree aside and restores it.
     let r = push_once(&cfg, &metrics).await.unwrap();
+    assert_eq!(outcome(&r).kind, SyncKind::Incremental);
     let applied = outcome(&r).applied.clone().unwrap();
     assert_eq!(applied.kept_aside.len(), 1, "{applied:?}");
     assert_eq!(
@@ -703,5 +704,8 @@ async fn a_change_made_on_the_standby_is_reported_between_syncs_and_set_aside_at
         b"edited on the standby"
     );
     common::assert_same_tree(&cfg.source, &sb.live);
+    // Restored and watched again: the push after it has nothing to do.
+    let r = push_once(&cfg, &metrics).await.unwrap();
+    assert_eq!(outcome(&r).kind, SyncKind::Unchanged);
     sb.stop().await;
 }

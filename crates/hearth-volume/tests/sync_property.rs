@@ -509,8 +509,9 @@ proptest! {
             }
             let report = sync(&mut watch);
             if report.unchanged {
-                // Nothing new from the primary: the standby's tree is left exactly as it is
-                // (`verify` reports edits); the next change sets it aside.
+                // Nothing new from the primary and nothing seen by the watch: an edit made on the
+                // standby is never taken for "unchanged".
+                prop_assert_eq!(&edited, &applied);
                 prop_assert_eq!(tree_entries(&live), edited);
                 continue;
             }

@@ -13,7 +13,7 @@ use crate::manifest::{ChunkId, TreeHash};
 
 /// The protocol version this build speaks. Both sides send theirs first; a mismatch is refused
 /// with a message naming both.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// The largest frame either side accepts. Chunks are at most 256 KiB and manifests travel in
 /// parts of [`MANIFEST_PART`], so a bigger frame can only be a broken or hostile peer.
@@ -211,6 +211,9 @@ pub struct LiveTree {
     pub tree_hash: TreeHash,
     /// When the primary captured it.
     pub captured_at_ms: u64,
+    /// The standby's watch saw it changed by someone other than hearth since it was applied: the
+    /// standby does not hold this tree any more, though its manifest says so.
+    pub changed: bool,
 }
 
 /// The outcome of an apply.
