@@ -934,6 +934,18 @@ impl Session {
                 volume: self.hello.volume.clone(),
             })
             .inc();
+        // The live tree now holds every chunk it needs; the store and the received files keep
+        // nothing between syncs, so the standby needs room for the volume once (plus replaced
+        // trees), not twice.
+        let s = store.clone();
+        let mut inc = self.take_incoming();
+        let inc = blocking(move || {
+            s.retain(&HashSet::new())?;
+            inc.remove()?;
+            Ok(inc)
+        })
+        .await?;
+        self.incoming = Some(inc);
         tracing::info!(volume = %self.hello.volume, tree = %offer.tree_hash, files = report.files, unchanged = report.unchanged, in_place = report.in_place, walked_live = report.walked_live, "tree applied");
         send(
             wr,
@@ -948,28 +960,16 @@ impl Session {
         )
         .await?;
         self.offer = None;
-        // Clean-up after the answer, off the primary's clock but still under the volume's lock.
-        // The live tree now holds every chunk it needs; the store and the received files keep
-        // nothing between syncs, so the standby needs room for the volume once (plus replaced
-        // trees), not twice. Kept trees an in-place apply left to prune share no inodes with the
-        // live tree, so deleting them now cannot move the stamps just taken.
-        let s = store.clone();
-        let mut inc = self.take_incoming();
+        // Pruning after the answer, off the primary's clock but still under the volume's lock:
+        // kept trees an in-place apply left to prune share no inodes with the live tree, so
+        // deleting them now cannot move the stamps just taken.
+        if !report.prune_later {
+            return Ok(());
+        }
         let live = self.live.clone();
-        let prune = report.prune_later;
-        let (inc, pruned) = blocking(move || {
-            s.retain(&HashSet::new())?;
-            inc.remove()?;
-            let pruned = match prune {
-                true => Some(crate::apply::prune_previous(&live, keep)?),
-                false => None,
-            };
-            Ok((inc, pruned))
-        })
-        .await?;
-        self.incoming = Some(inc);
-        if let Some(p) = pruned.filter(|p| !p.diverged.is_empty()) {
-            for d in &p.diverged {
+        let pruned = blocking(move || crate::apply::prune_previous(&live, keep)).await?;
+        if !pruned.diverged.is_empty() {
+            for d in &pruned.diverged {
                 self.st.kept_aside.push(KeptAside {
                     path: d.display().to_string(),
                     reason: "a replaced tree had been changed on the standby".into(),
