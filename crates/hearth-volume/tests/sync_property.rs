@@ -387,6 +387,22 @@ fn run(root: &Path, op: &Op, xattrs: bool) {
     }
 }
 
+/// A source tree made by `initial`, a standby folder and a chunk store under `tmp`; and whether
+/// user xattrs work there (they must on ext4 and tmpfs).
+fn sides(tmp: &Path, initial: &[Op]) -> (PathBuf, PathBuf, ChunkStore, bool) {
+    let (xattrs, must) = common::user_xattrs(tmp);
+    assert!(xattrs || !must, "user xattrs must work on ext4 and tmpfs");
+    let src = tmp.join("src");
+    fs::create_dir(&src).unwrap();
+    fs::create_dir(tmp.join("standby")).unwrap();
+    let live = tmp.join("standby/live");
+    let store = ChunkStore::open(&tmp.join("store")).unwrap();
+    for op in initial {
+        run(&src, op, xattrs);
+    }
+    (src, live, store, xattrs)
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 64, max_shrink_iters: 200, ..ProptestConfig::default() })]
 
@@ -396,16 +412,7 @@ proptest! {
         rounds in prop::collection::vec(prop::collection::vec(op(), 1..12), 1..4),
     ) {
         let tmp = tempfile::tempdir().unwrap();
-        let (xattrs, must) = common::user_xattrs(tmp.path());
-        assert!(xattrs || !must, "user xattrs must work on ext4 and tmpfs");
-        let src = tmp.path().join("src");
-        fs::create_dir(&src).unwrap();
-        fs::create_dir(tmp.path().join("standby")).unwrap();
-        let live = tmp.path().join("standby/live");
-        let store = ChunkStore::open(&tmp.path().join("store")).unwrap();
-        for op in &initial {
-            run(&src, op, xattrs);
-        }
+        let (src, live, store, xattrs) = sides(tmp.path(), &initial);
         let mut cache = None;
         let (cap, _, _) = common::sync(&src, &store, &live, cache.as_ref());
         common::assert_same_tree(&src, &live);
@@ -477,15 +484,7 @@ proptest! {
         ),
     ) {
         let tmp = tempfile::tempdir().unwrap();
-        let (xattrs, _) = common::user_xattrs(tmp.path());
-        let src = tmp.path().join("src");
-        fs::create_dir(&src).unwrap();
-        fs::create_dir(tmp.path().join("standby")).unwrap();
-        let live = tmp.path().join("standby/live");
-        let store = ChunkStore::open(&tmp.path().join("store")).unwrap();
-        for op in &initial {
-            run(&src, op, xattrs);
-        }
+        let (src, live, store, xattrs) = sides(tmp.path(), &initial);
         let mut watch: Option<hearth_volume::LiveWatch> = None;
         let sync = |watch: &mut Option<hearth_volume::LiveWatch>| {
             let cap = hearth_volume::capture(&src, &hearth_volume::CaptureOptions::default(), None).unwrap();
