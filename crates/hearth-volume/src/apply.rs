@@ -356,7 +356,9 @@ fn apply_inner(
     crate::patch::finish_interrupted(&live)?;
     let staging = names.staging();
     let marker = names.building_marker();
-    let mut report = ApplyReport::nothing_yet(manifest.tree_hash()?);
+    // One encoding serves the tree hash and the manifest file written for the new tree.
+    let (encoded, tree_hash) = manifest.encode_and_hash()?;
+    let mut report = ApplyReport::nothing_yet(tree_hash);
     // The same tree again (a sync with no change on the primary): rebuilding would rewrite the
     // whole volume for nothing. Whether the standby changed its copy locally is `verify`'s and
     // `prune_previous`'s business, not a reason to rewrite it here.
@@ -418,7 +420,7 @@ fn apply_inner(
         _ => (live_files, live_clean),
     };
     let patch_plan = match &live_manifest {
-        Some(old)
+        Some((old, _))
             if in_place
                 && keep_live_aside.is_none()
                 && live_clean == LiveCheck::Clean
@@ -433,7 +435,7 @@ fn apply_inner(
     let mut live_files = live_files;
     if patch_plan.is_none()
         && only.is_some()
-        && let (Some(old), Some(st)) = (&live_manifest, &live_stamps)
+        && let (Some((old, _)), Some(st)) = (&live_manifest, &live_stamps)
     {
         let full = LiveFiles::new_for(&live, old, st.tree_hash(), st, None)?;
         // As above: no hard links into a tree that is kept aside.
@@ -463,13 +465,13 @@ fn apply_inner(
         return Err(VolumeError::MissingChunks { ids: missing });
     }
     // A small change to a tree that is exactly as applied goes in place.
-    if let (Some(plan), Some(old)) = (patch_plan, &live_manifest) {
+    if let (Some(plan), Some((old, old_hash))) = (patch_plan, &live_manifest) {
         phases.mark("check live");
         // The watch that vouched for the tree goes on watching it through the change; after a
         // walk, a new one starts now, before anything else can change it unnoticed.
         let mut watch = match prior.take().filter(|_| !walked) {
             Some(w) => Some(w),
-            None if slot.is_some() => start_watch(&live, old),
+            None if slot.is_some() => start_watch(&live, old, *old_hash),
             None => None,
         };
         // No hard links from live files: the file linked stays in the tree (unless the change
@@ -480,8 +482,8 @@ fn apply_inner(
         let pruned = crate::patch::apply_in_place(
             store,
             &names,
-            old,
-            manifest,
+            (old, *old_hash),
+            (manifest, &encoded),
             &plan,
             live_files.as_ref(),
             live_stamps.as_ref(),
@@ -523,7 +525,7 @@ fn apply_inner(
     // The new tree is watched from before its stamps are taken; the old one's watch goes.
     drop(prior);
     let mut watch = match slot.is_some() {
-        true => start_watch(&staging, manifest),
+        true => start_watch(&staging, manifest, report.tree_hash),
         false => None,
     };
     let mut stamps = Vec::new();
@@ -543,7 +545,6 @@ fn apply_inner(
     drop(staging_dir);
 
     let next = names.next_manifest();
-    let encoded = manifest.encode()?;
     {
         let mut f = File::create(&next).ctx("creating", &next)?;
         std::io::Write::write_all(&mut f, &encoded).ctx("writing", &next)?;
@@ -655,9 +656,9 @@ impl std::fmt::Display for Phases {
     }
 }
 
-/// Starts watching the tree at `root` applied from `manifest`; `None` (logged) when it cannot.
-fn start_watch(root: &Path, manifest: &Manifest) -> Option<LiveWatch> {
-    let tree = manifest.tree_hash().ok()?;
+/// Starts watching the tree at `root` applied from `manifest` (tree hash `tree`); `None` (logged)
+/// when it cannot.
+fn start_watch(root: &Path, manifest: &Manifest, tree: TreeHash) -> Option<LiveWatch> {
     match LiveWatch::start(root, manifest, tree) {
         Ok(w) => Some(w),
         Err(e) => {
@@ -673,8 +674,8 @@ struct LiveState {
     files: Option<LiveFiles>,
     /// Whether it is exactly as the last apply left it.
     check: LiveCheck,
-    /// The manifest it was applied from.
-    manifest: Option<Arc<Manifest>>,
+    /// The manifest it was applied from, with its tree hash.
+    manifest: Option<(Arc<Manifest>, TreeHash)>,
     /// Its files' stamps as the check saw them (valid for the unchanged files of a clean tree).
     stamps: Option<AppliedStamps>,
     /// Whether the tree was walked to check it (rather than trusted by a watch).
@@ -741,7 +742,7 @@ fn reusable_files(
                 return Ok(LiveState {
                     files: Some(files),
                     check: LiveCheck::Clean,
-                    manifest: Some(manifest),
+                    manifest: Some((manifest, hash)),
                     stamps,
                     walked: false,
                     only,
@@ -770,7 +771,7 @@ fn reusable_files(
             return Ok(state(
                 None,
                 LiveCheck::Changed(format!("could not be read whole: {e}")),
-                Some(manifest),
+                Some((manifest, hash)),
                 None,
             ));
         }
@@ -787,10 +788,15 @@ fn reusable_files(
         let (files, only) = index_live(&live, &manifest, hash, &current, new)?;
         Ok(LiveState {
             only,
-            ..state(Some(files), LiveCheck::Clean, Some(manifest), Some(current))
+            ..state(
+                Some(files),
+                LiveCheck::Clean,
+                Some((manifest, hash)),
+                Some(current),
+            )
         })
     } else {
-        let files = LiveFiles::new(&live, &now.manifest, &current)?;
+        let files = LiveFiles::new_for(&live, &now.manifest, now_hash, &current, None)?;
         // Unchanged files of a changed tree may still be cloned or copied (each is checked
         // again when it is taken), but not hard-linked: the tree is kept aside as diverged and
         // must not share inodes with the new live tree.
@@ -800,7 +806,7 @@ fn reusable_files(
                 "changed on the standby since it was applied ({} file(s) read again)",
                 now.report.files_read
             )),
-            Some(manifest),
+            Some((manifest, hash)),
             None,
         ))
     }

@@ -34,7 +34,7 @@ use rustix::fs::{AtFlags, CWD, FileType, OFlags, RenameFlags, ResolveFlags};
 
 use crate::apply::{
     ApplyReport, Phases, PruneReport, TreeNames, build_regular, create_special, exists, join,
-    now_ns, prune_previous, read_live_manifest, sync_dir,
+    now_ns, prune_previous, read_live_manifest_hashed, sync_dir,
 };
 use crate::error::{IoContext, VolumeError};
 use crate::manifest::{Entry, EntryKind, Manifest, TreeHash};
@@ -280,8 +280,8 @@ fn staged(names: &TreeNames, index: usize) -> PathBuf {
 pub(crate) fn apply_in_place(
     store: &ChunkStore,
     names: &TreeNames,
-    old: &Manifest,
-    new: &Manifest,
+    (old, old_hash): (&Manifest, TreeHash),
+    (new, encoded): (&Manifest, &[u8]),
     plan: &Plan,
     live_files: Option<&LiveFiles>,
     current: Option<&AppliedStamps>,
@@ -291,7 +291,15 @@ pub(crate) fn apply_in_place(
     watch: Option<&mut LiveWatch>,
 ) -> Result<PruneReport, VolumeError> {
     let (commit, pruned) = stage_and_commit(
-        store, names, old, new, plan, live_files, keep, report, phases,
+        store,
+        names,
+        old_hash,
+        (new, encoded),
+        plan,
+        live_files,
+        keep,
+        report,
+        phases,
     )?;
     let current = current.filter(|_| !pruned.removed_shared);
     let decided = Decided {
@@ -311,8 +319,8 @@ pub(crate) fn apply_in_place(
 fn stage_and_commit(
     store: &ChunkStore,
     names: &TreeNames,
-    old: &Manifest,
-    new: &Manifest,
+    old_hash: TreeHash,
+    (new, encoded): (&Manifest, &[u8]),
     plan: &Plan,
     live_files: Option<&LiveFiles>,
     keep: Option<usize>,
@@ -359,11 +367,11 @@ fn stage_and_commit(
     phases.mark("prune");
     rustix::fs::syncfs(File::open(&new_dir).ctx("opening", &new_dir)?).ctx("syncing", &new_dir)?;
     let commit = Commit {
-        old: old.tree_hash()?,
+        old: old_hash,
         new: report.tree_hash,
         prev_ns: now_ns(),
     };
-    write_synced(&names.next_manifest(), &new.encode()?)?;
+    write_synced(&names.next_manifest(), encoded)?;
     write_synced(&work.join("commit"), commit.encode().as_bytes())?;
     sync_dir(&work)?;
     sync_dir(&names.parent_dir())?;
@@ -720,11 +728,8 @@ pub fn finish_interrupted(live: &Path) -> Result<bool, VolumeError> {
         }
         Err(e) => return Err(VolumeError::io("reading", commit_path, e)),
     };
-    let live_manifest = read_live_manifest(live)?;
-    let live_hash = live_manifest
-        .as_ref()
-        .map(Manifest::tree_hash)
-        .transpose()?;
+    let live_manifest = read_live_manifest_hashed(live)?;
+    let live_hash = live_manifest.as_ref().map(|(_, h)| *h);
     if live_hash == Some(commit.new) {
         // Only the last renames and the clean-up were left.
         if exists(&names.next_stamps()) {
@@ -741,12 +746,12 @@ pub fn finish_interrupted(live: &Path) -> Result<bool, VolumeError> {
             "holds an interrupted in-place apply that cannot be completed: {reason}; check the live tree and move the folder away"
         ),
     };
-    let Some(old) = live_manifest.filter(|_| live_hash == Some(commit.old)) else {
+    let Some((old, _)) = live_manifest.filter(|_| live_hash == Some(commit.old)) else {
         return Err(bad("the live manifest is neither the old nor the new tree"));
     };
     let next = fs::read(names.next_manifest()).ctx("reading", &names.next_manifest())?;
-    let new = Manifest::decode(&next)?;
-    if new.tree_hash()? != commit.new {
+    let (new, new_hash) = Manifest::decode_hashed(&next)?;
+    if new_hash != commit.new {
         return Err(bad("the next manifest is not the committed tree"));
     }
     let Some(plan) = plan(&old, &new) else {
@@ -1106,12 +1111,13 @@ mod tests {
         let (store, live, old, new) = two_versions(tmp, change);
         let names = TreeNames::of(&live).unwrap();
         let plan = super::plan(&old, &new).unwrap();
-        let mut report = ApplyReport::nothing_yet(new.tree_hash().unwrap());
+        let (encoded, new_hash) = new.encode_and_hash().unwrap();
+        let mut report = ApplyReport::nothing_yet(new_hash);
         let (commit, _) = stage_and_commit(
             &store,
             &names,
-            &old,
-            &new,
+            old.tree_hash().unwrap(),
+            (&new, &encoded),
             &plan,
             None,
             None,
@@ -1140,7 +1146,10 @@ mod tests {
             "a committed apply is completed"
         );
         assert_eq!(live_hash(&live), new.tree_hash().unwrap());
-        assert_eq!(read_live_manifest(&live).unwrap().unwrap(), new);
+        assert_eq!(
+            crate::apply::read_live_manifest(&live).unwrap().unwrap(),
+            new
+        );
         assert!(!exists(&names.patch_dir()));
         assert_eq!(fs::read(prev.join("f1")).unwrap(), b"file 1");
         assert_eq!(fs::read(prev.join("f2")).unwrap(), b"file 2");

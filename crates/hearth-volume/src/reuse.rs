@@ -298,19 +298,10 @@ pub(crate) struct LiveFiles {
 }
 
 impl LiveFiles {
-    /// The reusable files of the tree at `root`, applied from `manifest` with `stamps`. Files
-    /// without a stamp, or stamps for another tree, give nothing to reuse.
-    pub(crate) fn new(
-        root: &Path,
-        manifest: &Manifest,
-        stamps: &AppliedStamps,
-    ) -> Result<Self, VolumeError> {
-        Self::new_for(root, manifest, manifest.tree_hash()?, stamps, None)
-    }
-
-    /// [`LiveFiles::new`] for the manifest with tree hash `hash`, and, with `wanted`, only the
-    /// live files that hold at least one of those chunks: an in-place apply builds only a few
-    /// files and needs no index of the other 100,000.
+    /// The reusable files of the tree at `root`, applied from `manifest` (with tree hash `hash`)
+    /// with `stamps`; files without a stamp, or stamps for another tree, give nothing to reuse.
+    /// With `wanted`, only the live files that hold at least one of those chunks: an in-place
+    /// apply builds only a few files and needs no index of the other 100,000.
     pub(crate) fn new_for(
         root: &Path,
         manifest: &Manifest,
