@@ -268,7 +268,17 @@ pub fn apply(
     manifest: &Manifest,
     live: &Path,
 ) -> Result<ApplyReport, VolumeError> {
-    apply_inner(store, manifest, live, None, None, None, true, None).map(|(report, _)| report)
+    apply_inner(
+        store,
+        manifest,
+        live,
+        None,
+        None,
+        None,
+        Build::InPlaceWhenSmall,
+        None,
+    )
+    .map(|(report, _)| report)
 }
 
 /// [`apply`] without the in-place path: always builds the whole tree beside the live one and
@@ -278,7 +288,8 @@ pub fn apply_whole(
     manifest: &Manifest,
     live: &Path,
 ) -> Result<ApplyReport, VolumeError> {
-    apply_inner(store, manifest, live, None, None, None, false, None).map(|(report, _)| report)
+    apply_inner(store, manifest, live, None, None, None, Build::Whole, None)
+        .map(|(report, _)| report)
 }
 
 /// [`apply`], and [`prune_previous`] so that `keep` replaced trees remain once the new tree is
@@ -287,8 +298,8 @@ pub fn apply_whole(
 /// their ctimes; done later, the next apply would have to read those files again to trust them.
 ///
 /// Files in `incoming` that hold exactly an entry's chunks are moved into the new tree, and its
-/// other verified chunks are read from there like chunks of the store. With `in_place` false
-/// the change is never applied in place ([`apply_whole`]).
+/// other verified chunks are read from there like chunks of the store. `how` says whether a
+/// small change may go in place, and what the new tree is built as.
 ///
 /// `watch` holds the [`LiveWatch`] the previous apply left for this tree, if any: when it saw
 /// nothing since, the live tree is trusted without walking it. On success it holds the watch of
@@ -301,7 +312,7 @@ pub fn apply_and_prune(
     keep: usize,
     keep_live_aside: Option<SetAside>,
     incoming: Option<&mut Incoming>,
-    in_place: bool,
+    how: Build,
     watch: Option<&mut Option<LiveWatch>>,
 ) -> Result<(ApplyReport, PruneReport), VolumeError> {
     apply_inner(
@@ -311,9 +322,23 @@ pub fn apply_and_prune(
         Some(keep),
         keep_live_aside,
         incoming,
-        in_place,
+        how,
         watch,
     )
+}
+
+/// How an apply builds the new tree.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Build {
+    /// A small change to a tree that is exactly as applied goes in place ([`crate::patch`]);
+    /// anything else is built whole beside the live tree and switched in.
+    InPlaceWhenSmall,
+    /// Always built whole beside the live tree and switched in (`serve --no-in-place`).
+    Whole,
+    /// Built whole as a new btrfs subvolume: the first copy of a btrfs volume, which the standby
+    /// then adopts as a received snapshot (see `link_btrfs`). The live path's folder must be on
+    /// btrfs.
+    Subvolume,
 }
 
 /// Why the live tree must be kept aside at the switch even if it is unchanged (the standby
@@ -334,7 +359,7 @@ fn apply_inner(
     keep: Option<usize>,
     keep_live_aside: Option<SetAside>,
     incoming: Option<&mut Incoming>,
-    in_place: bool,
+    how: Build,
     mut watch: Option<&mut Option<LiveWatch>>,
 ) -> Result<(ApplyReport, PruneReport), VolumeError> {
     manifest.validate()?;
@@ -421,7 +446,7 @@ fn apply_inner(
     };
     let patch_plan = match &live_manifest {
         Some((old, _))
-            if in_place
+            if how == Build::InPlaceWhenSmall
                 && keep_live_aside.is_none()
                 && live_clean == LiveCheck::Clean
                 && incoming.as_ref().is_none_or(|i| !i.exists()) =>
@@ -499,7 +524,12 @@ fn apply_inner(
         return Ok((report, pruned));
     }
     File::create(&marker).ctx("creating", &marker)?;
-    fs::create_dir(&staging).ctx("creating", &staging)?;
+    match how {
+        Build::Subvolume => crate::btrfs::create_subvolume(&staging).map_err(VolumeError::Btrfs)?,
+        Build::InPlaceWhenSmall | Build::Whole => {
+            fs::create_dir(&staging).ctx("creating", &staging)?
+        }
+    }
     sync_dir(&names.parent)?;
 
     phases.mark("check live");
@@ -1155,8 +1185,7 @@ fn build_file(
     };
     let received = claimed.is_some();
     if let (Some(from), Some(m)) = (claimed, incoming) {
-        rustix::fs::renameat_with(CWD, &from, CWD, path, RenameFlags::NOREPLACE)
-            .ctx("moving a received file to", path)?;
+        crate::incoming::move_file(&from, path).ctx("moving a received file to", path)?;
         lock(m)?.relocate(chunks, &from, path);
         report.bytes += chunks.iter().map(|c| u64::from(c.len)).sum::<u64>();
     } else if let Some(l) = live_files.filter(|l| l.prefers_links()) {

@@ -137,6 +137,95 @@ pub fn decide_btrfs_live(
     }
 }
 
+/// Where the first copy of the btrfs volume at `live` is built by the files backend when the
+/// primary sends it that way ([`wire::Hello::btrfs_first`]): `.<name>.hearth-first/tree`, beside
+/// `live` (the same filesystem, so the finished copy can be moved among the received snapshots).
+/// The copy's own hidden companions (files received ahead of their manifest, its manifest) are
+/// in the same folder.
+pub fn first_copy_path(live: &Path) -> PathBuf {
+    hidden(live, "hearth-first").join("tree")
+}
+
+/// Whether a first copy by the files backend may be made for `live`, the standby's path of a
+/// btrfs volume: its folder is on btrfs, nothing is at `live`, and no received snapshot of the
+/// volume is held. `Ok(Err(reason))` when not; otherwise the copy's folder is
+/// created and its path returned.
+pub fn prepare_first_copy(
+    live: &Path,
+    first: &wire::BtrfsFirst,
+) -> Result<Result<PathBuf, String>, VolumeError> {
+    if btrfs::check_name(&first.name).is_err() || !btrfs::is_uuid(&first.uuid) {
+        return Ok(Err(format!(
+            "`{}` ({}) is not a snapshot name and UUID",
+            first.name, first.uuid
+        )));
+    }
+    let Some(received) = standby_received(live)? else {
+        return Ok(Err(format!(
+            "{} is not on btrfs on this standby; push with --backend files",
+            live.parent().unwrap_or(Path::new("/")).display()
+        )));
+    };
+    if !received.is_empty() {
+        return Ok(Err(
+            "this standby already holds received snapshots of the volume; an incremental or full stream is needed".into(),
+        ));
+    }
+    if !live_is_missing(live)? {
+        return Ok(Err(format!(
+            "{} exists; a first copy goes only to a standby that holds nothing of the volume",
+            live.display()
+        )));
+    }
+    let tree = first_copy_path(live);
+    let dir = tree.parent().unwrap_or(Path::new("/")).to_owned();
+    std::fs::create_dir_all(&dir).map_err(|e| VolumeError::io("creating", &dir, e))?;
+    Ok(Ok(tree))
+}
+
+/// Whether nothing is at `live` (the btrfs backend's live path must be a subvolume it made, so
+/// even an empty folder there is something else).
+pub fn live_is_missing(live: &Path) -> Result<bool, VolumeError> {
+    match std::fs::symlink_metadata(live) {
+        Ok(_) => Ok(false),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(true),
+        Err(e) => Err(VolumeError::io("inspecting", live, e)),
+    }
+}
+
+/// Makes the finished first copy of `live` ([`first_copy_path`], a subvolume the files backend
+/// built and checked against the manifest of `first`'s snapshot) the received copy of that
+/// snapshot: moved among the received snapshots under the snapshot's name, given its received
+/// UUID and `stransid`, and made read-only, as `btrfs receive` would have left it. A crash
+/// before the last step leaves a writable subvolume there, which [`standby_received`] removes
+/// like any partial receive (the next push copies again). Returns the received snapshot.
+pub fn adopt_first_copy(live: &Path, first: &wire::BtrfsFirst) -> Result<SubvolInfo, VolumeError> {
+    let tree = first_copy_path(live);
+    if !btrfs::is_subvolume(&tree).map_err(VolumeError::Btrfs)? {
+        return Err(VolumeError::BadTarget {
+            path: tree,
+            reason: "the first copy is not a btrfs subvolume".into(),
+        });
+    }
+    let staging = staging_dir(live);
+    std::fs::create_dir_all(&staging).map_err(|e| VolumeError::io("creating", &staging, e))?;
+    let dest = staging.join(&first.name);
+    rustix::fs::renameat_with(
+        rustix::fs::CWD,
+        &tree,
+        rustix::fs::CWD,
+        &dest,
+        rustix::fs::RenameFlags::NOREPLACE,
+    )
+    .map_err(|e| VolumeError::io("moving the first copy to", &dest, e.into()))?;
+    btrfs::set_received(&dest, &first.uuid, first.ctransid).map_err(VolumeError::Btrfs)?;
+    // What is left beside the copy (its manifest and stamps) described a tree that is now a
+    // received snapshot, tracked like any other.
+    let dir = hidden(live, "hearth-first");
+    std::fs::remove_dir_all(&dir).map_err(|e| VolumeError::io("removing", &dir, e))?;
+    btrfs::subvolume_info(&dest).map_err(VolumeError::Btrfs)
+}
+
 /// The standby's view before a stream: the received UUIDs it holds, cleaning partial receives
 /// first. `None` when the live path's folder is not on btrfs.
 pub fn standby_received(live: &Path) -> Result<Option<Vec<String>>, VolumeError> {
@@ -423,7 +512,35 @@ pub async fn push_btrfs(cfg: &PushConfig, metrics: &Metrics) -> Result<PushRepor
             (t, r)
         });
     }
-    let outcomes = futures::future::join_all(tasks).await;
+    let steps = futures::future::join_all(tasks).await;
+    let firsts: Vec<Target> = steps
+        .iter()
+        .filter(|(_, s)| matches!(s, Ok(BtrfsStep::FirstByFiles)))
+        .map(|(t, _)| t.clone())
+        .collect();
+    let mut copied = match firsts.is_empty() {
+        true => Vec::new(),
+        false => first_copies(cfg, &snap, &history, firsts).await?,
+    };
+    let outcomes: Vec<(Target, Result<SyncOutcome, NetError>)> = steps
+        .into_iter()
+        .map(|(t, step)| {
+            let outcome = match step {
+                Ok(BtrfsStep::Done(o)) => Ok(o),
+                Ok(BtrfsStep::FirstByFiles) => {
+                    match copied.iter().position(|(a, _)| *a == t.addr) {
+                        Some(i) => copied.swap_remove(i).1,
+                        None => Err(NetError::Protocol(format!(
+                            "no first copy was made for {}",
+                            t.addr
+                        ))),
+                    }
+                }
+                Err(e) => Err(e),
+            };
+            (t, outcome)
+        })
+        .collect();
     let mut st: PrimaryState = state::load(&dirs.primary())?;
     st.version = STATE_VERSION;
     st.epoch = cfg.epoch;
@@ -465,6 +582,51 @@ pub async fn push_btrfs(cfg: &PushConfig, metrics: &Metrics) -> Result<PushRepor
     })
 }
 
+/// Where the primary keeps the files backend's state of first copies (capture cache, manifests):
+/// apart from the btrfs backend's own, under the same state folder.
+fn first_copy_state(state_dir: &Path) -> PathBuf {
+    state_dir.join("btrfs-first-copy")
+}
+
+/// Makes the first copy of `snap` on each of `targets` (standbys that hold nothing of the
+/// volume) by the files backend: captured from the read-only snapshot, streamed while it is
+/// read, resumable where a cut transfer stopped, and adopted by each standby as its received
+/// copy of `snap` ([`wire::Hello::btrfs_first`]). Returns each standby's outcome by address.
+async fn first_copies(
+    cfg: &PushConfig,
+    snap: &SubvolInfo,
+    history: &[String],
+    targets: Vec<Target>,
+) -> Result<Vec<(String, Result<SyncOutcome, NetError>)>, NetError> {
+    let ctransid = btrfs::stream_ctransid(snap).await.map_err(vol)?;
+    tracing::info!(volume = %cfg.volume, snapshot = %snap.send_uuid(), standbys = targets.len(), "first copy by the files backend, adopted as the received snapshot");
+    let mut files = cfg.clone();
+    files.source = snap.path.clone();
+    files.targets = targets;
+    // Every snapshot is a new device to `stat`, with the same inode numbers.
+    files.capture.ignore_device = true;
+    files.btrfs_first = Some(wire::BtrfsFirst {
+        uuid: snap.send_uuid().to_owned(),
+        ctransid,
+        name: snap.name.clone(),
+        history: history.to_vec(),
+    });
+    let dirs = VolumeDirs::new(&first_copy_state(&cfg.state_dir), &cfg.volume);
+    // The push of the btrfs volume records and counts these syncs; the files backend's own
+    // records of them would count each twice.
+    let report = crate::primary::push_files(&files, &Metrics::default(), &dirs).await?;
+    Ok(report.results)
+}
+
+/// What a standby needs, found by [`sync_btrfs`].
+enum BtrfsStep {
+    /// Brought to the snapshot (or it held it already).
+    Done(SyncOutcome),
+    /// It holds nothing of the volume: its first copy goes by the files backend
+    /// ([`first_copies`]).
+    FirstByFiles,
+}
+
 async fn sync_btrfs(
     cfg: &PushConfig,
     target: &Target,
@@ -472,13 +634,14 @@ async fn sync_btrfs(
     history: &[String],
     older: &[SubvolInfo],
     captured_at_ms: u64,
-) -> Result<SyncOutcome, NetError> {
+) -> Result<BtrfsStep, NetError> {
     let started = Instant::now();
     let hello = Hello {
         protocol: PROTOCOL_VERSION,
         volume: cfg.volume.clone(),
         epoch: cfg.epoch,
         sender: cfg.sender.clone(),
+        btrfs_first: None,
     };
     let (mut link, welcome) = connect(&cfg.identity, target, hello, cfg.timeout).await?;
     let Some(received) = welcome.btrfs_received else {
@@ -497,13 +660,13 @@ async fn sync_btrfs(
         .any(|u| u.eq_ignore_ascii_case(snap.send_uuid()))
     {
         link.send(&Request::Done).await?;
-        return Ok(SyncOutcome {
+        return Ok(BtrfsStep::Done(SyncOutcome {
             kind: SyncKind::Unchanged,
             chunks_sent: 0,
             bytes_sent: 0,
             applied: None,
             duration: started.elapsed(),
-        });
+        }));
     }
     let mut sent = 0u64;
     let mut kept_aside = Vec::new();
@@ -525,6 +688,11 @@ async fn sync_btrfs(
                     sent += s;
                     kept_aside.extend(k);
                     (SyncKind::Full, Some(p.clone()))
+                }
+                None if cfg.btrfs_first_by_files && welcome.btrfs_empty => {
+                    link.send(&Request::Done).await.ok();
+                    tracing::info!(volume = %cfg.volume, standby = %target.addr, %reason, "the standby holds nothing of the volume: its first copy goes by the files backend");
+                    return Ok(BtrfsStep::FirstByFiles);
                 }
                 None => {
                     // Never silent: a full send of a large volume is the expensive case.
@@ -548,7 +716,7 @@ async fn sync_btrfs(
     kept_aside.extend(k);
     link.send(&Request::Done).await.ok();
     tracing::info!(volume = %cfg.volume, standby = %target.addr, kind = kind.as_str(), bytes = sent, "standby is in sync");
-    Ok(SyncOutcome {
+    Ok(BtrfsStep::Done(SyncOutcome {
         kind,
         chunks_sent: 0,
         bytes_sent: sent,
@@ -561,7 +729,7 @@ async fn sync_btrfs(
             kept_aside,
         }),
         duration: started.elapsed(),
-    })
+    }))
 }
 
 /// Offers `snap` (a full stream, or incremental from `parent`), sends its stream after whatever

@@ -22,7 +22,8 @@ use crate::metrics::{Metrics, ReasonLabels, StandbyLabels, SyncLabels, VolumeLab
 use crate::net::NetError;
 use crate::net::identity::{Identity, PeerId, server_name};
 use crate::net::wire::{
-    self, Applied, Hello, MANIFEST_PART, Offer, PROTOCOL_VERSION, Request, Response, Welcome,
+    self, Applied, BtrfsFirst, Hello, MANIFEST_PART, Offer, PROTOCOL_VERSION, Request, Response,
+    Welcome,
 };
 use crate::standby::blocking;
 use crate::state::{self, PrimaryState, STATE_VERSION, Snapshot, VolumeDirs, VolumeLock, now_ms};
@@ -83,6 +84,14 @@ pub struct PushConfig {
     pub capture: CaptureOptions,
     /// This host's name, for the standby's logs.
     pub sender: String,
+    /// btrfs backend: a standby that holds nothing of the volume gets its first copy by the files
+    /// backend (which resumes where a cut transfer stopped and writes each byte once), adopted
+    /// on the standby as the snapshot's received copy, so later sends are incremental. `false`
+    /// sends a full `btrfs send` stream instead (`push --btrfs-full-stream`).
+    pub btrfs_first_by_files: bool,
+    /// Set by the btrfs backend on the configuration of a first copy by the files backend (see
+    /// above); `None` from every other caller.
+    pub btrfs_first: Option<BtrfsFirst>,
 }
 
 /// What kind of sync happened.
@@ -189,7 +198,7 @@ pub async fn push_once(cfg: &PushConfig, metrics: &Metrics) -> Result<PushReport
 }
 
 /// The files backend's push (see [`push_once`]), from `cfg.source` as given.
-async fn push_files(
+pub(crate) async fn push_files(
     cfg: &PushConfig,
     metrics: &Metrics,
     dirs: &VolumeDirs,
@@ -322,6 +331,7 @@ async fn open_link(cfg: &PushConfig, target: &Target) -> Result<(Link, Welcome),
         volume: cfg.volume.clone(),
         epoch: cfg.epoch,
         sender: cfg.sender.clone(),
+        btrfs_first: cfg.btrfs_first.clone(),
     };
     let (link, welcome) = connect(&cfg.identity, target, hello, cfg.timeout).await?;
     if welcome.epoch > cfg.epoch {
@@ -827,7 +837,23 @@ async fn sync_on(
         }
         // Building the tree can take minutes for a large first sync.
         match link.recv_within(cfg.timeout * 60).await? {
-            Response::Applied(applied) => {
+            Response::Applied(mut applied) => {
+                if let Some(first) = &cfg.btrfs_first {
+                    // The copy is whole and checked: the standby makes it the snapshot's
+                    // received copy and its live subvolume.
+                    link.send(&Request::BtrfsAdopt).await?;
+                    match link.recv_within(cfg.timeout * 6).await? {
+                        Response::BtrfsApplied { uuid, kept_aside } if uuid == first.uuid => {
+                            applied.kept_aside.extend(kept_aside);
+                        }
+                        other => {
+                            return Err(NetError::Protocol(format!(
+                                "expected BtrfsApplied for {}, got {other:?}",
+                                first.uuid
+                            )));
+                        }
+                    }
+                }
                 link.send(&Request::Done).await.ok();
                 tracing::info!(volume = %cfg.volume, standby = %ctx.target.addr, kind = kind.as_str(), chunks = chunks_sent, bytes = bytes_sent, "standby is in sync");
                 return Ok(SyncOutcome {
@@ -989,6 +1015,7 @@ pub async fn verify(cfg: &PushConfig, target: &Target) -> Result<VerifyReport, N
         volume: cfg.volume.clone(),
         epoch: cfg.epoch,
         sender: cfg.sender.clone(),
+        btrfs_first: None,
     };
     let (mut link, _welcome) = connect(&cfg.identity, target, hello, cfg.timeout).await?;
     link.send(&Request::Verify).await?;

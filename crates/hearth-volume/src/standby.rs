@@ -307,18 +307,37 @@ async fn connection(
         state::save(&dirs.standby(), &st)?;
         tracing::info!(volume = %hello.volume, epoch, "raised the volume's epoch");
     }
-    let changed = shared
-        .watches
-        .lock()
-        .ok()
-        .and_then(|mut w| {
-            w.get_mut(&hello.volume)
-                .map(crate::watch::LiveWatch::seen_change)
-        })
-        .unwrap_or(false);
+    // A first copy of a btrfs volume by the files backend is built in its own place and adopted
+    // as a received snapshot at the end; everything below works on that place.
+    let (live, first) = match hello.btrfs_first.clone() {
+        None => (live, None),
+        Some(first) => {
+            let (l, f) = (live.clone(), first.clone());
+            match blocking(move || crate::link_btrfs::prepare_first_copy(&l, &f)).await? {
+                Ok(tree) => (tree, Some((first, live))),
+                Err(reason) => {
+                    let r = Refusal::new(
+                        RefusalCode::BadRequest,
+                        format!("volume `{}`: {reason}", hello.volume),
+                    );
+                    return refuse(&shared, &mut wr, &hello.volume, r, true).await;
+                }
+            }
+        }
+    };
+    let changed = first.is_none()
+        && shared
+            .watches
+            .lock()
+            .ok()
+            .and_then(|mut w| {
+                w.get_mut(&hello.volume)
+                    .map(crate::watch::LiveWatch::seen_change)
+            })
+            .unwrap_or(false);
     let live_tree = current_live(&live, &st, changed).await?;
     let btrfs_received = {
-        let l = live.clone();
+        let l = first.as_ref().map_or(&live, |(_, l)| l).clone();
         blocking(move || crate::link_btrfs::standby_received(&l)).await?
     };
     let incoming_dir = TreeNames::of(&live)?.incoming();
@@ -333,6 +352,10 @@ async fn connection(
         })
         .await?
     };
+    let btrfs_empty = first.is_none() && btrfs_received.as_ref().is_some_and(Vec::is_empty) && {
+        let l = live.clone();
+        blocking(move || crate::link_btrfs::live_is_missing(&l)).await?
+    };
     send(
         &mut wr,
         &Response::Welcome(Welcome {
@@ -342,6 +365,7 @@ async fn connection(
             btrfs_partial: btrfs_received.as_ref().and(dirs.partial_stream_held()),
             btrfs_received,
             fresh,
+            btrfs_empty,
         }),
     )
     .await?;
@@ -359,6 +383,8 @@ async fn connection(
         batch_bytes: 0,
         incoming: Some(Incoming::new(incoming_dir.clone())),
         incoming_dir,
+        first,
+        applied: None,
         streamed: Vec::new(),
         streamed_bytes: 0,
         unsynced: 0,
@@ -412,6 +438,11 @@ struct Session {
     /// Files streamed before the offer; `None` only while a blocking task holds it.
     incoming: Option<Incoming>,
     incoming_dir: PathBuf,
+    /// btrfs backend, a first copy by files: the snapshot, and the volume's real live path
+    /// (`live` above is where the copy is built).
+    first: Option<(crate::net::wire::BtrfsFirst, PathBuf)>,
+    /// The tree the last commit of this session made live, and when it was captured.
+    applied: Option<(crate::manifest::TreeHash, u64)>,
     /// Streamed file data not yet written.
     streamed: Vec<Streamed>,
     streamed_bytes: usize,
@@ -489,6 +520,7 @@ impl Session {
                 Request::Verify => self.verify(wr).await,
                 Request::Done => return Ok(()),
                 Request::BtrfsOffer(offer) => self.btrfs_offer(offer, rd, wr).await,
+                Request::BtrfsAdopt => self.btrfs_adopt(wr).await,
                 Request::StreamPart(_) | Request::StreamEnd { .. } => Err(Stop::Refuse(
                     Refusal::new(RefusalCode::BadRequest, "a stream without an offer"),
                 )),
@@ -822,18 +854,25 @@ impl Session {
         };
         let aside_reason = set_aside.as_ref().map(|a| a.reason.clone());
         let keep = self.shared.config.keep;
-        let in_place = self.shared.config.in_place;
+        let how = match (&self.first, self.shared.config.in_place) {
+            (Some(_), _) => crate::apply::Build::Subvolume,
+            (None, true) => crate::apply::Build::InPlaceWhenSmall,
+            (None, false) => crate::apply::Build::Whole,
+        };
+        let watched = self.first.is_none();
         let applied = {
             let store = store.clone();
             let m = manifest.clone();
             let l = live.clone();
             let mut inc = self.take_incoming();
             let volume = self.hello.volume.clone();
+            // A first copy of a btrfs volume is not watched: it becomes a read-only snapshot.
             let mut watch = self
                 .shared
                 .watches
                 .lock()
                 .ok()
+                .filter(|_| watched)
                 .and_then(|mut w| w.remove(&volume));
             let r = blocking(move || {
                 let r = apply_and_prune(
@@ -843,14 +882,14 @@ impl Session {
                     keep,
                     set_aside,
                     Some(&mut inc),
-                    in_place,
-                    Some(&mut watch),
+                    how,
+                    watched.then_some(&mut watch),
                 );
                 Ok((inc, r, watch))
             })
             .await?;
             self.incoming = Some(r.0);
-            if let (Some(w), Ok(mut all)) = (r.2, self.shared.watches.lock()) {
+            if let (Some(w), true, Ok(mut all)) = (r.2, watched, self.shared.watches.lock()) {
                 all.insert(volume, w);
             }
             r.1.map_err(NetError::Volume)
@@ -916,7 +955,8 @@ impl Session {
             });
         }
         self.st.version = STATE_VERSION;
-        self.st.applies += 1;
+        // A first copy of a btrfs volume counts as an apply once it is adopted.
+        self.st.applies += u64::from(self.first.is_none());
         self.st.bytes_received += self.bytes;
         self.st.live = Some(LiveRecord {
             tree_hash: offer.tree_hash.to_string(),
@@ -927,13 +967,16 @@ impl Session {
         });
         state::save(&self.dirs.standby(), &self.st)?;
         self.bytes = 0;
-        self.shared
-            .metrics
-            .applies
-            .get_or_create(&VolumeLabels {
-                volume: self.hello.volume.clone(),
-            })
-            .inc();
+        self.applied = Some((offer.tree_hash, offer.captured_at_ms));
+        if self.first.is_none() {
+            self.shared
+                .metrics
+                .applies
+                .get_or_create(&VolumeLabels {
+                    volume: self.hello.volume.clone(),
+                })
+                .inc();
+        }
         // The live tree now holds every chunk it needs; the store and the received files keep
         // nothing between syncs, so the standby needs room for the volume once (plus replaced
         // trees), not twice.
@@ -1059,6 +1102,75 @@ impl Session {
             }
         }
         let (received, len) = received?;
+        self.make_received_live(
+            received,
+            live,
+            action,
+            (offer.uuid, offer.captured_at_ms),
+            len,
+            wr,
+        )
+        .await
+    }
+
+    /// A first copy by the files backend is complete ([`Request::BtrfsAdopt`]): it becomes the
+    /// received copy of the primary's snapshot, and a writable snapshot of it the live
+    /// subvolume, exactly as after a full stream.
+    async fn btrfs_adopt<W: AsyncWrite + Unpin>(&mut self, wr: &mut W) -> Result<(), Stop> {
+        let (Some((first, live)), Some((tree_hash, captured_at_ms))) =
+            (self.first.clone(), self.applied)
+        else {
+            return Err(Stop::Refuse(Refusal::new(
+                RefusalCode::BadRequest,
+                "BtrfsAdopt without a first copy applied on this connection",
+            )));
+        };
+        let received = {
+            let (tree, l, f) = (self.live.clone(), live.clone(), first.clone());
+            blocking(move || {
+                // The copy must still be the tree just applied.
+                match read_live_manifest_hashed(&tree)? {
+                    Some((_, h)) if h == tree_hash => {}
+                    _ => {
+                        return Err(VolumeError::BadTarget {
+                            path: tree,
+                            reason: "the first copy is not the tree applied on this connection"
+                                .into(),
+                        });
+                    }
+                }
+                crate::link_btrfs::adopt_first_copy(&l, &f)
+            })
+            .await?
+        };
+        tracing::info!(volume = %self.hello.volume, snapshot = %first.uuid, path = %received.path.display(), "the first copy is now the snapshot's received copy");
+        let action = {
+            let l = live.clone();
+            let exists = live.exists();
+            let source = blocking(move || crate::link_btrfs::live_source(&l)).await?;
+            crate::link_btrfs::decide_btrfs_live(exists, source.as_deref(), None, &first.history)
+        };
+        self.live = live.clone();
+        self.first = None;
+        self.make_received_live(received, live, action, (first.uuid, captured_at_ms), 0, wr)
+            .await
+    }
+
+    /// Switches a writable snapshot of `received` in at `live` (keeping the replaced subvolume
+    /// aside when `action` says so), prunes received snapshots beyond retention, records the
+    /// apply and answers [`Response::BtrfsApplied`]. `len` is the stream's length (0 when the
+    /// bytes were counted by the files backend).
+    async fn make_received_live<W: AsyncWrite + Unpin>(
+        &mut self,
+        received: crate::btrfs::SubvolInfo,
+        live: PathBuf,
+        action: crate::link_btrfs::BtrfsLiveAction,
+        (uuid, captured_at_ms): (String, u64),
+        len: u64,
+        wr: &mut W,
+    ) -> Result<(), Stop> {
+        use crate::link_btrfs as lb;
+        let staging = lb::staging_dir(&live);
         let epoch = self.hello.epoch;
         let mut kept = Vec::new();
         let mut reasons = Vec::new();
@@ -1129,8 +1241,8 @@ impl Session {
         self.st.applies += 1;
         self.st.bytes_received += len;
         self.st.live = Some(LiveRecord {
-            tree_hash: offer.uuid.clone(),
-            captured_at_ms: offer.captured_at_ms,
+            tree_hash: uuid.clone(),
+            captured_at_ms,
             applied_at_ms: now_ms(),
             sender: self.peer.to_string(),
             epoch,
@@ -1145,11 +1257,11 @@ impl Session {
             .bytes_received
             .get_or_create(&labels)
             .inc_by(len);
-        tracing::info!(volume = %self.hello.volume, snapshot = %offer.uuid, "snapshot applied");
+        tracing::info!(volume = %self.hello.volume, snapshot = %uuid, "snapshot applied");
         send(
             wr,
             &Response::BtrfsApplied {
-                uuid: offer.uuid,
+                uuid,
                 kept_aside: kept,
             },
         )

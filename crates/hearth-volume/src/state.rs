@@ -452,6 +452,7 @@ mod tests {
             volume: "v".into(),
             epoch,
             sender: "p".into(),
+            btrfs_first: None,
         }
     }
 

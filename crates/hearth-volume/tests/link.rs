@@ -46,6 +46,8 @@ fn primary(dir: &Path, name: &str, identity: &Identity, target: Target, epoch: u
         timeout: Duration::from_secs(20),
         capture: CaptureOptions::default(),
         sender: name.into(),
+        btrfs_first_by_files: true,
+        btrfs_first: None,
     }
 }
 
@@ -219,6 +221,7 @@ async fn hello(p_id: &Identity, sb: &Standby, epoch: u64) -> hearth_volume::prim
         volume: "v".into(),
         epoch,
         sender: "raw".into(),
+        btrfs_first: None,
     };
     connect(p_id, &sb.target(), h, Duration::from_secs(10))
         .await

@@ -68,6 +68,8 @@ impl Sides {
             timeout: Duration::from_secs(30),
             capture: CaptureOptions::default(),
             sender: "p".into(),
+            btrfs_first_by_files: true,
+            btrfs_first: None,
         }
     }
 
@@ -280,6 +282,9 @@ async fn a_cut_full_stream_resumes_where_it_stopped() {
         );
     }
     let mut cfg = s.cfg(1, "p");
+    // The full stream's own resumption (the default first copy goes by the files backend; see
+    // `a_first_copy_by_files_resumes_after_a_cut_and_later_sends_are_incremental`).
+    cfg.btrfs_first_by_files = false;
     // The link breaks after ~4 MB of the first (full) stream: nothing is live yet.
     cfg.targets[0].addr = common::relay(s.server.addr.clone(), 4_000_000, false).await;
     let r = push_once(&cfg, &Metrics::default()).await.unwrap();
@@ -308,6 +313,7 @@ async fn a_cut_full_stream_resumes_where_it_stopped() {
         write(&s2.src(), &format!("d/f{i}"), &body);
     }
     let mut cfg2 = s2.cfg(1, "p");
+    cfg2.btrfs_first_by_files = false;
     cfg2.targets[0].addr = common::relay(s2.server.addr.clone(), 4_000_000, false).await;
     assert!(
         push_once(&cfg2, &Metrics::default()).await.unwrap().results[0]
@@ -331,6 +337,7 @@ async fn a_cut_full_stream_resumes_where_it_stopped() {
     )
     .await;
     let mut cfg3 = s2.cfg(1, "p3");
+    cfg3.btrfs_first_by_files = false;
     cfg3.targets = vec![plain.target()];
     cfg3.targets[0].addr = common::relay(plain.addr.clone(), 4_000_000, false).await;
     assert!(
@@ -352,5 +359,157 @@ async fn a_cut_full_stream_resumes_where_it_stopped() {
         .filter(|n| n.starts_with("btrfs-partial."))
         .collect();
     assert!(kept.is_empty(), "{kept:?}");
+    s.stop().await;
+}
+
+/// A field of `btrfs subvolume show`.
+fn show_field(path: &Path, key: &str) -> String {
+    let out = std::process::Command::new("btrfs")
+        .args(["subvolume", "show"])
+        .arg(path)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.lines()
+        .find_map(|l| l.trim().strip_prefix(&format!("{key}:")))
+        .map(|v| v.trim().to_string())
+        .unwrap_or_else(|| panic!("no {key} in {text}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_copy_by_files_resumes_after_a_cut_and_later_sends_are_incremental() {
+    let _serial = SERIAL.lock().await;
+    let s = Sides::new().await;
+    let mut rng = common::seeded(99);
+    for i in 0..8 {
+        write(
+            &s.src(),
+            &format!("d/f{i}"),
+            &common::random_bytes(&mut rng, 1_000_000),
+        );
+    }
+    write(&s.src(), "config.yml", b"a: 1\n");
+    let mut cfg = s.cfg(1, "p");
+    // Cut after ~4 MB of the first copy: nothing is live, and no received snapshot is left.
+    cfg.targets[0].addr = common::relay(s.server.addr.clone(), 4_000_000, false).await;
+    let r = push_once(&cfg, &Metrics::default()).await.unwrap();
+    assert!(r.results[0].1.is_err(), "the cut push must fail");
+    assert!(!s.live().exists());
+    let staging = s.standby.mount().join("data/.v.hearth-received");
+    assert!(!staging.exists() || hidden(&staging, "").is_empty());
+
+    // The volume changed meanwhile: a new snapshot, whose copy reuses what arrived.
+    write(&s.src(), "config.yml", b"a: 2\n");
+    cfg.targets[0].addr = s.server.addr.clone();
+    let r = push_once(&cfg, &Metrics::default()).await.unwrap();
+    let o = r.results[0].1.as_ref().unwrap().clone();
+    assert_eq!(o.kind, SyncKind::Full);
+    assert!(
+        o.bytes_sent < 6_000_000,
+        "the resumed copy sent {} of ~8 MB",
+        o.bytes_sent
+    );
+    same(&s.src(), &s.live());
+    assert!(!fs::metadata(s.live()).unwrap().permissions().readonly());
+    // Nothing of the copy's own bookkeeping is left beside the live path.
+    assert!(hidden(&s.standby.mount().join("data"), "hearth-first").is_empty());
+
+    // The copy is recorded exactly as `btrfs receive` records a full stream of the same
+    // snapshot: same received UUID, same send transid.
+    let snapdir = s.primary.mount().join(".vol.hearth-snapshots");
+    let names = hidden(&staging, "v.");
+    assert_eq!(names.len(), 1, "{names:?}");
+    let snap = snapdir.join(&names[0]);
+    let copy = staging.join(&names[0]);
+    assert_eq!(
+        show_field(&copy, "Received UUID"),
+        show_field(&snap, "UUID")
+    );
+    assert_eq!(show_field(&copy, "Flags"), "readonly");
+    let by_receive = s.standby.mount().join("by-receive");
+    fs::create_dir_all(&by_receive).unwrap();
+    let mut send = std::process::Command::new("btrfs")
+        .args(["send", "-q"])
+        .arg(&snap)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let got = std::process::Command::new("btrfs")
+        .args(["receive", "-q"])
+        .arg(&by_receive)
+        .stdin(send.stdout.take().unwrap())
+        .status()
+        .unwrap();
+    assert!(got.success() && send.wait().unwrap().success());
+    assert_eq!(
+        show_field(&copy, "Send transid"),
+        show_field(&by_receive.join(&names[0]), "Send transid")
+    );
+
+    // From here on, btrfs streams: incremental from the adopted copy.
+    write(&s.src(), "config.yml", b"a: 3\n");
+    let r = push_once(&cfg, &Metrics::default()).await.unwrap();
+    let o = r.results[0].1.as_ref().unwrap().clone();
+    assert_eq!(o.kind, SyncKind::Incremental, "{o:?}");
+    assert!(o.bytes_sent < 100_000, "sent {}", o.bytes_sent);
+    same(&s.src(), &s.live());
+    let v = verify(&cfg, &cfg.targets[0]).await.unwrap();
+    assert!(v.equal(), "{v:?}");
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_copy_by_files_is_refused_unless_the_standby_is_empty() {
+    use hearth_volume::net::NetError;
+    use hearth_volume::net::wire::{BtrfsFirst, Hello, PROTOCOL_VERSION, RefusalCode};
+    let _serial = SERIAL.lock().await;
+    let s = Sides::new().await;
+    let first = |name: &str| Hello {
+        protocol: PROTOCOL_VERSION,
+        volume: "v".into(),
+        epoch: 1,
+        sender: "raw".into(),
+        btrfs_first: Some(BtrfsFirst {
+            uuid: "0f0e0d0c-0b0a-0908-0706-050403020100".into(),
+            ctransid: 7,
+            name: name.into(),
+            history: Vec::new(),
+        }),
+    };
+    let refused = |r: Result<_, NetError>, needle: &str| match r {
+        Err(NetError::Refused(refusal)) => {
+            assert_eq!(refusal.code, RefusalCode::BadRequest, "{refusal:?}");
+            assert!(refusal.message.contains(needle), "{refusal:?}");
+        }
+        Err(e) => panic!("expected a refusal naming {needle:?}, got {e}"),
+        Ok(_) => panic!("expected a refusal naming {needle:?}"),
+    };
+    let target = s.server.target();
+    let t = Duration::from_secs(10);
+    // A name that is not one path component is refused before anything is created.
+    refused(
+        hearth_volume::primary::connect(&s.p_id, &target, first("../x"), t).await,
+        "not a snapshot name",
+    );
+    assert!(hidden(&s.standby.mount().join("data"), "hearth-first").is_empty());
+    // Something in the live path (a folder the service already wrote to).
+    write(&s.live(), "mine.txt", b"keep me");
+    refused(
+        hearth_volume::primary::connect(&s.p_id, &target, first("v.1"), t).await,
+        "exists",
+    );
+    // Once it is gone, the standby takes a first copy.
+    fs::remove_dir_all(s.live()).unwrap();
+    write(&s.src(), "a", b"one");
+    let r = push_once(&s.cfg(1, "p"), &Metrics::default())
+        .await
+        .unwrap();
+    assert_eq!(r.results[0].1.as_ref().unwrap().kind, SyncKind::Full);
+    same(&s.src(), &s.live());
+    // A standby that holds received snapshots takes no first copy either.
+    refused(
+        hearth_volume::primary::connect(&s.p_id, &target, first("v.2"), t).await,
+        "already holds received snapshots",
+    );
     s.stop().await;
 }

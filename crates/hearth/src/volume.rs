@@ -140,6 +140,11 @@ struct PushArgs {
     /// Copy files that never stop changing (busy logs) as last read instead of failing the push.
     #[arg(long)]
     include_unstable: bool,
+    /// btrfs backend: make the first copy for an empty standby with a full `btrfs send` stream,
+    /// as `btrfs receive` would, instead of by the files backend (which resumes a cut transfer
+    /// where it stopped and writes each byte once on the standby).
+    #[arg(long)]
+    btrfs_full_stream: bool,
     /// Seconds allowed to connect and for each answer.
     #[arg(long, default_value_t = 30)]
     timeout: u64,
@@ -414,6 +419,8 @@ fn push_config(p: &PushArgs) -> Result<PushConfig, Failure> {
             ..CaptureOptions::default()
         },
         sender,
+        btrfs_first_by_files: !p.btrfs_full_stream,
+        btrfs_first: None,
     })
 }
 
@@ -547,6 +554,8 @@ async fn verify_cmd(
         timeout: Duration::from_secs(60),
         capture: CaptureOptions::default(),
         sender: "verify".into(),
+        btrfs_first_by_files: true,
+        btrfs_first: None,
     };
     let mut all_equal = true;
     for t in &cfg.targets {

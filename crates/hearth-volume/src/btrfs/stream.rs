@@ -129,6 +129,72 @@ pub fn send(snapshot: &SubvolInfo, parent: Option<&SubvolInfo>) -> Result<SendSt
     })
 }
 
+/// `BTRFS_SEND_C_SUBVOL`, the first command of a full stream.
+const CMD_SUBVOL: u16 = 1;
+/// `BTRFS_SEND_A_CTRANSID`, a `u64` attribute.
+const ATTR_CTRANSID: u16 = 2;
+
+/// The `ctransid` a full stream of `snapshot` carries in its first command: what `btrfs receive`
+/// records as the received copy's `stransid` (`btrfs subvolume show` does not print it for the
+/// sending side). Reads only the stream's first command (`btrfs send --no-data`, stopped there).
+pub async fn stream_ctransid(snapshot: &SubvolInfo) -> Result<u64, BtrfsError> {
+    let args: [&std::ffi::OsStr; 3] = [
+        "send".as_ref(),
+        "--no-data".as_ref(),
+        snapshot.path.as_os_str(),
+    ];
+    let command = tool::command_line(&args);
+    let bad = |reason: String| BtrfsError::Parse {
+        command: command.clone(),
+        reason,
+    };
+    let (mut child, mut stderr) = spawn(&args, Stdio::null(), Stdio::piped())?;
+    let mut out = child
+        .stdout
+        .take()
+        .ok_or_else(|| bad("the process has no standard output".into()))?;
+    let mut head = [0u8; STREAM_HEADER_LEN + CMD_HEADER_LEN];
+    if let Err(e) = out.read_exact(&mut head).await {
+        let _ = child.wait().await;
+        return Err(bad(format!(
+            "the stream ended before its first command ({e}): {}",
+            stderr.text()
+        )));
+    }
+    if &head[..STREAM_MAGIC.len()] != STREAM_MAGIC {
+        return Err(bad("the stream does not start with the btrfs magic".into()));
+    }
+    let h = &head[STREAM_HEADER_LEN..];
+    let len = u32::from_le_bytes([h[0], h[1], h[2], h[3]]) as usize;
+    let cmd = u16::from_le_bytes([h[4], h[5]]);
+    if cmd != CMD_SUBVOL || len > 64 << 10 {
+        return Err(bad(format!(
+            "the first command is {cmd} of {len} bytes, not a subvolume header"
+        )));
+    }
+    let mut body = vec![0u8; len];
+    out.read_exact(&mut body)
+        .await
+        .map_err(|e| bad(format!("the first command is cut ({e})")))?;
+    // The rest of the stream is not needed: the process is killed when `child` is dropped.
+    let mut at = 0;
+    while at + 4 <= body.len() {
+        let kind = u16::from_le_bytes([body[at], body[at + 1]]);
+        let n = u16::from_le_bytes([body[at + 2], body[at + 3]]) as usize;
+        let value = body
+            .get(at + 4..at + 4 + n)
+            .ok_or_else(|| bad("an attribute runs past its command".into()))?;
+        if kind == ATTR_CTRANSID {
+            let bytes: [u8; 8] = value
+                .try_into()
+                .map_err(|_| bad(format!("the ctransid has {n} bytes, not 8")))?;
+            return Ok(u64::from_le_bytes(bytes));
+        }
+        at += 4 + n;
+    }
+    Err(bad("the subvolume header has no ctransid".into()))
+}
+
 impl SendStream {
     /// Waits for `btrfs send` to exit and turns a failure into [`BtrfsError::Command`] with its stderr.
     /// Call it after reading the stream to its end: the stream's pipe is closed first, so a sender that

@@ -381,6 +381,91 @@ pub fn set_readonly(path: &Path) -> Result<(), BtrfsError> {
     .map(|_| ())
 }
 
+/// Creates an empty subvolume at `path` (`btrfs subvolume create`); its parent folder must exist.
+pub fn create_subvolume(path: &Path) -> Result<(), BtrfsError> {
+    run(&["subvolume".as_ref(), "create".as_ref(), path.as_os_str()]).map(|_| ())
+}
+
+/// The argument of `BTRFS_IOC_SET_RECEIVED_SUBVOL` (`struct btrfs_ioctl_received_subvol_args` of
+/// the kernel's `include/uapi/linux/btrfs.h`, 200 bytes on 64-bit Linux).
+#[repr(C)]
+struct ReceivedSubvolArgs {
+    uuid: [u8; 16],
+    stransid: u64,
+    rtransid: u64,
+    stime: IoctlTimespec,
+    rtime: IoctlTimespec,
+    flags: u64,
+    reserved: [u64; 16],
+}
+
+/// `struct btrfs_ioctl_timespec`: seconds and nanoseconds, padded to 16 bytes.
+#[repr(C)]
+struct IoctlTimespec {
+    sec: u64,
+    nsec: u32,
+}
+
+// The layout is the kernel's ABI: a mismatch would make the ioctl number (which encodes the size)
+// unknown to the kernel, so this check keeps a wrong struct from compiling at all.
+const _: () = assert!(std::mem::size_of::<ReceivedSubvolArgs>() == 200);
+
+const SET_RECEIVED_SUBVOL: rustix::ioctl::Opcode =
+    rustix::ioctl::opcode::read_write::<ReceivedSubvolArgs>(0x94, 37);
+
+/// Records on the writable subvolume at `path` that it is the received copy of the snapshot
+/// `uuid` whose stream carried `stransid`, as `btrfs receive` does when a stream ends; then makes
+/// it read-only. Afterwards `btrfs receive` finds it as the parent of incremental streams of that
+/// snapshot, exactly like a subvolume it received itself.
+///
+/// This is the one ioctl hearth calls directly, and the one place with `unsafe` code in this
+/// crate: btrfs-progs has no command that sets a received UUID (only `receive` does, at the end of
+/// a stream), and hearth's first copy of a btrfs volume is written by the files backend, which
+/// resumes where it stopped and writes each byte once, instead of by `btrfs receive`.
+pub fn set_received(path: &Path, uuid: &str, stransid: u64) -> Result<(), BtrfsError> {
+    require_subvolume(path)?;
+    let parsed = parse_uuid(uuid).ok_or_else(|| BtrfsError::InvalidName {
+        name: uuid.to_string(),
+        reason: "not a UUID",
+    })?;
+    let dir = fs::File::open(path).map_err(|e| BtrfsError::io("opening", path, e))?;
+    let mut args = ReceivedSubvolArgs {
+        uuid: parsed,
+        stransid,
+        rtransid: 0,
+        stime: IoctlTimespec { sec: 0, nsec: 0 },
+        rtime: IoctlTimespec { sec: 0, nsec: 0 },
+        flags: 0,
+        reserved: [0; 16],
+    };
+    // SAFETY: `args` has the layout of the kernel's struct (checked by size above, field by field
+    // from the uapi header), lives across the call, and the opcode encodes read-write access to
+    // exactly that many bytes; the kernel writes only `rtransid` and `rtime` back.
+    #[allow(unsafe_code)]
+    let done = unsafe {
+        rustix::ioctl::ioctl(
+            &dir,
+            rustix::ioctl::Updater::<SET_RECEIVED_SUBVOL, ReceivedSubvolArgs>::new(&mut args),
+        )
+    };
+    done.map_err(|e| BtrfsError::io("recording the received UUID of", path, e.into()))?;
+    set_readonly(path)
+}
+
+/// The 16 bytes of a UUID written as btrfs prints it.
+fn parse_uuid(s: &str) -> Option<[u8; 16]> {
+    if !is_uuid(s) {
+        return None;
+    }
+    let hex: Vec<u8> = s.bytes().filter(|b| *b != b'-').collect();
+    let mut out = [0u8; 16];
+    for (i, pair) in hex.chunks(2).enumerate() {
+        let text = std::str::from_utf8(pair).ok()?;
+        out[i] = u8::from_str_radix(text, 16).ok()?;
+    }
+    Some(out)
+}
+
 /// Commits the filesystem's current transaction (`btrfs filesystem sync`), so generation numbers reflect
 /// every write made so far.
 pub fn sync_filesystem(path: &Path) -> Result<(), BtrfsError> {

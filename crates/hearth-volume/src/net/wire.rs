@@ -13,7 +13,7 @@ use crate::manifest::{ChunkId, TreeHash};
 
 /// The protocol version this build speaks. Both sides send theirs first; a mismatch is refused
 /// with a message naming both.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// The largest frame either side accepts. Chunks are at most 256 KiB and manifests travel in
 /// parts of [`MANIFEST_PART`], so a bigger frame can only be a broken or hostile peer.
@@ -89,6 +89,10 @@ pub enum Request {
     /// Nothing to do: sent while the primary is still capturing (walking a large tree without
     /// file data to stream) so that the standby does not take the silence for a dead link.
     Ping,
+    /// btrfs backend, after the files backend applied the first copy of a snapshot
+    /// ([`Hello::btrfs_first`]): make that copy the received snapshot it equals, so that the
+    /// next sends are incremental from it. Answered with [`Response::BtrfsApplied`].
+    BtrfsAdopt,
 }
 
 /// A btrfs snapshot on offer.
@@ -117,6 +121,26 @@ pub struct Hello {
     pub epoch: u64,
     /// The sender's host name, for logs and status.
     pub sender: String,
+    /// btrfs backend: this connection carries the first copy of this snapshot by the files
+    /// backend (resumable, and written once), into a subvolume the standby then adopts as the
+    /// snapshot's received copy ([`Request::BtrfsAdopt`]). Only for a standby that holds nothing
+    /// of the volume.
+    pub btrfs_first: Option<BtrfsFirst>,
+}
+
+/// A primary snapshot whose first copy goes by the files backend; what `btrfs receive` would
+/// have recorded from its full stream.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BtrfsFirst {
+    /// The snapshot's UUID: the received UUID of the standby's copy.
+    pub uuid: String,
+    /// The transaction that last changed the snapshot (its `ctransid`, the stream's), recorded
+    /// as the copy's `stransid`.
+    pub ctransid: u64,
+    /// The snapshot's name: the standby's copy gets the same one.
+    pub name: String,
+    /// Every snapshot the primary holds, as in [`BtrfsOffer::history`].
+    pub history: Vec<String>,
 }
 
 /// A new tree on offer.
@@ -202,6 +226,10 @@ pub struct Welcome {
     /// ([`Request::FileBegin`]); otherwise it offers the tree first, so that what the standby
     /// holds is not sent again.
     pub fresh: bool,
+    /// The volume's folder is on btrfs and the standby holds nothing of it: no received
+    /// snapshot, and nothing at its live path. The primary may then
+    /// make the first copy by the files backend ([`Hello::btrfs_first`]).
+    pub btrfs_empty: bool,
 }
 
 /// A tree a standby holds.
@@ -361,6 +389,7 @@ mod tests {
                 volume: "gitea".into(),
                 epoch: 3,
                 sender: "node1".into(),
+                btrfs_first: None,
             }),
             Request::Chunk {
                 id: ChunkId::of(b"abc"),
