@@ -612,6 +612,8 @@ async fn first_copies(
         history: history.to_vec(),
     });
     let dirs = VolumeDirs::new(&first_copy_state(&cfg.state_dir), &cfg.volume);
+    // Under the volume's own lock already; this one also makes the folder.
+    let _lock = crate::primary::lock_for_push(&dirs)?;
     // The push of the btrfs volume records and counts these syncs; the files backend's own
     // records of them would count each twice.
     let report = crate::primary::push_files(&files, &Metrics::default(), &dirs).await?;

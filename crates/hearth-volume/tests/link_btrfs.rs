@@ -411,6 +411,13 @@ async fn a_first_copy_by_files_resumes_after_a_cut_and_later_sends_are_increment
     );
     same(&s.src(), &s.live());
     assert!(!fs::metadata(s.live()).unwrap().permissions().readonly());
+    // The files backend's state of first copies is kept apart from the btrfs backend's.
+    assert!(
+        s.state
+            .path()
+            .join("p/btrfs-first-copy/v/capture.cache")
+            .exists()
+    );
     // Nothing of the copy's own bookkeeping is left beside the live path.
     assert!(hidden(&s.standby.mount().join("data"), "hearth-first").is_empty());
 
