@@ -335,10 +335,6 @@ pub enum Build {
     InPlaceWhenSmall,
     /// Always built whole beside the live tree and switched in (`serve --no-in-place`).
     Whole,
-    /// Built whole as a new btrfs subvolume: the first copy of a btrfs volume, which the standby
-    /// then adopts as a received snapshot (see `link_btrfs`). The live path's folder must be on
-    /// btrfs.
-    Subvolume,
 }
 
 /// Why the live tree must be kept aside at the switch even if it is unchanged (the standby
@@ -524,12 +520,7 @@ fn apply_inner(
         return Ok((report, pruned));
     }
     File::create(&marker).ctx("creating", &marker)?;
-    match how {
-        Build::Subvolume => crate::btrfs::create_subvolume(&staging).map_err(VolumeError::Btrfs)?,
-        Build::InPlaceWhenSmall | Build::Whole => {
-            fs::create_dir(&staging).ctx("creating", &staging)?
-        }
-    }
+    fs::create_dir(&staging).ctx("creating", &staging)?;
     sync_dir(&names.parent)?;
 
     phases.mark("check live");
@@ -1185,7 +1176,8 @@ fn build_file(
     };
     let received = claimed.is_some();
     if let (Some(from), Some(m)) = (claimed, incoming) {
-        crate::incoming::move_file(&from, path).ctx("moving a received file to", path)?;
+        rustix::fs::renameat_with(CWD, &from, CWD, path, RenameFlags::NOREPLACE)
+            .ctx("moving a received file to", path)?;
         lock(m)?.relocate(chunks, &from, path);
         report.bytes += chunks.iter().map(|c| u64::from(c.len)).sum::<u64>();
     } else if let Some(l) = live_files.filter(|l| l.prefers_links()) {

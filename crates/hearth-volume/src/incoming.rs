@@ -203,7 +203,8 @@ impl Incoming {
         let Some(from) = self.claim(path, chunks) else {
             return Ok(false);
         };
-        move_file(&from, dest).ctx("moving a received file to", dest)?;
+        rustix::fs::renameat_with(CWD, &from, CWD, dest, RenameFlags::NOREPLACE)
+            .ctx("moving a received file to", dest)?;
         self.relocate(chunks, &from, dest);
         Ok(true)
     }
@@ -256,28 +257,6 @@ impl Incoming {
             Err(e) => Err(VolumeError::io("removing", &self.dir, e)),
         }
     }
-}
-
-/// Moves the received file `from` to `to`, which must not exist. A rename where it can be one;
-/// across btrfs subvolumes (the first copy of a btrfs volume is built in a subvolume of its own,
-/// see `link_btrfs`) a rename fails with `EXDEV`, and the file is cloned instead (which shares
-/// its extents, so no data is written again) or, where cloning is not possible, copied; then
-/// `from` is removed.
-pub(crate) fn move_file(from: &Path, to: &Path) -> io::Result<()> {
-    match rustix::fs::renameat_with(CWD, from, CWD, to, RenameFlags::NOREPLACE) {
-        Err(rustix::io::Errno::XDEV) => {}
-        other => return other.map_err(io::Error::from),
-    }
-    let mut src = File::open(from)?;
-    let mut dst = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(to)?;
-    if rustix::fs::ioctl_ficlone(&dst, &src).is_err() {
-        io::copy(&mut src, &mut dst)?;
-    }
-    fs::remove_file(from)
 }
 
 #[cfg(test)]

@@ -137,19 +137,31 @@ pub fn decide_btrfs_live(
     }
 }
 
-/// Where the first copy of the btrfs volume at `live` is built by the files backend when the
-/// primary sends it that way ([`wire::Hello::btrfs_first`]): `.<name>.hearth-first/tree`, beside
-/// `live` (the same filesystem, so the finished copy can be moved among the received snapshots).
-/// The copy's own hidden companions (files received ahead of their manifest, its manifest) are
-/// in the same folder.
+/// The subvolume beside the btrfs volume at `live` in which its first copy is made when the
+/// primary sends it by the files backend ([`wire::Hello::btrfs_first`]): `.<name>.hearth-first`.
+/// The files backend treats `tree` inside it as its live path, so the copy, the files received
+/// ahead of their manifest and the build folder are all in one subvolume and every file reaches
+/// its place by a rename; [`adopt_first_copy`] then turns the subvolume itself into the copy.
+fn first_copy_subvolume(live: &Path) -> PathBuf {
+    hidden(live, "hearth-first")
+}
+
+/// Present while [`adopt_first_copy`] reshapes the first-copy subvolume: if it is found, the
+/// subvolume is in an unknown state and is deleted (it holds only hearth's copy of the primary's
+/// data, never the standby's own).
+fn adopting_marker(live: &Path) -> PathBuf {
+    hidden(live, "hearth-first.adopting")
+}
+
+/// Where the files backend builds the first copy of `live` (see [`first_copy_subvolume`]).
 pub fn first_copy_path(live: &Path) -> PathBuf {
-    hidden(live, "hearth-first").join("tree")
+    first_copy_subvolume(live).join("tree")
 }
 
 /// Whether a first copy by the files backend may be made for `live`, the standby's path of a
 /// btrfs volume: its folder is on btrfs, nothing is at `live`, and no received snapshot of the
-/// volume is held. `Ok(Err(reason))` when not; otherwise the copy's folder is
-/// created and its path returned.
+/// volume is held. `Ok(Err(reason))` when not; otherwise the first-copy subvolume is made (or
+/// kept, with what an interrupted copy left in it) and the copy's path returned.
 pub fn prepare_first_copy(
     live: &Path,
     first: &wire::BtrfsFirst,
@@ -177,10 +189,25 @@ pub fn prepare_first_copy(
             live.display()
         )));
     }
-    let tree = first_copy_path(live);
-    let dir = tree.parent().unwrap_or(Path::new("/")).to_owned();
-    std::fs::create_dir_all(&dir).map_err(|e| VolumeError::io("creating", &dir, e))?;
-    Ok(Ok(tree))
+    let sub = first_copy_subvolume(live);
+    let marker = adopting_marker(live);
+    if marker.exists() {
+        if btrfs::is_subvolume(&sub).unwrap_or(false) {
+            btrfs::delete_subvolume(&sub).map_err(VolumeError::Btrfs)?;
+            tracing::info!(path = %sub.display(), "deleted a first copy whose adoption was interrupted");
+        }
+        std::fs::remove_file(&marker).map_err(|e| VolumeError::io("removing", &marker, e))?;
+    }
+    if !btrfs::is_subvolume(&sub).unwrap_or(false) {
+        if std::fs::symlink_metadata(&sub).is_ok() {
+            return Ok(Err(format!(
+                "{} exists and is not a btrfs subvolume; move it away",
+                sub.display()
+            )));
+        }
+        btrfs::create_subvolume(&sub).map_err(VolumeError::Btrfs)?;
+    }
+    Ok(Ok(first_copy_path(live)))
 }
 
 /// Whether nothing is at `live` (the btrfs backend's live path must be a subvolume it made, so
@@ -193,36 +220,100 @@ pub fn live_is_missing(live: &Path) -> Result<bool, VolumeError> {
     }
 }
 
-/// Makes the finished first copy of `live` ([`first_copy_path`], a subvolume the files backend
-/// built and checked against the manifest of `first`'s snapshot) the received copy of that
-/// snapshot: moved among the received snapshots under the snapshot's name, given its received
-/// UUID and `stransid`, and made read-only, as `btrfs receive` would have left it. A crash
-/// before the last step leaves a writable subvolume there, which [`standby_received`] removes
-/// like any partial receive (the next push copies again). Returns the received snapshot.
-pub fn adopt_first_copy(live: &Path, first: &wire::BtrfsFirst) -> Result<SubvolInfo, VolumeError> {
+/// Makes the finished first copy of `live` (the files backend's tree in the first-copy
+/// subvolume, whose applied manifest must hash to `tree_hash`) the received copy of `first`'s
+/// snapshot, as `btrfs receive` would have left it:
+///
+/// 1. the subvolume's other contents (the copy's manifest and stamps) are removed, and the
+///    tree's top-level entries move up to the subvolume's root (renames within the subvolume),
+///    which then takes the tree root's owner, mode, extended attributes and times;
+/// 2. the subvolume moves among the received snapshots under the snapshot's name, gets its
+///    received UUID and `stransid`, and becomes read-only.
+///
+/// A crash in step 1 leaves the marker [`adopting_marker`], and the next first copy deletes the
+/// subvolume and starts over; one in step 2 leaves a writable subvolume among the received
+/// snapshots, which [`standby_received`] removes like a partial receive. Returns the received
+/// snapshot.
+pub fn adopt_first_copy(
+    live: &Path,
+    first: &wire::BtrfsFirst,
+    tree_hash: crate::manifest::TreeHash,
+) -> Result<SubvolInfo, VolumeError> {
+    let sub = first_copy_subvolume(live);
     let tree = first_copy_path(live);
-    if !btrfs::is_subvolume(&tree).map_err(VolumeError::Btrfs)? {
-        return Err(VolumeError::BadTarget {
-            path: tree,
-            reason: "the first copy is not a btrfs subvolume".into(),
-        });
+    let root = match crate::apply::read_live_manifest_hashed(&tree)? {
+        Some((m, h)) if h == tree_hash => m
+            .entries
+            .iter()
+            .find(|e| e.path.is_empty())
+            .cloned()
+            .ok_or_else(|| VolumeError::BadTarget {
+                path: tree.clone(),
+                reason: "the first copy's manifest has no root entry".into(),
+            })?,
+        _ => {
+            return Err(VolumeError::BadTarget {
+                path: tree,
+                reason: "the first copy is not the tree applied on this connection".into(),
+            });
+        }
+    };
+    let marker = adopting_marker(live);
+    crate::durable::write_atomic(&marker, b"", 0o600, crate::durable::Existing::Replace)
+        .map_err(|e| VolumeError::io("writing", &marker, e))?;
+    let list = |dir: &Path| -> Result<Vec<std::ffi::OsString>, VolumeError> {
+        std::fs::read_dir(dir)
+            .and_then(|it| it.map(|e| e.map(|e| e.file_name())).collect())
+            .map_err(|e| VolumeError::io("listing", dir, e))
+    };
+    for name in list(&sub)? {
+        if name == "tree" {
+            continue;
+        }
+        let path = sub.join(&name);
+        let gone = match std::fs::symlink_metadata(&path) {
+            Ok(md) if md.is_dir() => std::fs::remove_dir_all(&path),
+            _ => std::fs::remove_file(&path),
+        };
+        gone.map_err(|e| VolumeError::io("removing", &path, e))?;
     }
+    // The tree may hold a top-level entry named `tree`: it moves under a name it does not hold.
+    let names = list(&tree)?;
+    let mut n = 0u32;
+    let holder = loop {
+        let candidate = format!(".hearth-first-root.{n}");
+        if !names.iter().any(|x| *x == *candidate) {
+            break sub.join(candidate);
+        }
+        n += 1;
+    };
+    std::fs::rename(&tree, &holder).map_err(|e| VolumeError::io("renaming", &tree, e))?;
+    for name in &names {
+        let (from, to) = (holder.join(name), sub.join(name));
+        rustix::fs::renameat_with(
+            rustix::fs::CWD,
+            &from,
+            rustix::fs::CWD,
+            &to,
+            rustix::fs::RenameFlags::NOREPLACE,
+        )
+        .map_err(|e| VolumeError::io("moving up", &from, e.into()))?;
+    }
+    std::fs::remove_dir(&holder).map_err(|e| VolumeError::io("removing", &holder, e))?;
+    crate::apply::set_path_meta(&sub, &root, false)?;
     let staging = staging_dir(live);
     std::fs::create_dir_all(&staging).map_err(|e| VolumeError::io("creating", &staging, e))?;
     let dest = staging.join(&first.name);
     rustix::fs::renameat_with(
         rustix::fs::CWD,
-        &tree,
+        &sub,
         rustix::fs::CWD,
         &dest,
         rustix::fs::RenameFlags::NOREPLACE,
     )
     .map_err(|e| VolumeError::io("moving the first copy to", &dest, e.into()))?;
+    std::fs::remove_file(&marker).map_err(|e| VolumeError::io("removing", &marker, e))?;
     btrfs::set_received(&dest, &first.uuid, first.ctransid).map_err(VolumeError::Btrfs)?;
-    // What is left beside the copy (its manifest and stamps) described a tree that is now a
-    // received snapshot, tracked like any other.
-    let dir = hidden(live, "hearth-first");
-    std::fs::remove_dir_all(&dir).map_err(|e| VolumeError::io("removing", &dir, e))?;
     btrfs::subvolume_info(&dest).map_err(VolumeError::Btrfs)
 }
 

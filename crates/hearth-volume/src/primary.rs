@@ -786,10 +786,14 @@ async fn sync_on(
     let cfg = &ctx.cfg;
     // The same tree, unless the standby saw its copy changed by someone else: then the tree is
     // offered again, and the standby keeps its changed copy aside and restores this one.
-    if welcome
-        .live
-        .as_ref()
-        .is_some_and(|l| l.tree_hash == ctx.tree_hash && !l.changed)
+    // A first copy of a btrfs volume that arrived whole but was not adopted (the link broke
+    // in between) is offered again all the same: the apply finds it unchanged, and the adoption
+    // follows.
+    if cfg.btrfs_first.is_none()
+        && welcome
+            .live
+            .as_ref()
+            .is_some_and(|l| l.tree_hash == ctx.tree_hash && !l.changed)
     {
         link.send(&Request::Done).await?;
         return Ok(SyncOutcome {

@@ -854,10 +854,9 @@ impl Session {
         };
         let aside_reason = set_aside.as_ref().map(|a| a.reason.clone());
         let keep = self.shared.config.keep;
-        let how = match (&self.first, self.shared.config.in_place) {
-            (Some(_), _) => crate::apply::Build::Subvolume,
-            (None, true) => crate::apply::Build::InPlaceWhenSmall,
-            (None, false) => crate::apply::Build::Whole,
+        let how = match self.shared.config.in_place && self.first.is_none() {
+            true => crate::apply::Build::InPlaceWhenSmall,
+            false => crate::apply::Build::Whole,
         };
         let watched = self.first.is_none();
         let applied = {
@@ -1126,22 +1125,8 @@ impl Session {
             )));
         };
         let received = {
-            let (tree, l, f) = (self.live.clone(), live.clone(), first.clone());
-            blocking(move || {
-                // The copy must still be the tree just applied.
-                match read_live_manifest_hashed(&tree)? {
-                    Some((_, h)) if h == tree_hash => {}
-                    _ => {
-                        return Err(VolumeError::BadTarget {
-                            path: tree,
-                            reason: "the first copy is not the tree applied on this connection"
-                                .into(),
-                        });
-                    }
-                }
-                crate::link_btrfs::adopt_first_copy(&l, &f)
-            })
-            .await?
+            let (l, f) = (live.clone(), first.clone());
+            blocking(move || crate::link_btrfs::adopt_first_copy(&l, &f, tree_hash)).await?
         };
         tracing::info!(volume = %self.hello.volume, snapshot = %first.uuid, path = %received.path.display(), "the first copy is now the snapshot's received copy");
         let action = {

@@ -389,6 +389,18 @@ async fn a_first_copy_by_files_resumes_after_a_cut_and_later_sends_are_increment
         );
     }
     write(&s.src(), "config.yml", b"a: 1\n");
+    // Top-level names the adoption itself uses for a moment, and a root with its own metadata.
+    write(&s.src(), "tree/inner", b"a folder named like the copy's");
+    write(
+        &s.src(),
+        ".hearth-first-root.0",
+        b"and a file named like its holder",
+    );
+    {
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(s.src(), fs::Permissions::from_mode(0o750)).unwrap();
+        xattr::set(s.src(), "user.hearth", b"root").unwrap();
+    }
     let mut cfg = s.cfg(1, "p");
     // Cut after ~4 MB of the first copy: nothing is live, and no received snapshot is left.
     cfg.targets[0].addr = common::relay(s.server.addr.clone(), 4_000_000, false).await;
@@ -410,7 +422,19 @@ async fn a_first_copy_by_files_resumes_after_a_cut_and_later_sends_are_increment
         o.bytes_sent
     );
     same(&s.src(), &s.live());
-    assert!(!fs::metadata(s.live()).unwrap().permissions().readonly());
+    {
+        use std::os::unix::fs::MetadataExt;
+        let (a, b) = (
+            fs::metadata(s.src()).unwrap(),
+            fs::metadata(s.live()).unwrap(),
+        );
+        assert_eq!(a.mode(), b.mode());
+        assert_eq!((a.mtime(), a.mtime_nsec()), (b.mtime(), b.mtime_nsec()));
+        assert_eq!(
+            xattr::get(s.live(), "user.hearth").unwrap().as_deref(),
+            Some(&b"root"[..])
+        );
+    }
     // The files backend's state of first copies is kept apart from the btrfs backend's.
     assert!(
         s.state
