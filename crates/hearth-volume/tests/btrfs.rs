@@ -774,3 +774,29 @@ async fn interrupted_switch_is_settled_by_the_next_one() {
     assert!(matches!(report.replaced, Some(Replaced::Deleted { .. })));
     assert_same_tree(&s4.path, &pair.live());
 }
+
+#[tokio::test]
+async fn the_kernel_facts_equal_what_subvolume_show_prints() {
+    let _guard = ROOT.lock().await;
+    let pair = Pair::new();
+    write_tree(&pair.vol(), 7, 5, 1 << 12);
+    let s1 = pair.snapshot("s1");
+    let full = stream_of(&s1, None).await;
+    let r1 = btrfs::receive(&pair.staging(), &full[..]).await.unwrap();
+    btrfs::switch_live(&r1, &pair.live(), "app.diverged-1").unwrap();
+    // A plain subvolume, a read-only snapshot, a received snapshot and a writable snapshot of it.
+    for path in [pair.vol(), s1.path.clone(), r1.path.clone(), pair.live()] {
+        let by_ioctl = btrfs::subvolume_info(&path).unwrap();
+        let by_show = btrfs::subvolume_show(&path).unwrap();
+        assert!(by_ioctl.fs_path.is_none() && by_show.fs_path.is_some());
+        // `show` prints the creation time in local time; the ioctl's is formatted in UTC.
+        assert!(by_ioctl.created.is_some(), "{by_ioctl:?}");
+        let plain = |i: SubvolInfo| SubvolInfo {
+            fs_path: None,
+            created: None,
+            ..i
+        };
+        assert_eq!(plain(by_ioctl), plain(by_show), "{}", path.display());
+    }
+    assert!(btrfs::subvolume_info(&pair.primary.mount().join("snaps")).is_err());
+}

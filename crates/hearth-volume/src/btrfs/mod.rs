@@ -30,6 +30,6 @@ pub use stream::{
 pub use tool::{
     SpaceUse, SubvolInfo, check_no_nested, create_subvolume, delete_subvolume, exclusive_bytes,
     is_subvolume, list_snapshots, nested_subvolumes, set_readonly, set_received, subvolume_info,
-    sync_filesystem, take_snapshot,
+    subvolume_show, sync_filesystem, take_snapshot,
 };
 pub(crate) use tool::{check_name, is_uuid};

@@ -192,7 +192,7 @@ mod tests {
             id: 256 + u64::from(n),
             readonly,
             created: None,
-            fs_path: format!("snaps/s{n}"),
+            fs_path: Some(format!("snaps/s{n}")),
         }
     }
 

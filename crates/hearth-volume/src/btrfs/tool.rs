@@ -3,10 +3,16 @@
 //!
 //! hearth drives btrfs through the `btrfs` program of btrfs-progs rather than through its ioctls: btrfs-progs
 //! is the well-kept reference implementation (it is what every btrfs user already runs, and its send and
-//! receive carry years of fixes for stream versions, clones and edge cases), while the ioctls would need
-//! `unsafe` code and hand-kept struct layouts, which this workspace forbids. The price is parsing text
-//! meant for people, so every parser here checks the shape of what it reads and returns
-//! [`BtrfsError::Parse`] instead of guessing. Commands run with `LC_ALL=C` so messages stay in English.
+//! receive carry years of fixes for stream versions, clones and edge cases), while the ioctls need `unsafe`
+//! code and hand-kept struct layouts. The price is parsing text meant for people, so every parser here
+//! checks the shape of what it reads and returns [`BtrfsError::Parse`] instead of guessing. Commands run
+//! with `LC_ALL=C` so messages stay in English.
+//!
+//! Two ioctls are called directly, each with its reason at [`subvolume_info`] (on the path of every
+//! push, where a process per snapshot cost more than the whole `btrfs send | receive` of an empty
+//! difference) and [`set_received`] (no command does it); their structs are checked against the kernel's
+//! sizes at compile time and their results against `btrfs subvolume show` and `btrfs receive` in tests.
+//! They are this crate's only `unsafe` code.
 
 use std::ffi::OsStr;
 use std::fs;
@@ -51,8 +57,10 @@ pub struct SubvolInfo {
     pub readonly: bool,
     /// Its creation time as btrfs prints it (`2026-11-23 22:33:54 +0000`), when known.
     pub created: Option<String>,
-    /// Its path relative to the filesystem's top-level subvolume (empty for the top level itself).
-    pub fs_path: String,
+    /// Its path relative to the filesystem's top-level subvolume (empty for the top level itself),
+    /// when read by `btrfs subvolume show` ([`subvolume_show`]); the ioctl behind
+    /// [`subvolume_info`] does not give it.
+    pub fs_path: Option<String>,
 }
 
 impl SubvolInfo {
@@ -140,8 +148,103 @@ fn require_subvolume(path: &Path) -> Result<(), BtrfsError> {
     }
 }
 
-/// The facts about the subvolume at `path` (`btrfs subvolume show`).
+/// `struct btrfs_ioctl_get_subvol_info_args` of the kernel's `include/uapi/linux/btrfs.h`
+/// (504 bytes), the answer of `BTRFS_IOC_GET_SUBVOL_INFO`.
+#[repr(C)]
+struct GetSubvolInfoArgs {
+    treeid: u64,
+    name: [u8; 256],
+    parent_id: u64,
+    dirid: u64,
+    generation: u64,
+    flags: u64,
+    uuid: [u8; 16],
+    parent_uuid: [u8; 16],
+    received_uuid: [u8; 16],
+    ctransid: u64,
+    otransid: u64,
+    stransid: u64,
+    rtransid: u64,
+    ctime: IoctlTimespec,
+    otime: IoctlTimespec,
+    stime: IoctlTimespec,
+    rtime: IoctlTimespec,
+    reserved: [u64; 8],
+}
+
+// As for `ReceivedSubvolArgs`: the size is part of the ioctl number, so a wrong layout would not
+// even reach the kernel; this check keeps it from compiling.
+const _: () = assert!(std::mem::size_of::<GetSubvolInfoArgs>() == 504);
+
+const GET_SUBVOL_INFO: rustix::ioctl::Opcode =
+    rustix::ioctl::opcode::read::<GetSubvolInfoArgs>(0x94, 60);
+
+/// `BTRFS_ROOT_SUBVOL_RDONLY`: the root item's flag that [`GetSubvolInfoArgs::flags`] carries
+/// (not `BTRFS_SUBVOL_RDONLY`, bit 1, of the older subvolume ioctls).
+const SUBVOL_RDONLY: u64 = 1 << 0;
+
+/// The facts about the subvolume at `path`, from the kernel (`BTRFS_IOC_GET_SUBVOL_INFO`, Linux
+/// 4.18 or later, no privileges needed), without [`SubvolInfo::fs_path`].
+///
+/// An ioctl rather than `btrfs subvolume show` because this is on the path of every push and
+/// every standby's greeting, once per snapshot: each `btrfs` process costs 1-2 ms warm and ~12 ms
+/// when its pages are not cached, which made a btrfs push with nothing new 1.5 times slower than
+/// `btrfs send | receive` of an empty difference. The fields are the ones `show` prints
+/// (`crates/hearth-volume/tests/btrfs.rs` compares the two).
 pub fn subvolume_info(path: &Path) -> Result<SubvolInfo, BtrfsError> {
+    require_subvolume(path)?;
+    let dir = fs::File::open(path).map_err(|e| BtrfsError::io("opening", path, e))?;
+    // SAFETY: the opcode reads exactly `size_of::<GetSubvolInfoArgs>()` bytes (checked above
+    // against the kernel's struct), which the kernel fills in whole on success.
+    #[allow(unsafe_code)]
+    let got = unsafe {
+        rustix::ioctl::ioctl(
+            &dir,
+            rustix::ioctl::Getter::<GET_SUBVOL_INFO, GetSubvolInfoArgs>::new(),
+        )
+    };
+    let a = got.map_err(|e| BtrfsError::io("reading subvolume facts of", path, e.into()))?;
+    let uuid = |b: &[u8; 16]| -> Option<String> {
+        if b.iter().all(|x| *x == 0) {
+            return None;
+        }
+        let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
+        Some(format!(
+            "{}-{}-{}-{}-{}",
+            &h[..8],
+            &h[8..12],
+            &h[12..16],
+            &h[16..20],
+            &h[20..]
+        ))
+    };
+    let name_len = a.name.iter().position(|b| *b == 0).unwrap_or(a.name.len());
+    let created = i64::try_from(a.otime.sec)
+        .ok()
+        .filter(|s| *s > 0)
+        .and_then(|s| chrono::DateTime::from_timestamp(s, a.otime.nsec))
+        .map(|t| t.format("%Y-%m-%d %H:%M:%S +0000").to_string());
+    Ok(SubvolInfo {
+        path: path.to_path_buf(),
+        name: String::from_utf8_lossy(&a.name[..name_len]).into_owned(),
+        uuid: uuid(&a.uuid).ok_or_else(|| BtrfsError::Parse {
+            command: format!("BTRFS_IOC_GET_SUBVOL_INFO {}", path.display()),
+            reason: "the subvolume has no UUID".into(),
+        })?,
+        parent_uuid: uuid(&a.parent_uuid),
+        received_uuid: uuid(&a.received_uuid),
+        generation: a.generation,
+        created_generation: a.otransid,
+        id: a.treeid,
+        readonly: a.flags & SUBVOL_RDONLY != 0,
+        created,
+        fs_path: None,
+    })
+}
+
+/// The facts about the subvolume at `path` as `btrfs subvolume show` prints them, with its path
+/// inside the filesystem ([`SubvolInfo::fs_path`]).
+pub fn subvolume_show(path: &Path) -> Result<SubvolInfo, BtrfsError> {
     require_subvolume(path)?;
     let args: [&OsStr; 3] = ["subvolume".as_ref(), "show".as_ref(), path.as_os_str()];
     let text = run(&args)?;
@@ -212,7 +315,7 @@ pub(crate) fn parse_show(path: &Path, command: &str, text: &str) -> Result<Subvo
         id: number("Subvolume ID")?,
         readonly: flags.split(',').any(|f| f.trim() == "readonly"),
         created,
-        fs_path,
+        fs_path: Some(fs_path),
     })
 }
 
@@ -229,7 +332,8 @@ pub(crate) fn is_uuid(s: &str) -> bool {
 /// The subvolumes directly inside the subvolume `volume` (at any depth of folders, but not inside another
 /// nested subvolume, which is refused anyway), as absolute paths below `volume`.
 pub fn nested_subvolumes(volume: &Path) -> Result<Vec<PathBuf>, BtrfsError> {
-    let info = subvolume_info(volume)?;
+    let info = subvolume_show(volume)?;
+    let fs_path = info.fs_path.unwrap_or_default();
     let args: [&OsStr; 4] = [
         "subvolume".as_ref(),
         "list".as_ref(),
@@ -237,7 +341,7 @@ pub fn nested_subvolumes(volume: &Path) -> Result<Vec<PathBuf>, BtrfsError> {
         volume.as_os_str(),
     ];
     let text = run(&args)?;
-    parse_list_below(volume, &info.fs_path, &command_line(&args), &text)
+    parse_list_below(volume, &fs_path, &command_line(&args), &text)
 }
 
 /// Parses `btrfs subvolume list -o` lines (`ID 257 gen 7 top level 256 path vol/nested`) into paths below
@@ -466,10 +570,13 @@ fn parse_uuid(s: &str) -> Option<[u8; 16]> {
     Some(out)
 }
 
-/// Commits the filesystem's current transaction (`btrfs filesystem sync`), so generation numbers reflect
-/// every write made so far.
+/// Commits the filesystem's current transaction, so generation numbers reflect every write made so
+/// far: `syncfs(2)`, which on btrfs writes back dirty data and commits, as `btrfs filesystem sync`
+/// does, without starting a process.
 pub fn sync_filesystem(path: &Path) -> Result<(), BtrfsError> {
-    run(&["filesystem".as_ref(), "sync".as_ref(), path.as_os_str()]).map(|_| ())
+    let dir = fs::File::open(path).map_err(|e| BtrfsError::io("opening", path, e))?;
+    rustix::fs::syncfs(&dir)
+        .map_err(|e| BtrfsError::io("syncing the filesystem of", path, e.into()))
 }
 
 /// How much data each of `paths` refers to, and how much of it no other file or snapshot shares
@@ -565,7 +672,7 @@ mod tests {
     fn parses_subvolume_show() {
         let info = parse_show(Path::new("/m/snaps/s1"), "btrfs subvolume show", SHOW_RO).unwrap();
         assert_eq!(info.name, "s1");
-        assert_eq!(info.fs_path, "snaps/s1");
+        assert_eq!(info.fs_path.as_deref(), Some("snaps/s1"));
         assert_eq!(info.uuid, "c13bc6b7-3ae2-1945-bcd4-32b50945c6e9");
         assert_eq!(
             info.parent_uuid.as_deref(),
@@ -597,7 +704,13 @@ mod tests {
         );
         assert_eq!(info.send_uuid(), "ab2a3bd9-459f-434b-93bb-9132dcb8e475");
         let top = SHOW_RO.replacen("snaps/s1", "/", 1);
-        assert_eq!(parse_show(Path::new("x"), "c", &top).unwrap().fs_path, "");
+        assert_eq!(
+            parse_show(Path::new("x"), "c", &top)
+                .unwrap()
+                .fs_path
+                .as_deref(),
+            Some("")
+        );
     }
 
     #[test]
