@@ -176,10 +176,12 @@ impl Garage {
         let (s3_port, rpc_port, admin_port) = (free_port()?, free_port()?, free_port()?);
         let rpc_secret = random_hex(32);
         let config = dir.path().join("garage.toml");
+        // LMDB, Garage's default metadata engine: with `sqlite`, a PUT under the whole suite's load
+        // was once answered 503 "Could not reach quorum ... database is locked".
         let text = format!(
             r#"metadata_dir = "{meta}"
 data_dir = "{data}"
-db_engine = "sqlite"
+db_engine = "lmdb"
 metadata_fsync = false
 data_fsync = false
 replication_factor = 1
