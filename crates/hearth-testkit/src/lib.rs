@@ -176,7 +176,7 @@ impl Garage {
         let (s3_port, rpc_port, admin_port) = (free_port()?, free_port()?, free_port()?);
         let rpc_secret = random_hex(32);
         let config = dir.path().join("garage.toml");
-        // LMDB, Garage's default metadata engine: with `sqlite`, a PUT under the whole suite's load
+        // LMDB for Garage's metadata rather than SQLite: with `sqlite`, a PUT under the whole suite's load
         // was once answered 503 "Could not reach quorum ... database is locked".
         let text = format!(
             r#"metadata_dir = "{meta}"
