@@ -287,31 +287,22 @@ pub fn adopt_first_copy(
         }
         n += 1;
     };
-    std::fs::rename(&tree, &holder).map_err(|e| VolumeError::io("renaming", &tree, e))?;
+    // Every move below is to a name that must be free.
+    let move_to_new = |from: &Path, to: &Path, op: &'static str| {
+        use rustix::fs::{CWD, RenameFlags, renameat_with};
+        renameat_with(CWD, from, CWD, to, RenameFlags::NOREPLACE)
+            .map_err(|e| VolumeError::io(op, to, e.into()))
+    };
+    move_to_new(&tree, &holder, "moving the first copy to")?;
     for name in &names {
-        let (from, to) = (holder.join(name), sub.join(name));
-        rustix::fs::renameat_with(
-            rustix::fs::CWD,
-            &from,
-            rustix::fs::CWD,
-            &to,
-            rustix::fs::RenameFlags::NOREPLACE,
-        )
-        .map_err(|e| VolumeError::io("moving up", &from, e.into()))?;
+        move_to_new(&holder.join(name), &sub.join(name), "moving up to")?;
     }
     std::fs::remove_dir(&holder).map_err(|e| VolumeError::io("removing", &holder, e))?;
     crate::apply::set_path_meta(&sub, &root, false)?;
     let staging = staging_dir(live);
     std::fs::create_dir_all(&staging).map_err(|e| VolumeError::io("creating", &staging, e))?;
     let dest = staging.join(&first.name);
-    rustix::fs::renameat_with(
-        rustix::fs::CWD,
-        &sub,
-        rustix::fs::CWD,
-        &dest,
-        rustix::fs::RenameFlags::NOREPLACE,
-    )
-    .map_err(|e| VolumeError::io("moving the first copy to", &dest, e.into()))?;
+    move_to_new(&sub, &dest, "moving the first copy to")?;
     std::fs::remove_file(&marker).map_err(|e| VolumeError::io("removing", &marker, e))?;
     btrfs::set_received(&dest, &first.uuid, first.ctransid).map_err(VolumeError::Btrfs)?;
     btrfs::subvolume_info(&dest).map_err(VolumeError::Btrfs)

@@ -101,6 +101,19 @@ fn same(a: &Path, b: &Path) {
     assert_eq!(list(a), list(b));
 }
 
+/// Eight files `d/f0`..`d/f7` of 1,000,000 random bytes each (so a stream or copy of them is
+/// about as large as the data).
+fn eight_random_megabytes(root: &Path, seed: u64) {
+    let mut rng = common::seeded(seed);
+    for i in 0..8 {
+        write(
+            root,
+            &format!("d/f{i}"),
+            &common::random_bytes(&mut rng, 1_000_000),
+        );
+    }
+}
+
 fn hidden(dir: &Path, part: &str) -> Vec<String> {
     fs::read_dir(dir)
         .unwrap()
@@ -273,14 +286,7 @@ async fn a_cut_full_stream_resumes_where_it_stopped() {
     let _serial = SERIAL.lock().await;
     let s = Sides::new().await;
     // Random bytes, so the stream is about as large as the data: ~8 MB.
-    let mut rng = common::seeded(4242);
-    for i in 0..8 {
-        write(
-            &s.src(),
-            &format!("d/f{i}"),
-            &common::random_bytes(&mut rng, 1_000_000),
-        );
-    }
+    eight_random_megabytes(&s.src(), 4242);
     let mut cfg = s.cfg(1, "p");
     // The full stream's own resumption (the default first copy goes by the files backend; see
     // `a_first_copy_by_files_resumes_after_a_cut_and_later_sends_are_incremental`).
@@ -380,14 +386,7 @@ fn show_field(path: &Path, key: &str) -> String {
 async fn a_first_copy_by_files_resumes_after_a_cut_and_later_sends_are_incremental() {
     let _serial = SERIAL.lock().await;
     let s = Sides::new().await;
-    let mut rng = common::seeded(99);
-    for i in 0..8 {
-        write(
-            &s.src(),
-            &format!("d/f{i}"),
-            &common::random_bytes(&mut rng, 1_000_000),
-        );
-    }
+    eight_random_megabytes(&s.src(), 99);
     write(&s.src(), "config.yml", b"a: 1\n");
     // Top-level names the adoption itself uses for a moment, and a root with its own metadata.
     write(&s.src(), "tree/inner", b"a folder named like the copy's");
