@@ -258,18 +258,41 @@ pub fn adopt_first_copy(
             });
         }
     };
-    let marker = adopting_marker(live);
-    crate::durable::write_atomic(&marker, b"", 0o600, crate::durable::Existing::Replace)
-        .map_err(|e| VolumeError::io("writing", &marker, e))?;
     let list = |dir: &Path| -> Result<Vec<std::ffi::OsString>, VolumeError> {
         std::fs::read_dir(dir)
             .and_then(|it| it.map(|e| e.map(|e| e.file_name())).collect())
             .map_err(|e| VolumeError::io("listing", dir, e))
     };
-    for name in list(&sub)? {
-        if name == "tree" {
-            continue;
-        }
+    // Beside the copy, the files backend's own companions go (its manifest, stamps, replaced
+    // copies of the primary's data). A tree it kept aside as diverged, or anything else, is not
+    // deleted: the adoption stops and says so.
+    let siblings: Vec<_> = list(&sub)?.into_iter().filter(|n| n != "tree").collect();
+    let foreign: Vec<String> = siblings
+        .iter()
+        .map(|n| n.to_string_lossy().into_owned())
+        .filter(|n| !n.starts_with(".tree.hearth-") || n.starts_with(".tree.hearth-diverged"))
+        .collect();
+    if !foreign.is_empty() {
+        return Err(VolumeError::BadTarget {
+            path: sub,
+            reason: format!(
+                "holds {} besides the first copy; move them out of the subvolume (they may be data kept aside) and push again",
+                foreign.join(", ")
+            ),
+        });
+    }
+    let staging = staging_dir(live);
+    let dest = staging.join(&first.name);
+    if std::fs::symlink_metadata(&dest).is_ok() {
+        return Err(VolumeError::BadTarget {
+            path: dest,
+            reason: "exists already; the first copy is received under this name".into(),
+        });
+    }
+    let marker = adopting_marker(live);
+    crate::durable::write_atomic(&marker, b"", 0o600, crate::durable::Existing::Replace)
+        .map_err(|e| VolumeError::io("writing", &marker, e))?;
+    for name in siblings {
         let path = sub.join(&name);
         let gone = match std::fs::symlink_metadata(&path) {
             Ok(md) if md.is_dir() => std::fs::remove_dir_all(&path),
@@ -299,13 +322,34 @@ pub fn adopt_first_copy(
     }
     std::fs::remove_dir(&holder).map_err(|e| VolumeError::io("removing", &holder, e))?;
     crate::apply::set_path_meta(&sub, &root, false)?;
-    let staging = staging_dir(live);
     std::fs::create_dir_all(&staging).map_err(|e| VolumeError::io("creating", &staging, e))?;
-    let dest = staging.join(&first.name);
     move_to_new(&sub, &dest, "moving the first copy to")?;
     std::fs::remove_file(&marker).map_err(|e| VolumeError::io("removing", &marker, e))?;
     btrfs::set_received(&dest, &first.uuid, first.ctransid).map_err(VolumeError::Btrfs)?;
     btrfs::subvolume_info(&dest).map_err(VolumeError::Btrfs)
+}
+
+/// When nothing is at `live` but received snapshots are held (a switch that failed after its
+/// snapshot arrived, or a live copy deleted by hand), makes a writable snapshot of the newest one
+/// live again, as the switch after a receive would have; returns its path. Without this, the
+/// primary would find its snapshot received and call the standby in sync while nothing is live.
+pub fn restore_missing_live(
+    live: &Path,
+    diverged_name: &str,
+) -> Result<Option<PathBuf>, VolumeError> {
+    let staging = staging_dir(live);
+    if !live_is_missing(live)? || !staging.is_dir() {
+        return Ok(None);
+    }
+    let newest = btrfs::list_snapshots(&staging)
+        .map_err(VolumeError::Btrfs)?
+        .into_iter()
+        .rfind(|s| s.readonly && s.received_uuid.is_some());
+    let Some(newest) = newest else {
+        return Ok(None);
+    };
+    btrfs::switch_live(&newest, live, diverged_name).map_err(VolumeError::Btrfs)?;
+    Ok(Some(newest.path))
 }
 
 /// The standby's view before a stream: the received UUIDs it holds, cleaning partial receives
@@ -604,7 +648,7 @@ pub async fn push_btrfs(cfg: &PushConfig, metrics: &Metrics) -> Result<PushRepor
         .collect();
     let mut copied = match firsts.is_empty() {
         true => Vec::new(),
-        false => first_copies(cfg, &snap, &history, firsts).await?,
+        false => first_copies(cfg, &snap, &history, firsts).await,
     };
     let outcomes: Vec<(Target, Result<SyncOutcome, NetError>)> = steps
         .into_iter()
@@ -681,8 +725,41 @@ async fn first_copies(
     snap: &SubvolInfo,
     history: &[String],
     targets: Vec<Target>,
+) -> Vec<(String, Result<SyncOutcome, NetError>)> {
+    let addrs: Vec<String> = targets.iter().map(|t| t.addr.clone()).collect();
+    match first_copies_to(cfg, snap, history, targets).await {
+        Ok(results) => results,
+        // A failure of the whole copy (the capture, say) is each standby's outcome, so that the
+        // push still records the others.
+        Err(e) => {
+            let reason = format!("making the first copy failed: {e}");
+            addrs
+                .into_iter()
+                .map(|a| {
+                    let e = VolumeError::BadTarget {
+                        path: snap.path.clone(),
+                        reason: reason.clone(),
+                    };
+                    (a, Err(e.into()))
+                })
+                .collect()
+        }
+    }
+}
+
+async fn first_copies_to(
+    cfg: &PushConfig,
+    snap: &SubvolInfo,
+    history: &[String],
+    targets: Vec<Target>,
 ) -> Result<Vec<(String, Result<SyncOutcome, NetError>)>, NetError> {
-    let ctransid = btrfs::stream_ctransid(snap).await.map_err(vol)?;
+    // The transaction a send stream of the snapshot would carry, and `btrfs receive` record.
+    let Some(ctransid) = snap.ctransid else {
+        return Err(NetError::Protocol(format!(
+            "the ctransid of {} is not known",
+            snap.path.display()
+        )));
+    };
     tracing::info!(volume = %cfg.volume, snapshot = %snap.send_uuid(), standbys = targets.len(), "first copy by the files backend, adopted as the received snapshot");
     let mut files = cfg.clone();
     files.source = snap.path.clone();
@@ -701,7 +778,19 @@ async fn first_copies(
     // The push of the btrfs volume records and counts these syncs; the files backend's own
     // records of them would count each twice.
     let report = crate::primary::push_files(&files, &Metrics::default(), &dirs).await?;
-    Ok(report.results)
+    // To the btrfs backend every first copy is a full one, whatever the files backend found
+    // already on the standby.
+    Ok(report
+        .results
+        .into_iter()
+        .map(|(a, r)| {
+            let r = r.map(|mut o| {
+                o.kind = SyncKind::Full;
+                o
+            });
+            (a, r)
+        })
+        .collect())
 }
 
 /// What a standby needs, found by [`sync_btrfs`].

@@ -340,6 +340,14 @@ async fn connection(
         let l = first.as_ref().map_or(&live, |(_, l)| l).clone();
         blocking(move || crate::link_btrfs::standby_received(&l)).await?
     };
+    if first.is_none() && btrfs_received.as_ref().is_some_and(|r| !r.is_empty()) {
+        let (l, name) = (live.clone(), aside_name(&live, st.epoch, ""));
+        if let Some(from) =
+            blocking(move || crate::link_btrfs::restore_missing_live(&l, &name)).await?
+        {
+            tracing::warn!(volume = %hello.volume, live = %live.display(), from = %from.display(), "nothing was live; made the newest received snapshot live again");
+        }
+    }
     let incoming_dir = TreeNames::of(&live)?.incoming();
     let fresh = live_tree.is_none() && {
         let (l, i, c) = (live.clone(), incoming_dir.clone(), dirs.chunks());

@@ -543,3 +543,64 @@ async fn a_first_copy_by_files_is_refused_unless_the_standby_is_empty() {
     );
     s.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_copy_never_deletes_what_was_kept_aside_and_a_missing_live_copy_comes_back() {
+    let _serial = SERIAL.lock().await;
+    let s = Sides::new().await;
+    write(&s.src(), "config.yml", b"a: 1\n");
+    eight_random_megabytes(&s.src(), 7);
+    // Something kept aside in the first-copy subvolume (as the files backend does with a tree
+    // from another history): the adoption must not delete it.
+    let data = s.standby.mount().join("data");
+    fs::create_dir_all(&data).unwrap();
+    let sub = data.join(".v.hearth-first");
+    assert!(
+        std::process::Command::new("btrfs")
+            .args(["-q", "subvolume", "create"])
+            .arg(&sub)
+            .status()
+            .unwrap()
+            .success()
+    );
+    write(&sub, ".tree.hearth-diverged.e1.1/keep.txt", b"kept aside");
+    let cfg = s.cfg(1, "p");
+    let r = push_once(&cfg, &Metrics::default()).await.unwrap();
+    let err = r.results[0].1.as_ref().unwrap_err().to_string();
+    assert!(err.contains("besides the first copy"), "{err}");
+    assert!(!s.live().exists());
+    assert_eq!(
+        fs::read(sub.join(".tree.hearth-diverged.e1.1/keep.txt")).unwrap(),
+        b"kept aside"
+    );
+
+    // Moved away, the copy that arrived whole is adopted without being sent again.
+    fs::remove_dir_all(sub.join(".tree.hearth-diverged.e1.1")).unwrap();
+    let r = push_once(&cfg, &Metrics::default()).await.unwrap();
+    let o = r.results[0].1.as_ref().unwrap().clone();
+    assert_eq!(o.kind, SyncKind::Full, "{o:?}");
+    assert!(o.bytes_sent < 100_000, "sent {} again", o.bytes_sent);
+    same(&s.src(), &s.live());
+
+    // The live copy deleted by hand comes back from the newest received snapshot at the next
+    // connection, before the primary is told anything. (Reading the files above moved their
+    // access times, a change to btrfs: one push takes that in, so the last one has nothing new.)
+    push_once(&cfg, &Metrics::default()).await.unwrap().results[0]
+        .1
+        .as_ref()
+        .unwrap();
+    assert!(
+        std::process::Command::new("btrfs")
+            .args(["-q", "subvolume", "delete"])
+            .arg(s.live())
+            .status()
+            .unwrap()
+            .success()
+    );
+    let r = push_once(&cfg, &Metrics::default()).await.unwrap();
+    let o = r.results[0].1.as_ref().unwrap().clone();
+    assert_eq!(o.kind, SyncKind::Unchanged, "{o:?}");
+    same(&s.src(), &s.live());
+    assert!(!fs::metadata(s.live()).unwrap().permissions().readonly());
+    s.stop().await;
+}

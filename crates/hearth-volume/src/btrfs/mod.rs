@@ -24,9 +24,7 @@ pub use plan::{
     FullReason, KeepReason, LiveRecord, ParentChoice, ReplacedAction, choose_parent,
     decide_replaced, select_for_prune,
 };
-pub use stream::{
-    SendStream, clean_partial_receives, receive, received_uuids, send, stream_ctransid,
-};
+pub use stream::{SendStream, clean_partial_receives, receive, received_uuids, send};
 pub use tool::{
     SpaceUse, SubvolInfo, check_no_nested, create_subvolume, delete_subvolume, exclusive_bytes,
     is_subvolume, list_snapshots, nested_subvolumes, set_readonly, set_received, subvolume_info,

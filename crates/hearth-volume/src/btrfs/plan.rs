@@ -193,6 +193,7 @@ mod tests {
             readonly,
             created: None,
             fs_path: Some(format!("snaps/s{n}")),
+            ctransid: None,
         }
     }
 

@@ -53,6 +53,10 @@ pub struct SubvolInfo {
     pub created_generation: u64,
     /// Its subvolume id.
     pub id: u64,
+    /// The transaction that last changed its contents (`ctransid`), which a send stream of it
+    /// carries and a receiver records as `stransid`; read by [`subvolume_info`] only (`btrfs
+    /// subvolume show` does not print it).
+    pub ctransid: Option<u64>,
     /// Whether it is read-only.
     pub readonly: bool,
     /// Its creation time as btrfs prints it (`2026-11-23 22:33:54 +0000`), when known.
@@ -192,8 +196,7 @@ const SUBVOL_RDONLY: u64 = 1 << 0;
 /// `btrfs send | receive` of an empty difference. The fields are the ones `show` prints
 /// (`crates/hearth-volume/tests/btrfs.rs` compares the two).
 pub fn subvolume_info(path: &Path) -> Result<SubvolInfo, BtrfsError> {
-    require_subvolume(path)?;
-    let dir = fs::File::open(path).map_err(|e| BtrfsError::io("opening", path, e))?;
+    let dir = open_subvolume(path)?;
     // SAFETY: the opcode reads exactly `size_of::<GetSubvolInfoArgs>()` bytes (checked above
     // against the kernel's struct), which the kernel fills in whole on success.
     #[allow(unsafe_code)]
@@ -203,7 +206,16 @@ pub fn subvolume_info(path: &Path) -> Result<SubvolInfo, BtrfsError> {
             rustix::ioctl::Getter::<GET_SUBVOL_INFO, GetSubvolInfoArgs>::new(),
         )
     };
-    let a = got.map_err(|e| BtrfsError::io("reading subvolume facts of", path, e.into()))?;
+    let a = got.map_err(|e| match e {
+        rustix::io::Errno::NOTTY => BtrfsError::io(
+            "reading subvolume facts of",
+            path,
+            std::io::Error::other(
+                "this kernel has no BTRFS_IOC_GET_SUBVOL_INFO; the btrfs backend needs Linux 4.18 or later (or push with --backend files)",
+            ),
+        ),
+        e => BtrfsError::io("reading subvolume facts of", path, e.into()),
+    })?;
     let uuid = |b: &[u8; 16]| -> Option<String> {
         if b.iter().all(|x| *x == 0) {
             return None;
@@ -236,6 +248,7 @@ pub fn subvolume_info(path: &Path) -> Result<SubvolInfo, BtrfsError> {
         generation: a.generation,
         created_generation: a.otransid,
         id: a.treeid,
+        ctransid: Some(a.ctransid),
         readonly: a.flags & SUBVOL_RDONLY != 0,
         created,
         fs_path: None,
@@ -313,6 +326,7 @@ pub(crate) fn parse_show(path: &Path, command: &str, text: &str) -> Result<Subvo
         generation: number("Generation")?,
         created_generation: number("Gen at creation")?,
         id: number("Subvolume ID")?,
+        ctransid: None,
         readonly: flags.split(',').any(|f| f.trim() == "readonly"),
         created,
         fs_path: Some(fs_path),
@@ -527,12 +541,11 @@ const SET_RECEIVED_SUBVOL: rustix::ioctl::Opcode =
 /// a stream), and hearth's first copy of a btrfs volume is written by the files backend, which
 /// resumes where it stopped and writes each byte once, instead of by `btrfs receive`.
 pub fn set_received(path: &Path, uuid: &str, stransid: u64) -> Result<(), BtrfsError> {
-    require_subvolume(path)?;
     let parsed = parse_uuid(uuid).ok_or_else(|| BtrfsError::InvalidName {
         name: uuid.to_string(),
         reason: "not a UUID",
     })?;
-    let dir = fs::File::open(path).map_err(|e| BtrfsError::io("opening", path, e))?;
+    let dir = open_subvolume(path)?;
     let mut args = ReceivedSubvolArgs {
         uuid: parsed,
         stransid,
@@ -554,6 +567,37 @@ pub fn set_received(path: &Path, uuid: &str, stransid: u64) -> Result<(), BtrfsE
     };
     done.map_err(|e| BtrfsError::io("recording the received UUID of", path, e.into()))?;
     set_readonly(path)
+}
+
+/// Opens the root folder of the subvolume at `path` for an ioctl, without following a symlink
+/// there, and checks on the open folder that it is a subvolume's root (so nothing can be swapped
+/// in between the check and the ioctl).
+fn open_subvolume(path: &Path) -> Result<fs::File, BtrfsError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc_flags::NOFOLLOW_DIRECTORY)
+        .open(path)
+        .map_err(|e| BtrfsError::io("opening", path, e))?;
+    let meta = dir
+        .metadata()
+        .map_err(|e| BtrfsError::io("reading metadata of", path, e))?;
+    let on_btrfs = rustix::fs::fstatfs(&dir)
+        .map(|s| (s.f_type as u64) & 0xffff_ffff == BTRFS_SUPER_MAGIC)
+        .unwrap_or(false);
+    if !on_btrfs {
+        return Err(BtrfsError::NotBtrfs { path: path.into() });
+    }
+    if meta.ino() != SUBVOL_ROOT_INO {
+        return Err(BtrfsError::NotASubvolume { path: path.into() });
+    }
+    Ok(dir)
+}
+
+/// `O_NOFOLLOW | O_DIRECTORY`, from rustix so no libc dependency is needed.
+mod libc_flags {
+    pub(super) const NOFOLLOW_DIRECTORY: i32 =
+        (rustix::fs::OFlags::NOFOLLOW.bits() | rustix::fs::OFlags::DIRECTORY.bits()) as i32;
 }
 
 /// The 16 bytes of a UUID written as btrfs prints it.
