@@ -210,6 +210,42 @@ pub fn prepare_first_copy(
     Ok(Ok(first_copy_path(live)))
 }
 
+/// The names among the entries of a first-copy subvolume (besides `tree`) that are not the
+/// files backend's own companions of the copy: trees it kept aside as diverged, and anything else.
+fn not_hearths_own(names: &[std::ffi::OsString]) -> Vec<String> {
+    names
+        .iter()
+        .map(|n| n.to_string_lossy().into_owned())
+        .filter(|n| !n.starts_with(".tree.hearth-") || n.starts_with(".tree.hearth-diverged"))
+        .collect()
+}
+
+/// Deletes what a cut first copy left beside `live` (the subvolume `.NAME.hearth-first`, hearth's
+/// own partial copy of the primary's data) once a full stream made the volume live instead.
+/// Kept, with a warning, when it holds anything but the copy and the files backend's companions.
+/// Returns whether it was deleted.
+pub fn discard_first_copy(live: &Path) -> Result<bool, VolumeError> {
+    let sub = first_copy_subvolume(live);
+    if !btrfs::is_subvolume(&sub).unwrap_or(false) {
+        return Ok(false);
+    }
+    let names: Vec<std::ffi::OsString> = std::fs::read_dir(&sub)
+        .and_then(|it| it.map(|e| e.map(|e| e.file_name())).collect())
+        .map_err(|e| VolumeError::io("listing", &sub, e))?;
+    let foreign = not_hearths_own(&names);
+    let foreign: Vec<_> = foreign.iter().filter(|n| *n != "tree").collect();
+    if !foreign.is_empty() {
+        tracing::warn!(path = %sub.display(), ?foreign, "kept the subvolume of a cut first copy: it holds more than the copy");
+        return Ok(false);
+    }
+    btrfs::delete_subvolume(&sub).map_err(VolumeError::Btrfs)?;
+    let marker = adopting_marker(live);
+    if marker.exists() {
+        std::fs::remove_file(&marker).map_err(|e| VolumeError::io("removing", &marker, e))?;
+    }
+    Ok(true)
+}
+
 /// Whether nothing is at `live` (the btrfs backend's live path must be a subvolume it made, so
 /// even an empty folder there is something else).
 pub fn live_is_missing(live: &Path) -> Result<bool, VolumeError> {
@@ -267,11 +303,7 @@ pub fn adopt_first_copy(
     // copies of the primary's data). A tree it kept aside as diverged, or anything else, is not
     // deleted: the adoption stops and says so.
     let siblings: Vec<_> = list(&sub)?.into_iter().filter(|n| n != "tree").collect();
-    let foreign: Vec<String> = siblings
-        .iter()
-        .map(|n| n.to_string_lossy().into_owned())
-        .filter(|n| !n.starts_with(".tree.hearth-") || n.starts_with(".tree.hearth-diverged"))
-        .collect();
+    let foreign = not_hearths_own(&siblings);
     if !foreign.is_empty() {
         return Err(VolumeError::BadTarget {
             path: sub,
@@ -650,6 +682,13 @@ pub async fn push_btrfs(cfg: &PushConfig, metrics: &Metrics) -> Result<PushRepor
         true => Vec::new(),
         false => first_copies(cfg, &snap, &history, firsts).await,
     };
+    if !copied.is_empty() && copied.iter().all(|(_, r)| r.is_ok()) {
+        // Its state only serves to resume a cut first copy; a later one captures afresh.
+        let dir = VolumeDirs::new(&first_copy_state(&cfg.state_dir), &cfg.volume).root;
+        if let Err(e) = std::fs::remove_dir_all(&dir) {
+            tracing::warn!(path = %dir.display(), error = %e, "could not remove the state of finished first copies");
+        }
+    }
     let outcomes: Vec<(Target, Result<SyncOutcome, NetError>)> = steps
         .into_iter()
         .map(|(t, step)| {

@@ -1251,6 +1251,12 @@ impl Session {
             .get_or_create(&labels)
             .inc_by(len);
         tracing::info!(volume = %self.hello.volume, snapshot = %uuid, "snapshot applied");
+        {
+            let l = live.clone();
+            if blocking(move || crate::link_btrfs::discard_first_copy(&l)).await? {
+                tracing::info!(volume = %self.hello.volume, "deleted what a cut first copy had left");
+            }
+        }
         send(
             wr,
             &Response::BtrfsApplied {

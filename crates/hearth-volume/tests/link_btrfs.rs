@@ -408,6 +408,12 @@ async fn a_first_copy_by_files_resumes_after_a_cut_and_later_sends_are_increment
     assert!(!s.live().exists());
     let staging = s.standby.mount().join("data/.v.hearth-received");
     assert!(!staging.exists() || hidden(&staging, "").is_empty());
+    assert!(
+        s.state
+            .path()
+            .join("p/btrfs-first-copy/v/capture.cache")
+            .exists()
+    );
 
     // The volume changed meanwhile: a new snapshot, whose copy reuses what arrived.
     write(&s.src(), "config.yml", b"a: 2\n");
@@ -434,13 +440,9 @@ async fn a_first_copy_by_files_resumes_after_a_cut_and_later_sends_are_increment
             Some(&b"root"[..])
         );
     }
-    // The files backend's state of first copies is kept apart from the btrfs backend's.
-    assert!(
-        s.state
-            .path()
-            .join("p/btrfs-first-copy/v/capture.cache")
-            .exists()
-    );
+    // The files backend's state of first copies, kept apart from the btrfs backend's, is gone
+    // once every first copy was adopted.
+    assert!(!s.state.path().join("p/btrfs-first-copy/v").exists());
     // Nothing of the copy's own bookkeeping is left beside the live path.
     assert!(hidden(&s.standby.mount().join("data"), "hearth-first").is_empty());
 
@@ -602,5 +604,28 @@ async fn a_first_copy_never_deletes_what_was_kept_aside_and_a_missing_live_copy_
     assert_eq!(o.kind, SyncKind::Unchanged, "{o:?}");
     same(&s.src(), &s.live());
     assert!(!fs::metadata(s.live()).unwrap().permissions().readonly());
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_first_copy_is_deleted_once_a_full_stream_made_the_volume_live() {
+    let _serial = SERIAL.lock().await;
+    let s = Sides::new().await;
+    eight_random_megabytes(&s.src(), 5);
+    let mut cfg = s.cfg(1, "p");
+    cfg.targets[0].addr = common::relay(s.server.addr.clone(), 4_000_000, false).await;
+    assert!(
+        push_once(&cfg, &Metrics::default()).await.unwrap().results[0]
+            .1
+            .is_err()
+    );
+    let data = s.standby.mount().join("data");
+    assert_eq!(hidden(&data, "hearth-first"), vec![".v.hearth-first"]);
+    cfg.targets[0].addr = s.server.addr.clone();
+    cfg.btrfs_first_by_files = false;
+    let r = push_once(&cfg, &Metrics::default()).await.unwrap();
+    assert_eq!(r.results[0].1.as_ref().unwrap().kind, SyncKind::Full);
+    same(&s.src(), &s.live());
+    assert!(hidden(&data, "hearth-first").is_empty());
     s.stop().await;
 }
