@@ -59,8 +59,9 @@ pub struct ServeConfig {
     pub state_dir: PathBuf,
     /// Replaced trees kept per volume (older ones are deleted if unchanged, kept aside if not).
     pub keep: usize,
-    /// btrfs backend: keep a copy of each full stream as it arrives, so that a cut first sync
-    /// resumes (costs a second write of the stream on this disk).
+    /// btrfs backend: keep a copy of each stream as it arrives, so that a cut stream resumes
+    /// (costs a second write of the stream on this disk; the first copy of a volume goes by the
+    /// files backend and needs none).
     pub resume_copies: bool,
     /// files backend: apply small changes in place ([`crate::patch`]) instead of building the
     /// whole tree beside the live one; replaced trees then keep only what changed.
@@ -1082,12 +1083,14 @@ impl Session {
             offer.parent.as_deref(),
             &offer.history,
         );
-        // A full stream is copied as it arrives, so that a first sync cut at any point resumes
-        // where it stopped: `btrfs send` cannot resume, but the same snapshot's stream can be
-        // made again and the part held here skipped. (Incremental streams are small and not kept.)
-        let spool_path = match offer.parent {
-            None if self.shared.config.resume_copies => self.dirs.partial_stream(&offer.uuid),
-            _ => None,
+        // A stream is copied as it arrives, so that a transfer cut at any point resumes where it
+        // stopped: `btrfs send` cannot resume, but the same snapshot's stream (from the same
+        // parent) can be made again and the part held here skipped. A push after a cut sends the
+        // same snapshot again when the volume did not change meanwhile (see `push_btrfs`).
+        let spool_path = match &offer.parent {
+            _ if !self.shared.config.resume_copies => None,
+            None => self.dirs.partial_stream(&offer.uuid),
+            Some(p) => self.dirs.partial_incremental_stream(&offer.uuid, p),
         };
         let spool = match &spool_path {
             Some(p) => Some(lb::Spool::open(p.clone()).await?),

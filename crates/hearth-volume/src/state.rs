@@ -286,6 +286,20 @@ impl VolumeDirs {
             ))
         })
     }
+    /// Where the standby keeps what arrived of an *incremental* stream of snapshot `uuid` from
+    /// `parent` (both as `btrfs send` names them), so that the same stream, made again, resumes
+    /// after it. `None` for a malformed UUID.
+    pub fn partial_incremental_stream(&self, uuid: &str, parent: &str) -> Option<PathBuf> {
+        let plain =
+            |u: &str| u.len() == 36 && u.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-');
+        (plain(uuid) && plain(parent)).then(|| {
+            self.root.join(format!(
+                "btrfs-partial.{}.from.{}.stream",
+                uuid.to_ascii_lowercase(),
+                parent.to_ascii_lowercase()
+            ))
+        })
+    }
     /// The snapshot whose full stream the standby holds the start of (see
     /// [`VolumeDirs::partial_stream`]), when it holds any of one.
     pub fn partial_stream_held(&self) -> Option<String> {

@@ -485,6 +485,37 @@ async fn a_first_copy_by_files_resumes_after_a_cut_and_later_sends_are_increment
     assert_eq!(o.kind, SyncKind::Incremental, "{o:?}");
     assert!(o.bytes_sent < 100_000, "sent {}", o.bytes_sent);
     same(&s.src(), &s.live());
+
+    // A cut incremental stream resumes too: the volume did not change after the cut, so the
+    // next push sends the same snapshot from the same parent, after what the standby holds.
+    let mut rng = common::seeded(100);
+    for i in 0..8 {
+        write(
+            &s.src(),
+            &format!("e/g{i}"),
+            &common::random_bytes(&mut rng, 1_000_000),
+        );
+    }
+    let mut cut = cfg.clone();
+    cut.targets[0].addr = common::relay(s.server.addr.clone(), 4_000_000, false).await;
+    assert!(
+        push_once(&cut, &Metrics::default()).await.unwrap().results[0]
+            .1
+            .is_err()
+    );
+    assert!(
+        !s.live().join("e").exists(),
+        "a cut stream made nothing live"
+    );
+    let r = push_once(&cfg, &Metrics::default()).await.unwrap();
+    let o = r.results[0].1.as_ref().unwrap().clone();
+    assert_eq!(o.kind, SyncKind::Incremental, "{o:?}");
+    assert!(
+        o.bytes_sent < 6_000_000 && o.bytes_sent > 2_000_000,
+        "the resumed incremental stream sent {} of ~8 MB",
+        o.bytes_sent
+    );
+    same(&s.src(), &s.live());
     let v = verify(&cfg, &cfg.targets[0]).await.unwrap();
     assert!(v.equal(), "{v:?}");
     s.stop().await;

@@ -72,8 +72,9 @@ enum VolumeCommand {
         /// in proportion to the volume's size on every sync.
         #[arg(long)]
         no_in_place: bool,
-        /// btrfs backend: do not keep a copy of full streams as they arrive. A cut first sync then
-        /// starts over instead of resuming, but each byte is written once instead of twice.
+        /// btrfs backend: do not keep a copy of streams as they arrive. A cut stream then starts
+        /// over instead of resuming, but each byte is written once instead of twice. (A first copy
+        /// by the files backend resumes either way.)
         #[arg(long)]
         no_resume_copy: bool,
         /// Serve Prometheus metrics on this address.
