@@ -268,17 +268,7 @@ pub fn apply(
     manifest: &Manifest,
     live: &Path,
 ) -> Result<ApplyReport, VolumeError> {
-    apply_inner(
-        store,
-        manifest,
-        live,
-        None,
-        None,
-        None,
-        Build::InPlaceWhenSmall,
-        None,
-    )
-    .map(|(report, _)| report)
+    apply_inner(store, manifest, live, None, None, None, true, None).map(|(report, _)| report)
 }
 
 /// [`apply`] without the in-place path: always builds the whole tree beside the live one and
@@ -288,8 +278,7 @@ pub fn apply_whole(
     manifest: &Manifest,
     live: &Path,
 ) -> Result<ApplyReport, VolumeError> {
-    apply_inner(store, manifest, live, None, None, None, Build::Whole, None)
-        .map(|(report, _)| report)
+    apply_inner(store, manifest, live, None, None, None, false, None).map(|(report, _)| report)
 }
 
 /// [`apply`], and [`prune_previous`] so that `keep` replaced trees remain once the new tree is
@@ -298,8 +287,8 @@ pub fn apply_whole(
 /// their ctimes; done later, the next apply would have to read those files again to trust them.
 ///
 /// Files in `incoming` that hold exactly an entry's chunks are moved into the new tree, and its
-/// other verified chunks are read from there like chunks of the store. `how` says whether a
-/// small change may go in place, and what the new tree is built as.
+/// other verified chunks are read from there like chunks of the store. With `in_place` false
+/// the change is never applied in place ([`apply_whole`]).
 ///
 /// `watch` holds the [`LiveWatch`] the previous apply left for this tree, if any: when it saw
 /// nothing since, the live tree is trusted without walking it. On success it holds the watch of
@@ -312,7 +301,7 @@ pub fn apply_and_prune(
     keep: usize,
     keep_live_aside: Option<SetAside>,
     incoming: Option<&mut Incoming>,
-    how: Build,
+    in_place: bool,
     watch: Option<&mut Option<LiveWatch>>,
 ) -> Result<(ApplyReport, PruneReport), VolumeError> {
     apply_inner(
@@ -322,19 +311,9 @@ pub fn apply_and_prune(
         Some(keep),
         keep_live_aside,
         incoming,
-        how,
+        in_place,
         watch,
     )
-}
-
-/// How an apply builds the new tree.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Build {
-    /// A small change to a tree that is exactly as applied goes in place ([`crate::patch`]);
-    /// anything else is built whole beside the live tree and switched in.
-    InPlaceWhenSmall,
-    /// Always built whole beside the live tree and switched in (`serve --no-in-place`).
-    Whole,
 }
 
 /// Why the live tree must be kept aside at the switch even if it is unchanged (the standby
@@ -355,7 +334,7 @@ fn apply_inner(
     keep: Option<usize>,
     keep_live_aside: Option<SetAside>,
     incoming: Option<&mut Incoming>,
-    how: Build,
+    in_place: bool,
     mut watch: Option<&mut Option<LiveWatch>>,
 ) -> Result<(ApplyReport, PruneReport), VolumeError> {
     manifest.validate()?;
@@ -442,7 +421,7 @@ fn apply_inner(
     };
     let patch_plan = match &live_manifest {
         Some((old, _))
-            if how == Build::InPlaceWhenSmall
+            if in_place
                 && keep_live_aside.is_none()
                 && live_clean == LiveCheck::Clean
                 && incoming.as_ref().is_none_or(|i| !i.exists()) =>

@@ -33,7 +33,7 @@ mod store;
 mod watch;
 
 pub use apply::{
-    ApplyReport, Build, PruneReport, SetAside, TreeNames, apply, apply_and_prune, apply_whole,
+    ApplyReport, PruneReport, SetAside, TreeNames, apply, apply_and_prune, apply_whole,
     prune_previous, read_live_manifest, read_live_manifest_hashed, select_for_prune,
 };
 pub use capture::{

@@ -863,10 +863,8 @@ impl Session {
         };
         let aside_reason = set_aside.as_ref().map(|a| a.reason.clone());
         let keep = self.shared.config.keep;
-        let how = match self.shared.config.in_place && self.first.is_none() {
-            true => crate::apply::Build::InPlaceWhenSmall,
-            false => crate::apply::Build::Whole,
-        };
+        // A first copy is always built whole (there is nothing to change in place).
+        let in_place = self.shared.config.in_place && self.first.is_none();
         let watched = self.first.is_none();
         let applied = {
             let store = store.clone();
@@ -890,7 +888,7 @@ impl Session {
                     keep,
                     set_aside,
                     Some(&mut inc),
-                    how,
+                    in_place,
                     watched.then_some(&mut watch),
                 );
                 Ok((inc, r, watch))

@@ -665,7 +665,7 @@ fn sync_watched(s: &Setup, watch: &mut Option<LiveWatch>) -> hearth_volume::Appl
         2,
         None,
         None,
-        hearth_volume::Build::InPlaceWhenSmall,
+        true,
         Some(watch),
     )
     .unwrap();

@@ -491,16 +491,7 @@ proptest! {
             for want in hearth_volume::missing_chunks(&cap.manifest, &store.index().unwrap()).wants {
                 store.put(&want.id, &hearth_volume::read_chunk(&src, &want).unwrap()).unwrap();
             }
-            hearth_volume::apply_and_prune(
-                &store,
-                &cap.manifest,
-                &live,
-                2,
-                None,
-                None,
-                hearth_volume::Build::InPlaceWhenSmall,
-                Some(watch),
-            )
+            hearth_volume::apply_and_prune(&store, &cap.manifest, &live, 2, None, None, true, Some(watch))
                 .unwrap()
                 .0
         };
