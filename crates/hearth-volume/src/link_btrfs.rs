@@ -210,12 +210,20 @@ pub fn prepare_first_copy(
     Ok(Ok(first_copy_path(live)))
 }
 
-/// The names among the entries of a first-copy subvolume (besides `tree`) that are not the
-/// files backend's own companions of the copy: trees it kept aside as diverged, and anything else.
+/// The entries of the folder `dir`, by name.
+fn names_in(dir: &Path) -> Result<Vec<std::ffi::OsString>, VolumeError> {
+    std::fs::read_dir(dir)
+        .and_then(|it| it.map(|e| e.map(|e| e.file_name())).collect())
+        .map_err(|e| VolumeError::io("listing", dir, e))
+}
+
+/// The names among the entries of a first-copy subvolume that are neither the copy (`tree`) nor
+/// the files backend's own companions of it: trees it kept aside as diverged, and anything else.
 fn not_hearths_own(names: &[std::ffi::OsString]) -> Vec<String> {
     names
         .iter()
         .map(|n| n.to_string_lossy().into_owned())
+        .filter(|n| n != "tree")
         .filter(|n| !n.starts_with(".tree.hearth-") || n.starts_with(".tree.hearth-diverged"))
         .collect()
 }
@@ -229,11 +237,7 @@ pub fn discard_first_copy(live: &Path) -> Result<bool, VolumeError> {
     if !btrfs::is_subvolume(&sub).unwrap_or(false) {
         return Ok(false);
     }
-    let names: Vec<std::ffi::OsString> = std::fs::read_dir(&sub)
-        .and_then(|it| it.map(|e| e.map(|e| e.file_name())).collect())
-        .map_err(|e| VolumeError::io("listing", &sub, e))?;
-    let foreign = not_hearths_own(&names);
-    let foreign: Vec<_> = foreign.iter().filter(|n| *n != "tree").collect();
+    let foreign = not_hearths_own(&names_in(&sub)?);
     if !foreign.is_empty() {
         tracing::warn!(path = %sub.display(), ?foreign, "kept the subvolume of a cut first copy: it holds more than the copy");
         return Ok(false);
@@ -294,15 +298,13 @@ pub fn adopt_first_copy(
             });
         }
     };
-    let list = |dir: &Path| -> Result<Vec<std::ffi::OsString>, VolumeError> {
-        std::fs::read_dir(dir)
-            .and_then(|it| it.map(|e| e.map(|e| e.file_name())).collect())
-            .map_err(|e| VolumeError::io("listing", dir, e))
-    };
     // Beside the copy, the files backend's own companions go (its manifest, stamps, replaced
     // copies of the primary's data). A tree it kept aside as diverged, or anything else, is not
     // deleted: the adoption stops and says so.
-    let siblings: Vec<_> = list(&sub)?.into_iter().filter(|n| n != "tree").collect();
+    let siblings: Vec<_> = names_in(&sub)?
+        .into_iter()
+        .filter(|n| n != "tree")
+        .collect();
     let foreign = not_hearths_own(&siblings);
     if !foreign.is_empty() {
         return Err(VolumeError::BadTarget {
@@ -333,7 +335,7 @@ pub fn adopt_first_copy(
         gone.map_err(|e| VolumeError::io("removing", &path, e))?;
     }
     // The tree may hold a top-level entry named `tree`: it moves under a name it does not hold.
-    let names = list(&tree)?;
+    let names = names_in(&tree)?;
     let mut n = 0u32;
     let holder = loop {
         let candidate = format!(".hearth-first-root.{n}");

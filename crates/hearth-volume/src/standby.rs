@@ -337,9 +337,13 @@ async fn connection(
             })
             .unwrap_or(false);
     let live_tree = current_live(&live, &st, changed).await?;
-    let btrfs_received = {
-        let l = first.as_ref().map_or(&live, |(_, l)| l).clone();
-        blocking(move || crate::link_btrfs::standby_received(&l)).await?
+    // A first copy was just found to have no received snapshot to go with it.
+    let btrfs_received = match &first {
+        Some(_) => Some(Vec::new()),
+        None => {
+            let l = live.clone();
+            blocking(move || crate::link_btrfs::standby_received(&l)).await?
+        }
     };
     if first.is_none() && btrfs_received.as_ref().is_some_and(|r| !r.is_empty()) {
         let (l, name) = (live.clone(), aside_name(&live, st.epoch, ""));

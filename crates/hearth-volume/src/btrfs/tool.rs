@@ -133,15 +133,20 @@ pub(crate) fn run(args: &[&OsStr]) -> Result<String, BtrfsError> {
 pub fn is_subvolume(path: &Path) -> Result<bool, BtrfsError> {
     let stat = rustix::fs::statfs(path)
         .map_err(|e| BtrfsError::io("checking the filesystem of", path, e.into()))?;
-    // `f_type` is a signed long on some targets; the magic number fits in 32 bits either way.
-    #[allow(clippy::unnecessary_cast)]
-    let magic = (stat.f_type as u64) & 0xffff_ffff;
-    if magic != BTRFS_SUPER_MAGIC {
+    if !is_btrfs(&stat) {
         return Err(BtrfsError::NotBtrfs { path: path.into() });
     }
     let meta =
         fs::symlink_metadata(path).map_err(|e| BtrfsError::io("reading metadata of", path, e))?;
     Ok(meta.is_dir() && meta.ino() == SUBVOL_ROOT_INO)
+}
+
+/// Whether `statfs` says btrfs.
+fn is_btrfs(stat: &rustix::fs::StatFs) -> bool {
+    // `f_type` is a signed long on some targets; the magic number fits in 32 bits either way.
+    #[allow(clippy::unnecessary_cast)]
+    let magic = (stat.f_type as u64) & 0xffff_ffff;
+    magic == BTRFS_SUPER_MAGIC
 }
 
 fn require_subvolume(path: &Path) -> Result<(), BtrfsError> {
@@ -573,31 +578,24 @@ pub fn set_received(path: &Path, uuid: &str, stransid: u64) -> Result<(), BtrfsE
 /// there, and checks on the open folder that it is a subvolume's root (so nothing can be swapped
 /// in between the check and the ioctl).
 fn open_subvolume(path: &Path) -> Result<fs::File, BtrfsError> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let dir = fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc_flags::NOFOLLOW_DIRECTORY)
-        .open(path)
-        .map_err(|e| BtrfsError::io("opening", path, e))?;
+    use rustix::fs::{Mode, OFlags};
+    let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let dir = fs::File::from(
+        rustix::fs::open(path, flags, Mode::empty())
+            .map_err(|e| BtrfsError::io("opening", path, e.into()))?,
+    );
+    let stat = rustix::fs::fstatfs(&dir)
+        .map_err(|e| BtrfsError::io("checking the filesystem of", path, e.into()))?;
+    if !is_btrfs(&stat) {
+        return Err(BtrfsError::NotBtrfs { path: path.into() });
+    }
     let meta = dir
         .metadata()
         .map_err(|e| BtrfsError::io("reading metadata of", path, e))?;
-    let on_btrfs = rustix::fs::fstatfs(&dir)
-        .map(|s| (s.f_type as u64) & 0xffff_ffff == BTRFS_SUPER_MAGIC)
-        .unwrap_or(false);
-    if !on_btrfs {
-        return Err(BtrfsError::NotBtrfs { path: path.into() });
-    }
     if meta.ino() != SUBVOL_ROOT_INO {
         return Err(BtrfsError::NotASubvolume { path: path.into() });
     }
     Ok(dir)
-}
-
-/// `O_NOFOLLOW | O_DIRECTORY`, from rustix so no libc dependency is needed.
-mod libc_flags {
-    pub(super) const NOFOLLOW_DIRECTORY: i32 =
-        (rustix::fs::OFlags::NOFOLLOW.bits() | rustix::fs::OFlags::DIRECTORY.bits()) as i32;
 }
 
 /// The 16 bytes of a UUID written as btrfs prints it.
