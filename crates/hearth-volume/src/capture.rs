@@ -6,7 +6,7 @@
 //! ctime moved; every directory is stat'ed again after the walk, and the walk is repeated (cheaply,
 //! through the [`CaptureCache`]) when one changed. Files that never hold still are reported.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::ffi::OsStr;
 use std::fs::{File, Metadata};
 use std::io::{self, Read, Seek, SeekFrom};
@@ -315,8 +315,65 @@ pub fn capture_streaming(
     root: &Path,
     opts: &CaptureOptions,
     cache: Option<&CaptureCache>,
-    mut sink: Option<Sink<'_>>,
+    sink: Option<Sink<'_>>,
 ) -> Result<Capture, VolumeError> {
+    let captured = capture_with(root, opts, cache, sink, None)?;
+    // Without a change set nothing makes the walk give up.
+    captured.ok_or_else(|| VolumeError::io("walking", root, io::Error::other("the walk gave up")))
+}
+
+/// What may have changed in a tree since an earlier capture of it, for [`capture_changes`]:
+/// everything else is taken from that capture without a look at the disk.
+pub struct Changes<'a> {
+    /// The earlier capture's tree.
+    pub base: &'a Manifest,
+    /// Directories whose entries may have been created, removed, renamed, written or re-stamped
+    /// (or whose own metadata changed): each is listed again and all its entries looked at.
+    pub dirs: &'a BTreeSet<Vec<u8>>,
+    /// Entries to look at again: each entry a watch saw change and the directory it is in
+    /// (whose own timestamps its change moved), files written through a shared mapping (which
+    /// no watch reports), and every name of a file with several names. A directory among them
+    /// that is new to the tree is listed all through; one that is gone is left out with all
+    /// below it.
+    pub paths: &'a BTreeSet<Vec<u8>>,
+    /// Which directories are watched, and the way to watch one more.
+    pub watch: &'a mut dyn DirWatch,
+}
+
+/// The watch a [`Changes`] relies on: it vouches for the directories it watches.
+pub trait DirWatch {
+    /// Whether directory `rel` has been watched since before it was last listed.
+    fn watched(&self, rel: &[u8]) -> bool;
+    /// Starts watching directory `rel`; called before a directory new to the tree is listed,
+    /// so that nothing changed in it after the listing goes unseen.
+    fn watch(&mut self, rel: &[u8]) -> io::Result<()>;
+}
+
+/// Captures the tree under `root` as [`capture_streaming`] does, looking only at what `changes`
+/// names (and at directories new since `changes.base`), and taking every other entry from
+/// `changes.base` and its files' chunks from `cache` (the cache of that capture).
+///
+/// `None` means the change set cannot vouch for the rest of the tree and the caller must walk
+/// it: a file with several names of which some lie in parts of the tree not looked at (or
+/// outside it), an entry whose folder is gone without its parent having changed, a watch that
+/// could not be added, or a mount point that appeared.
+pub fn capture_changes(
+    root: &Path,
+    opts: &CaptureOptions,
+    cache: &CaptureCache,
+    changes: &mut Changes<'_>,
+    sink: Option<Sink<'_>>,
+) -> Result<Option<Capture>, VolumeError> {
+    capture_with(root, opts, Some(cache), sink, Some(changes))
+}
+
+fn capture_with(
+    root: &Path,
+    opts: &CaptureOptions,
+    cache: Option<&CaptureCache>,
+    mut sink: Option<Sink<'_>>,
+    mut changes: Option<&mut Changes<'_>>,
+) -> Result<Option<Capture>, VolumeError> {
     let started_ns = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_nanos() as i128)
@@ -337,7 +394,14 @@ pub fn capture_streaming(
     loop {
         // Skipped entries are reported as the last walk saw them.
         report.skipped.clear();
-        let scan = scan_once(root, root_md.dev(), opts, &prev, &mut report, &mut sink)?;
+        let listing = match changes.as_deref_mut() {
+            None => list_tree(root, root_md.dev())?,
+            Some(c) => match list_changes(root, root_md.dev(), c, &prev)? {
+                Some(listing) => listing,
+                None => return Ok(None),
+            },
+        };
+        let scan = scan_once(root, opts, listing, &prev, &mut report, &mut sink)?;
         let mut changed = scan.vanished.clone();
         for (rel, stamp) in &scan.dirs {
             let abs = join(root, rel);
@@ -365,11 +429,11 @@ pub fn capture_streaming(
                     paths: report.unstable,
                 });
             }
-            return Ok(Capture {
+            return Ok(Some(Capture {
                 manifest: scan.manifest,
                 cache,
                 report,
-            });
+            }));
         }
         tracing::debug!(
             changed = changed.len(),
@@ -403,6 +467,9 @@ fn join(root: &Path, rel: &[u8]) -> PathBuf {
 #[derive(Default)]
 struct Listing {
     listed: Vec<(Vec<u8>, Metadata)>,
+    /// Entries taken from an earlier capture without a look (see [`capture_changes`]), in path
+    /// order; their files' chunks are in the cache that capture made.
+    trusted: Vec<Entry>,
     vanished: Vec<PathBuf>,
     skipped: Vec<(PathBuf, &'static str)>,
 }
@@ -520,6 +587,198 @@ fn list_tree(root: &Path, root_dev: u64) -> Result<Listing, VolumeError> {
     })
 }
 
+/// Lists what `changes` names and takes the rest of the tree from `changes.base` (see
+/// [`capture_changes`]); `None` when the change set cannot vouch for the rest.
+fn list_changes(
+    root: &Path,
+    root_dev: u64,
+    changes: &mut Changes<'_>,
+    prev: &CaptureCache,
+) -> Result<Option<Listing>, VolumeError> {
+    let base = changes.base;
+    let base_dir = |rel: &[u8]| {
+        base.entries
+            .binary_search_by(|e| e.path.as_slice().cmp(rel))
+            .is_ok_and(|i| base.entries[i].kind == EntryKind::Dir)
+    };
+    let rel_path = |rel: &[u8]| PathBuf::from(OsStr::from_bytes(rel));
+    let mut listing = Listing::default();
+    // Everything looked at, by path; the rest comes from the base.
+    let mut fresh: BTreeMap<Vec<u8>, Metadata> = BTreeMap::new();
+    // Directories listed from the disk: what the base says is in them is not used.
+    let mut relisted: HashSet<Vec<u8>> = HashSet::new();
+    let mut queue: VecDeque<Vec<u8>> = VecDeque::new();
+    let mut gone: HashSet<&[u8]> = HashSet::new();
+    for d in changes.dirs {
+        let abs = join(root, d);
+        match std::fs::symlink_metadata(&abs) {
+            Ok(md) if md.is_dir() => {
+                if md.dev() != root_dev {
+                    return Ok(None);
+                }
+                fresh.insert(d.clone(), md);
+                queue.push_back(d.clone());
+            }
+            // Gone, or no longer a directory: its parent changed too, and listing the parent
+            // finds what is there now.
+            Ok(_) => {}
+            Err(e) if gone_error(&e) => {}
+            Err(e) => return Err(VolumeError::io("inspecting", abs, e)),
+        }
+    }
+    for p in changes.paths {
+        let abs = join(root, p);
+        match std::fs::symlink_metadata(&abs) {
+            Ok(md) if md.dev() == root_dev => {
+                // A directory new to the tree (or not watched since before its last listing,
+                // as one deleted and made again under the same name) is listed all through.
+                if md.is_dir() && !(changes.watch.watched(p) && base_dir(p)) {
+                    queue.push_back(p.clone());
+                }
+                fresh.insert(p.clone(), md);
+            }
+            // A mount point appeared: the walk says what to do with it.
+            Ok(_) => return Ok(None),
+            // Gone: it is left out, with all below it.
+            Err(e) if gone_error(&e) => {
+                gone.insert(p.as_slice());
+            }
+            Err(e) => return Err(VolumeError::io("inspecting", abs, e)),
+        }
+    }
+    while let Some(d) = queue.pop_front() {
+        if !relisted.insert(d.clone()) {
+            continue;
+        }
+        // A directory the base does not hold, or one not watched since before its last
+        // listing (deleted and made again under the same name), is new: watched first, then
+        // listed all through.
+        if !(changes.watch.watched(&d) && base_dir(&d)) && changes.watch.watch(&d).is_err() {
+            return Ok(None);
+        }
+        let abs = join(root, &d);
+        let items = match std::fs::read_dir(&abs) {
+            Ok(items) => items,
+            Err(e) if gone_error(&e) => {
+                listing.vanished.push(rel_path(&d));
+                continue;
+            }
+            Err(e) => return Err(VolumeError::io("listing", abs, e)),
+        };
+        for item in items {
+            let item = item.ctx("listing", &abs)?;
+            let name = item.file_name();
+            let rel = if d.is_empty() {
+                name.as_bytes().to_vec()
+            } else {
+                [d.as_slice(), b"/", name.as_bytes()].concat()
+            };
+            let md = match std::fs::symlink_metadata(item.path()) {
+                Ok(md) => md,
+                Err(e) if gone_error(&e) => {
+                    listing.vanished.push(rel_path(&rel));
+                    continue;
+                }
+                Err(e) => return Err(VolumeError::io("inspecting", item.path(), e)),
+            };
+            if md.dev() != root_dev {
+                listing
+                    .skipped
+                    .push((rel_path(&rel), "mount point of another filesystem"));
+                continue;
+            }
+            if md.is_dir() && !(changes.watch.watched(&rel) && base_dir(&rel)) {
+                queue.push_back(rel.clone());
+            }
+            fresh.insert(rel, md);
+        }
+    }
+    // The directories of the new tree, so that an entry of the base is taken only when its
+    // folder is still there (and was not listed again).
+    let mut present: HashSet<&[u8]> = fresh
+        .iter()
+        .filter(|(_, md)| md.is_dir())
+        .map(|(p, _)| p.as_slice())
+        .collect();
+    for e in &base.entries {
+        if fresh.contains_key(&e.path) || gone.contains(e.path.as_slice()) {
+            continue;
+        }
+        if !e.path.is_empty() {
+            let parent = parent_of(&e.path);
+            if relisted.contains(parent) || !present.contains(parent) {
+                continue;
+            }
+        }
+        match &e.kind {
+            EntryKind::File { .. } if !prev.files.contains_key(&e.path) => return Ok(None),
+            // Every name of a file with several names must be looked at (`Changes::paths`).
+            EntryKind::HardLink { .. } => return Ok(None),
+            EntryKind::Dir => {
+                present.insert(&e.path);
+            }
+            _ => {}
+        }
+        listing.trusted.push(e.clone());
+    }
+    // An entry looked at must hang from a directory of the new tree.
+    if fresh
+        .keys()
+        .any(|p| !p.is_empty() && !present.contains(parent_of(p)))
+    {
+        return Ok(None);
+    }
+    // A file with several names: all of them must have been looked at, or the ones not looked
+    // at (elsewhere in the tree or outside it) may hold the name the manifest must describe.
+    let mut names: HashMap<(u64, u64), u64> = HashMap::new();
+    for md in fresh.values().filter(|md| md.is_file() && md.nlink() > 1) {
+        *names.entry((md.dev(), md.ino())).or_default() += 1;
+    }
+    if fresh
+        .values()
+        .filter(|md| md.is_file() && md.nlink() > 1)
+        .any(|md| names.get(&(md.dev(), md.ino())).copied().unwrap_or(0) < md.nlink())
+    {
+        return Ok(None);
+    }
+    listing.listed = fresh.into_iter().collect();
+    Ok(Some(listing))
+}
+
+/// An error that says the path no longer leads to anything: it was removed, or a folder on
+/// the way was replaced by a file.
+fn gone_error(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::NotFound | io::ErrorKind::NotADirectory
+    )
+}
+
+/// The folder part of a relative path (empty for a top-level entry).
+fn parent_of(rel: &[u8]) -> &[u8] {
+    match rel.iter().rposition(|&b| b == b'/') {
+        Some(i) => &rel[..i],
+        None => b"",
+    }
+}
+
+/// Adds an entry taken from an earlier capture, with its file's chunks from that capture's cache.
+fn take_trusted(
+    entry: Entry,
+    prev: &CaptureCache,
+    cached: &mut HashMap<Vec<u8>, CachedFile>,
+    entries: &mut Vec<Entry>,
+    report: &mut CaptureReport,
+) {
+    if matches!(entry.kind, EntryKind::File { .. }) {
+        if let Some(c) = prev.files.get(&entry.path) {
+            cached.insert(entry.path.clone(), c.clone());
+        }
+        report.files_reused += 1;
+    }
+    entries.push(entry);
+}
+
 /// The path an error of the walker is about, when it says.
 fn walk_error_path(e: &ignore::Error) -> Option<PathBuf> {
     match e {
@@ -534,25 +793,31 @@ fn walk_error_path(e: &ignore::Error) -> Option<PathBuf> {
 
 fn scan_once(
     root: &Path,
-    root_dev: u64,
     opts: &CaptureOptions,
+    listing: Listing,
     prev: &CaptureCache,
     report: &mut CaptureReport,
     sink: &mut Option<Sink<'_>>,
 ) -> Result<Scan, VolumeError> {
     let Listing {
         mut listed,
+        trusted,
         mut vanished,
         skipped,
-    } = list_tree(root, root_dev)?;
+    } = listing;
     report.skipped.extend(skipped);
     listed.sort_by(|a, b| a.0.cmp(&b.0));
 
-    let mut entries = Vec::with_capacity(listed.len());
+    let mut entries = Vec::with_capacity(listed.len() + trusted.len());
     let mut dirs = Vec::new();
     let mut cached = HashMap::new();
     let mut first_name: HashMap<(u64, u64), Vec<u8>> = HashMap::new();
+    let mut trusted = trusted.into_iter().peekable();
     for (rel, md) in listed {
+        // Entries taken from the earlier capture, in path order between the ones looked at.
+        while let Some(t) = trusted.next_if(|t| t.path < rel) {
+            take_trusted(t, prev, &mut cached, &mut entries, report);
+        }
         let abs = join(root, &rel);
         let rel_path = || PathBuf::from(OsStr::from_bytes(&rel));
         let ft = md.file_type();
@@ -659,6 +924,9 @@ fn scan_once(
             Err(e) => return Err(VolumeError::io("reading xattrs of", abs, e)),
         };
         entries.push(entry);
+    }
+    for t in trusted {
+        take_trusted(t, prev, &mut cached, &mut entries, report);
     }
     Ok(Scan {
         manifest: Manifest {

@@ -27,6 +27,7 @@ mod patch;
 pub mod primary;
 mod reuse;
 pub mod schedule;
+pub mod source_watch;
 pub mod standby;
 pub mod state;
 mod store;
@@ -37,8 +38,8 @@ pub use apply::{
     prune_previous, read_live_manifest, read_live_manifest_hashed, select_for_prune,
 };
 pub use capture::{
-    Capture, CaptureCache, CaptureOptions, CaptureReport, Sink, Streamed, UnstablePolicy, capture,
-    capture_streaming,
+    Capture, CaptureCache, CaptureOptions, CaptureReport, Changes, DirWatch, Sink, Streamed,
+    UnstablePolicy, capture, capture_changes, capture_streaming,
 };
 pub use diff::{ChunkWant, TransferPlan, missing_chunks, read_chunk};
 pub use error::VolumeError;

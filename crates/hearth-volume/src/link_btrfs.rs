@@ -804,6 +804,7 @@ async fn first_copies_to(
     tracing::info!(volume = %cfg.volume, snapshot = %snap.send_uuid(), standbys = targets.len(), "first copy by the files backend, adopted as the received snapshot");
     let mut files = cfg.clone();
     files.source = snap.path.clone();
+    files.watch = None;
     files.targets = targets;
     // Every snapshot is a new device to `stat`, with the same inode numbers.
     files.capture.ignore_device = true;

@@ -25,6 +25,7 @@ use crate::net::wire::{
     self, Applied, BtrfsFirst, Hello, MANIFEST_PART, Offer, PROTOCOL_VERSION, Request, Response,
     Welcome,
 };
+use crate::source_watch::{Pass, SourceWatch};
 use crate::standby::blocking;
 use crate::state::{self, PrimaryState, STATE_VERSION, Snapshot, VolumeDirs, VolumeLock, now_ms};
 
@@ -92,7 +93,14 @@ pub struct PushConfig {
     /// Set by the btrfs backend on the configuration of a first copy by the files backend (see
     /// above); `None` from every other caller.
     pub btrfs_first: Option<BtrfsFirst>,
+    /// files backend, long-running pushes: the watch on `source` that remembers the last capture
+    /// and which directories changed since, so a pass looks only at those
+    /// ([`crate::source_watch`]). `None` walks the whole tree on every pass.
+    pub watch: Option<SharedSourceWatch>,
 }
+
+/// A [`SourceWatch`] shared by the passes of one long-running push.
+pub type SharedSourceWatch = Arc<std::sync::Mutex<SourceWatch>>;
 
 /// What kind of sync happened.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -185,6 +193,8 @@ pub async fn push_once(cfg: &PushConfig, metrics: &Metrics) -> Result<PushReport
         Some(v) => {
             let mut from_view = cfg.clone();
             from_view.source = v.path().to_owned();
+            // Each pass reads a new snapshot, which nothing changes while it is read.
+            from_view.watch = None;
             // Every snapshot is a new device to `stat`, with the same inode numbers.
             from_view.capture.ignore_device = true;
             push_files(&from_view, metrics, &dirs).await
@@ -414,10 +424,19 @@ async fn capture_and_record(
     // The sender lives as long as the capture, which is how `forward` knows when to stop.
     let (tx, rx) = tokio::sync::mpsc::channel::<Request>(64);
     let stream_data = streams.iter().any(|s| s.fresh);
+    // A watch is for the tree it watches (the btrfs backend's first copy reads a snapshot).
+    let watch = cfg.watch.clone().filter(|w| {
+        w.lock()
+            .map(|w| w.root() == cfg.source.as_path())
+            .unwrap_or(false)
+    });
+    let volume = cfg.volume.clone();
     let capturing = blocking(move || {
-        let cache = std::fs::read(&cache_path)
-            .ok()
-            .and_then(|b| CaptureCache::decode(&b));
+        let load = || {
+            std::fs::read(&cache_path)
+                .ok()
+                .and_then(|b| CaptureCache::decode(&b))
+        };
         let mut open = true;
         let tx_for_data = tx.clone();
         let mut send = |ev: Streamed<'_>| {
@@ -439,11 +458,38 @@ async fn capture_and_record(
             open = tx.blocking_send(req).is_ok();
         };
         let sink: Option<Sink<'_>> = if stream_data { Some(&mut send) } else { None };
-        let cap = capture_streaming(&source, &opts, cache.as_ref(), sink)?;
+        let (cap, had_cache) = match &watch {
+            Some(watch) => {
+                let mut watch = watch.lock().map_err(|_| {
+                    VolumeError::io("watching", &source, io::Error::other("a push panicked"))
+                })?;
+                let mut had_cache = true;
+                let mut load_cache = || {
+                    let c = load();
+                    had_cache = c.is_some();
+                    c
+                };
+                let (cap, pass) = watch.capture(&opts, &mut load_cache, sink)?;
+                match &pass {
+                    Pass::Walked { reason, watching } => {
+                        tracing::info!(volume = %volume, reason = %reason, watching, "walked the whole volume")
+                    }
+                    Pass::Changes { paths } => {
+                        tracing::debug!(volume = %volume, paths, "looked only at what changed")
+                    }
+                }
+                (cap, had_cache)
+            }
+            None => {
+                let cache = load();
+                let cap = capture_streaming(&source, &opts, cache.as_ref(), sink)?;
+                (cap, cache.is_some())
+            }
+        };
         drop(tx);
         // Nothing was read: every file matched the stored cache, which therefore still describes
         // them all (entries of deleted files are never looked up), so it is not written again.
-        if cache.is_some() && cap.report.files_read == 0 {
+        if had_cache && cap.report.files_read == 0 {
             return Ok(cap);
         }
         // The cache only saves reading; failing to store it costs speed on the next run.
@@ -481,7 +527,7 @@ async fn capture_and_record(
     st.version = STATE_VERSION;
     st.record_snapshot(snapshot.clone(), cfg.keep);
     state::save(&dirs.primary(), &st)?;
-    tracing::info!(volume = %cfg.volume, tree = %tree_hash, files_read = cap.report.files_read, files_reused = cap.report.files_reused, "captured");
+    tracing::info!(volume = %cfg.volume, tree = %tree_hash, files_read = cap.report.files_read, bytes_read = cap.report.bytes_read, files_reused = cap.report.files_reused, "captured");
     Ok((snapshot, cap.report, manifest, encoded, tree_hash))
 }
 

@@ -31,7 +31,7 @@ use crate::manifest::{EntryKind, Manifest, TreeHash};
 /// a shared mapping are not reported; this bounds how long one can go unnoticed).
 pub const TRUST_FOR: Duration = Duration::from_secs(3600);
 
-fn mask() -> WatchMask {
+pub(crate) fn mask() -> WatchMask {
     WatchMask::MODIFY
         | WatchMask::ATTRIB
         | WatchMask::CLOSE_WRITE
@@ -45,18 +45,128 @@ fn mask() -> WatchMask {
         | WatchMask::ONLYDIR
 }
 
-/// A watch on every directory of one applied tree.
-pub struct LiveWatch {
+/// Watches on directories of one tree, each known by its path relative to the tree's root (the
+/// root is the empty path). The standby's [`LiveWatch`] and the primary's source watch
+/// (`source_watch.rs`) are both built on it.
+pub(crate) struct DirWatches {
     inotify: Inotify,
-    /// The tree hash of the manifest the watched tree was applied from.
-    tree: TreeHash,
-    /// Device and inode of the tree's root directory.
-    root: (u64, u64),
     /// Relative path of each watched directory.
     dirs: HashMap<WatchDescriptor, Vec<u8>>,
     by_path: HashMap<Vec<u8>, WatchDescriptor>,
     /// Watches removed on purpose: their `IGNORED` events are expected.
     removed: HashSet<WatchDescriptor>,
+}
+
+/// What [`DirWatches::drain`] hands on.
+pub(crate) enum Seen<'a> {
+    /// Something changed in the watched directory `dir`: the entry `name`, or with no name the
+    /// directory itself (including its deletion, after which it is no longer watched).
+    Change {
+        dir: &'a [u8],
+        name: Option<&'a OsStr>,
+        mask: EventMask,
+    },
+    /// Changes may have been missed, for this reason.
+    Lost(String),
+}
+
+impl DirWatches {
+    pub(crate) fn new() -> io::Result<Self> {
+        Ok(DirWatches {
+            inotify: Inotify::init()?,
+            dirs: HashMap::new(),
+            by_path: HashMap::new(),
+            removed: HashSet::new(),
+        })
+    }
+
+    /// Watches directory `rel` under `root`. Fails when the watch limit is reached
+    /// (`fs.inotify.max_user_watches`) or the path is not a directory.
+    pub(crate) fn add(&mut self, root: &Path, rel: &[u8]) -> io::Result<()> {
+        let wd = self.inotify.watches().add(join(root, rel), mask())?;
+        self.dirs.insert(wd.clone(), rel.to_vec());
+        self.by_path.insert(rel.to_vec(), wd);
+        Ok(())
+    }
+
+    /// Stops watching a directory.
+    pub(crate) fn remove(&mut self, rel: &[u8]) {
+        if let Some(wd) = self.by_path.remove(rel) {
+            self.dirs.remove(&wd);
+            // A watch on a directory already deleted is gone by itself; nothing to undo.
+            let _ = self.inotify.watches().remove(wd.clone());
+            self.removed.insert(wd);
+        }
+    }
+
+    /// Whether directory `rel` is watched.
+    pub(crate) fn contains(&self, rel: &[u8]) -> bool {
+        self.by_path.contains_key(rel)
+    }
+
+    /// How many directories are watched.
+    pub(crate) fn len(&self) -> usize {
+        self.dirs.len()
+    }
+
+    /// Reads the pending events without waiting and hands each on.
+    pub(crate) fn drain(&mut self, mut seen: impl FnMut(Seen<'_>)) {
+        let mut buf = [0u8; 16 * 1024];
+        loop {
+            let events = match self.inotify.read_events(&mut buf) {
+                Ok(events) => events,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    seen(Seen::Lost(format!("reading its events failed: {e}")));
+                    return;
+                }
+            };
+            let mut any = false;
+            for ev in events {
+                any = true;
+                if ev.mask.contains(EventMask::Q_OVERFLOW) {
+                    seen(Seen::Lost("too many changes to follow".into()));
+                    continue;
+                }
+                if self.removed.contains(&ev.wd) {
+                    // An event still queued for a watch removed on purpose.
+                    continue;
+                }
+                if ev.mask.contains(EventMask::IGNORED) {
+                    // The directory is gone (or its filesystem was unmounted): the watch ended.
+                    if let Some(dir) = self.dirs.remove(&ev.wd) {
+                        self.by_path.remove(&dir);
+                        seen(Seen::Change {
+                            dir: &dir,
+                            name: None,
+                            mask: ev.mask,
+                        });
+                    }
+                    continue;
+                }
+                match self.dirs.get(&ev.wd) {
+                    Some(dir) => seen(Seen::Change {
+                        dir,
+                        name: ev.name,
+                        mask: ev.mask,
+                    }),
+                    None => seen(Seen::Lost("an event for an unknown watch".into())),
+                }
+            }
+            if !any {
+                return;
+            }
+        }
+    }
+}
+
+/// A watch on every directory of one applied tree.
+pub struct LiveWatch {
+    watches: DirWatches,
+    /// The tree hash of the manifest the watched tree was applied from.
+    tree: TreeHash,
+    /// Device and inode of the tree's root directory.
+    root: (u64, u64),
     since: Instant,
     /// Why the tree can no longer be trusted, once something was seen.
     dirty: Option<String>,
@@ -68,7 +178,7 @@ impl std::fmt::Debug for LiveWatch {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("LiveWatch")
             .field("tree", &self.tree)
-            .field("dirs", &self.dirs.len())
+            .field("dirs", &self.watches.len())
             .field("dirty", &self.dirty)
             .finish()
     }
@@ -81,12 +191,9 @@ impl LiveWatch {
     pub fn start(root: &Path, manifest: &Manifest, tree: TreeHash) -> io::Result<Self> {
         let md = std::fs::symlink_metadata(root)?;
         let mut w = LiveWatch {
-            inotify: Inotify::init()?,
+            watches: DirWatches::new()?,
             tree,
             root: (md.dev(), md.ino()),
-            dirs: HashMap::new(),
-            by_path: HashMap::new(),
-            removed: HashSet::new(),
             since: Instant::now(),
             dirty: None,
             told: false,
@@ -101,73 +208,36 @@ impl LiveWatch {
 
     /// Watches one more directory of the tree (one apply just created).
     pub(crate) fn add_dir(&mut self, root: &Path, rel: &[u8]) -> io::Result<()> {
-        let wd = self.inotify.watches().add(join(root, rel), mask())?;
-        self.dirs.insert(wd.clone(), rel.to_vec());
-        self.by_path.insert(rel.to_vec(), wd);
-        Ok(())
+        self.watches.add(root, rel)
     }
 
     /// Stops watching a directory apply moved out of the tree.
     pub(crate) fn remove_dir(&mut self, rel: &[u8]) {
-        if let Some(wd) = self.by_path.remove(rel) {
-            self.dirs.remove(&wd);
-            // A watch on a directory already deleted is gone by itself; nothing to undo.
-            let _ = self.inotify.watches().remove(wd.clone());
-            self.removed.insert(wd);
-        }
+        self.watches.remove(rel);
     }
 
     /// Reads the pending events. Any event on a path outside `expected` (the paths apply itself
     /// changed; the root is the empty path) makes the tree untrusted.
     pub(crate) fn drain(&mut self, expected: &HashSet<&[u8]>) {
-        let mut buf = [0u8; 16 * 1024];
-        loop {
-            let events = match self.inotify.read_events(&mut buf) {
-                Ok(events) => events,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(e) => {
-                    self.dirty
-                        .get_or_insert(format!("reading its events failed: {e}"));
-                    return;
-                }
-            };
-            let mut any = false;
-            for ev in events {
-                any = true;
-                if ev.mask.contains(EventMask::Q_OVERFLOW) {
-                    self.dirty
-                        .get_or_insert("too many changes to follow".into());
-                    continue;
-                }
-                if ev.mask.contains(EventMask::IGNORED) && self.removed.contains(&ev.wd) {
-                    continue;
-                }
-                let Some(dir) = self.dirs.get(&ev.wd) else {
-                    // An event still queued for a watch removed on purpose.
-                    if self.removed.contains(&ev.wd) {
-                        continue;
-                    }
-                    self.dirty
-                        .get_or_insert("an event for an unknown watch".into());
-                    continue;
-                };
-                let path = match ev.name {
+        let dirty = &mut self.dirty;
+        self.watches.drain(|seen| match seen {
+            Seen::Lost(why) => {
+                dirty.get_or_insert(why);
+            }
+            Seen::Change { dir, name, mask } => {
+                let path = match name {
                     Some(name) if dir.is_empty() => name.as_bytes().to_vec(),
-                    Some(name) => [dir.as_slice(), b"/", name.as_bytes()].concat(),
-                    None => dir.clone(),
+                    Some(name) => [dir, b"/", name.as_bytes()].concat(),
+                    None => dir.to_vec(),
                 };
                 if !expected.contains(path.as_slice()) {
-                    self.dirty.get_or_insert(format!(
-                        "{} changed ({:?})",
+                    dirty.get_or_insert(format!(
+                        "{} changed ({mask:?})",
                         OsStr::from_bytes(&path).to_string_lossy(),
-                        ev.mask
                     ));
                 }
             }
-            if !any {
-                return;
-            }
-        }
+        });
     }
 
     /// Whether the tree at `live` can be trusted to be exactly as it was applied from the

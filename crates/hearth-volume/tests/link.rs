@@ -48,6 +48,7 @@ fn primary(dir: &Path, name: &str, identity: &Identity, target: Target, epoch: u
         sender: name.into(),
         btrfs_first_by_files: true,
         btrfs_first: None,
+        watch: None,
     }
 }
 

@@ -70,6 +70,7 @@ impl Sides {
             sender: "p".into(),
             btrfs_first_by_files: true,
             btrfs_first: None,
+            watch: None,
         }
     }
 

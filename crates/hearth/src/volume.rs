@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow};
@@ -11,6 +12,7 @@ use hearth_volume::metrics::Metrics;
 use hearth_volume::net::identity::{Identity, PeerId};
 use hearth_volume::primary::{Backend, PushConfig, PushReport, Target, push_once, verify};
 use hearth_volume::schedule::{ChangeWatcher, LoopState, Next, Schedule, next};
+use hearth_volume::source_watch::SourceWatch;
 use hearth_volume::standby::{ServeConfig, serve};
 use hearth_volume::state::{self, PrimaryState, StandbyState, VolumeDirs, now_ms};
 use hearth_volume::{CaptureOptions, UnstablePolicy};
@@ -135,6 +137,11 @@ struct PushArgs {
     /// Quiet period for `--continuous`.
     #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = humantime::parse_duration)]
     quiet: Duration,
+    /// With `--every` or `--continuous`, files backend: walk the whole volume at least this often.
+    /// Between walks, a watch on its folders tells each pass what changed, and only that is
+    /// looked at (docs/volume.md, "Watching instead of walking"). `0` walks on every pass.
+    #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = humantime::parse_duration)]
+    walk_every: Duration,
     /// Snapshots kept in the history (each standby's last common one is kept besides).
     #[arg(long, default_value_t = 10)]
     keep: usize,
@@ -422,6 +429,7 @@ fn push_config(p: &PushArgs) -> Result<PushConfig, Failure> {
         sender,
         btrfs_first_by_files: !p.btrfs_full_stream,
         btrfs_first: None,
+        watch: None,
     })
 }
 
@@ -452,7 +460,7 @@ fn print_report(r: &PushReport) -> bool {
 }
 
 async fn push_cmd(p: PushArgs) -> Result<ExitCode, Failure> {
-    let cfg = push_config(&p)?;
+    let mut cfg = push_config(&p)?;
     let (metrics, _metrics_server) = start_metrics(p.metrics.as_deref()).await?;
     let schedule = Schedule {
         every: if p.continuous {
@@ -471,6 +479,16 @@ async fn push_cmd(p: PushArgs) -> Result<ExitCode, Failure> {
             ExitCode::FAILURE
         });
     }
+    if !p.walk_every.is_zero() {
+        cfg.watch = Some(Arc::new(Mutex::new(SourceWatch::new(
+            &cfg.source,
+            p.walk_every,
+        ))));
+    }
+    // `kill -USR1` starts a pass at once (zrepl's `signal wakeup`): before maintenance, or to
+    // measure one pass of a long-running push.
+    let mut wakeup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1())
+        .context("listen for SIGUSR1")?;
     let mut watcher = if p.continuous {
         Some(
             ChangeWatcher::new(&cfg.source)
@@ -515,6 +533,10 @@ async fn push_cmd(p: PushArgs) -> Result<ExitCode, Failure> {
                 tokio::select! {
                     () = sleep => {}
                     () = &mut shutdown => return Ok(ExitCode::SUCCESS),
+                    _ = wakeup.recv() => {
+                        tracing::info!(volume = %cfg.volume, "woken up by SIGUSR1: pushing now");
+                        due_now = true;
+                    }
                     () = async {
                         match watcher.as_mut() {
                             Some(w) => w.changed().await,
@@ -557,6 +579,7 @@ async fn verify_cmd(
         sender: "verify".into(),
         btrfs_first_by_files: true,
         btrfs_first: None,
+        watch: None,
     };
     let mut all_equal = true;
     for t in &cfg.targets {

@@ -527,3 +527,54 @@ fn continuous_push_follows_changes_and_both_sides_serve_metrics() {
     assert_eq!(push.wait().unwrap().code(), Some(0));
     kill9(&mut serve);
 }
+
+#[test]
+fn a_repeating_push_walks_once_then_follows_its_watch_and_wakes_on_sigusr1() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Setup::new(dir.path());
+    fs::create_dir_all(s.src.join("conf/d")).unwrap();
+    fs::write(s.src.join("conf/d/a"), b"one").unwrap();
+    fs::write(s.src.join("keep"), b"kept").unwrap();
+    let mut serve = s.serve();
+    let log = dir.path().join("push.log");
+    let mut push = s
+        .push_cmd(&["--every", "1h"])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    assert!(eventually(20, || tree(&s.live) == tree(&s.src)));
+    // Changes an hour before the next pass is due: only SIGUSR1 makes it happen now.
+    fs::write(s.src.join("conf/d/a"), b"two").unwrap();
+    fs::create_dir(s.src.join("new")).unwrap();
+    fs::write(s.src.join("new/b"), b"three").unwrap();
+    fs::remove_file(s.src.join("keep")).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_ne!(tree(&s.live), tree(&s.src));
+    let pid = push.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-USR1", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    assert!(
+        eventually(20, || tree(&s.live) == tree(&s.src)),
+        "the standby did not follow the change"
+    );
+    // The second pass looked only at what the watch saw change.
+    let text = fs::read_to_string(&log).unwrap();
+    assert_eq!(text.matches("walked the whole volume").count(), 1, "{text}");
+    assert!(text.contains("woken up by SIGUSR1"), "{text}");
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    assert!(eventually(10, || push.try_wait().unwrap().is_some()));
+    kill9(&mut serve);
+}
