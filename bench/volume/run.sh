@@ -83,12 +83,12 @@ fi
 size_bytes() { python3 -B -c 'import sys; sys.path.insert(0, sys.argv[2]); g = __import__("gen-tree"); print(g.parse_size(sys.argv[1]))' "$1" "$here"; }
 TREE_BYTES=$(size_bytes "$BYTES")
 
-# Room: the files section holds at most the source, two rsync copies, hearth's copy and its chunk store
+# Room: the files section holds at most the source, two rsync copies, hearth's two copies and a chunk store
 # (tar's copy is removed before they start); the btrfs section's images grow to the primary's volume plus three
 # copies on the standby. Refuse up front rather than fill a shared disk.
 mkdir -p "$WORK"
 need=0
-[[ $ONLY != btrfs ]] && need=$((TREE_BYTES * 5))
+[[ $ONLY != btrfs ]] && need=$((TREE_BYTES * 6))
 [[ $ONLY != files ]] && need=$((need > TREE_BYTES * 5 ? need : TREE_BYTES * 5))
 avail=$(($(df --output=avail -B1 "$WORK" | tail -1)))
 if ((avail < need + (1 << 30))); then
@@ -335,11 +335,49 @@ hearth_push() {  # $1 NAME=PATH of the volume, $2 the standby's filesystem to fl
 }
 # files backend on the machine's own filesystem.
 run_hearth_files() { hearth_push "files=$FILES_SRC" "$FILES_DST_HEARTH"; }
+# The same source pushed by a repeating push (`--every 1h`, so only SIGUSR1 starts a pass), which watches
+# it between passes (docs/volume.md, "Watching instead of walking"), as volume files-watch into its own
+# standby folder. A pass is timed from the signal until the push's own metrics count one more finished
+# sync (polled every 10 ms), then the standby's filesystem is flushed as for the others. The first pass is
+# timed from the start of the process, and walks.
+HEARTH_WATCH_METRICS=9478
+hearth_watch_count() {
+    ip netns exec "$NS_P" curl -s "127.0.0.1:$HEARTH_WATCH_METRICS/metrics" 2>/dev/null |
+        awk '/^hearth_volume_sync_duration_seconds_count[{]volume="files-watch"[}]/ { print $2 }'
+}
+hearth_watch_wait() {  # $1: the count to exceed
+    local n i
+    for i in $(seq 30000); do
+        n=$(hearth_watch_count)
+        [[ -n "$n" && "$n" -gt "$1" ]] && return 0
+        sleep 0.01
+    done
+    echo "the repeating push did not finish a pass" >&2
+    return 1
+}
+run_hearth_watch_first() {
+    if [[ "${HEARTH_VOLUME_READY:-0}" != 1 ]]; then
+        echo "hearth volume push not yet available" >&2
+        exit 3
+    fi
+    ip netns exec "$NS_P" "$HEARTH" volume push --identity "$HEARTH_DIR/p-id" --state "$HEARTH_DIR/p-state" \
+        --volume "files-watch=$FILES_SRC" --to "$A_S:$HEARTH_PORT=$HEARTH_S_ID" --every 1h \
+        --metrics "127.0.0.1:$HEARTH_WATCH_METRICS" >>"$HEARTH_DIR/watch.log" 2>&1 &
+    echo $! >"$HEARTH_DIR/watch.pid"
+    hearth_watch_wait 0 && sync -f "$FILES_DST_WATCH"
+}
+run_hearth_watch_pass() {
+    local before
+    before=$(hearth_watch_count)
+    kill -USR1 "$(cat "$HEARTH_DIR/watch.pid")"
+    hearth_watch_wait "$before" && sync -f "$FILES_DST_WATCH"
+}
 # The subvolume: `push --backend auto` (the default) picks the btrfs backend.
 run_hearth_btrfs() { hearth_push "btrfs=$MP/vol" "$MS"; }
 # <<< end of hearth invocations <<<
-export -f hearth_push run_hearth_files run_hearth_btrfs
-export NS_P NS_S A_P A_S HEARTH_PORT
+export -f hearth_push run_hearth_files run_hearth_btrfs hearth_watch_count hearth_watch_wait \
+    run_hearth_watch_first run_hearth_watch_pass
+export NS_P NS_S A_P A_S HEARTH_PORT HEARTH_WATCH_METRICS
 
 gen() { python3 "$here/gen-tree.py" "$@" 2>>"$LOG"; tail -n 1 "$LOG" >&2; }
 
@@ -348,7 +386,8 @@ files_section() {
     local F=$WORK/files
     FILES_SRC=$F/src
     FILES_DST_HEARTH=$F/hearth/vol
-    export FILES_SRC FILES_DST_HEARTH
+    FILES_DST_WATCH=$F/hearth-watch/vol
+    export FILES_SRC FILES_DST_HEARTH FILES_DST_WATCH
     mkdir -p "$F/rsyncd" "$F/rsync-ssh" "$F/tar" "$F/hearth"
     say "files: generating $FILES files / $BYTES in $FILES_SRC"
     gen create "$FILES_SRC" --seed "$SEED" --files "$FILES" --bytes "$BYTES"
@@ -369,7 +408,8 @@ EOF
     ip netns exec "$NS_S" rsync --daemon --no-detach --config="$F/rsyncd.conf" --log-file="$F/rsyncd.log" &
     BG_PIDS+=($!)
     start_sshd
-    setup_hearth files "$FILES_DST_HEARTH"
+    mkdir -p "$F/hearth-watch"
+    HEARTH_SERVE_ARGS="--volume files-watch=$FILES_DST_WATCH" setup_hearth files "$FILES_DST_HEARTH"
     local sync_dst="sync -f $F"
     local c_tar c_rd c_rs
     c_tar=$(pipe_cmd 9100 "tar -x -C $F/tar" "tar -c -C $FILES_SRC ." "$F")
@@ -381,21 +421,25 @@ EOF
     measure_once "rsync daemon" first "$c_rd"
     ((HAVE_SSH)) && measure_once "rsync over ssh" first "$c_rs"
     measure_once "hearth (files)" first "run_hearth_files first"
+    measure_once "hearth (files, push --every)" first "run_hearth_watch_first"
 
     say "files: mutating 1% of the files"
     gen mutate "$FILES_SRC" --seed "$SEED" --round 1
     measure_once "rsync daemon" "1% changed" "$c_rd"
     ((HAVE_SSH)) && measure_once "rsync over ssh" "1% changed" "$c_rs"
     measure_once "hearth (files)" "1% changed" "run_hearth_files changed"
+    measure_once "hearth (files, push --every)" "1% changed" "run_hearth_watch_pass"
 
     measure_repeat "rsync daemon" "no change" "$c_rd"
     ((HAVE_SSH)) && measure_repeat "rsync over ssh" "no change" "$c_rs"
     measure_repeat "hearth (files)" "no change" "run_hearth_files unchanged"
+    measure_repeat "hearth (files, push --every)" "no change" "run_hearth_watch_pass"
+    [[ -f "${HEARTH_DIR:-}/watch.pid" ]] && { kill "$(cat "$HEARTH_DIR/watch.pid")" 2>/dev/null || true; }
     ((HAVE_SSH)) || row "rsync over ssh" all "left out: no sshd" "-"
 
     # The copies must equal the source, or the times mean nothing: a dry run that would change nothing.
     local dst
-    for dst in "$F/rsyncd" "$F/rsync-ssh" "$([[ $HEARTH_VOLUME_READY == 1 ]] && echo "$FILES_DST_HEARTH")"; do
+    for dst in "$F/rsyncd" "$F/rsync-ssh" $([[ $HEARTH_VOLUME_READY == 1 ]] && echo "$FILES_DST_HEARTH $FILES_DST_WATCH"); do
         [[ -n "$dst" && -d "$dst" ]] || continue
         ((HAVE_SSH)) || [[ $dst != "$F/rsync-ssh" ]] || continue
         if [[ -n "$(rsync -a --delete --dry-run --itemize-changes "$FILES_SRC/" "$dst/" | grep -v '^\.d..t' || true)" ]]; then
@@ -513,7 +557,7 @@ echo
 echo "hearth's functions as run (\`bash -c 'run_hearth_… PASS'\`):"
 echo
 echo '```sh'
-declare -f hearth_push run_hearth_files run_hearth_btrfs
+declare -f hearth_push run_hearth_files run_hearth_btrfs hearth_watch_count hearth_watch_wait run_hearth_watch_first run_hearth_watch_pass
 echo '```'
 echo
 echo "Load average at the end: $(cut -d' ' -f1-3 /proc/loadavg); total time $(($(date +%s) - start)) s."

@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use inotify::EventMask;
 
 use crate::capture::{
-    Capture, CaptureCache, CaptureOptions, Changes, DirWatch, Sink, capture_changes,
+    Capture, CaptureCache, CaptureOptions, CaptureReport, Changes, DirWatch, Sink, capture_changes,
     capture_streaming,
 };
 use crate::error::VolumeError;
@@ -308,6 +308,19 @@ impl Watching {
                     .filter(|(_, _, ino, ..)| mapped.contains(ino))
                     .map(|(p, ..)| p.to_vec()),
             );
+        }
+        if paths.is_empty() {
+            // Nothing to look at: the tree is the last capture's, as it was.
+            let report = CaptureReport {
+                files_reused: self.cache.len() as u64,
+                ..CaptureReport::default()
+            };
+            let cap = Capture {
+                manifest: self.base.clone(),
+                cache: self.cache.clone(),
+                report,
+            };
+            return Ok(Some((cap, Pass::Changes { paths: 0 })));
         }
         let dirs = BTreeSet::new();
         let mut watch = WatchAdapter {
