@@ -79,6 +79,9 @@ pub struct CaptureReport {
     pub skipped: Vec<(PathBuf, &'static str)>,
     /// How often the walk was repeated because directories changed during it.
     pub rescans: u32,
+    /// Regular files looked at that have more than one name (hard links, inside the tree or
+    /// outside it), by path relative to the root.
+    pub several_names: Vec<Vec<u8>>,
 }
 
 /// The result of [`capture`].
@@ -132,6 +135,18 @@ impl CaptureCache {
         } else {
             Self::FINE_RACY_MARGIN_NS
         }
+    }
+
+    /// Files whose recorded stamp a later capture would not trust, because they changed within
+    /// the racy margin of this capture's start: a capture that looks only at what a watch saw
+    /// change must look at them again, as a walk would.
+    pub(crate) fn racy_paths(&self) -> impl Iterator<Item = &[u8]> {
+        self.files
+            .iter()
+            .filter(|(_, f)| {
+                f.stamp.ctime_ns >= self.started_ns - Self::racy_margin_ns(f.stamp.ctime_ns)
+            })
+            .map(|(p, _)| p.as_slice())
     }
 
     /// Number of files remembered.
@@ -342,8 +357,10 @@ pub struct Changes<'a> {
 
 /// The watch a [`Changes`] relies on: it vouches for the directories it watches.
 pub trait DirWatch {
-    /// Whether directory `rel` has been watched since before it was last listed.
-    fn watched(&self, rel: &[u8]) -> bool;
+    /// Whether directory `rel`, now the directory with inode number `ino`, has been watched
+    /// since before it was last listed (a folder deleted and made again under the same name is
+    /// another inode, and not watched, even while the old one's watch lingers).
+    fn watched(&self, rel: &[u8], ino: u64) -> bool;
     /// Starts watching directory `rel`; called before a directory new to the tree is listed,
     /// so that nothing changed in it after the listing goes unseen.
     fn watch(&mut self, rel: &[u8]) -> io::Result<()>;
@@ -394,6 +411,7 @@ fn capture_with(
     loop {
         // Skipped entries are reported as the last walk saw them.
         report.skipped.clear();
+        report.several_names.clear();
         let listing = match changes.as_deref_mut() {
             None => list_tree(root, root_md.dev())?,
             Some(c) => match list_changes(root, root_md.dev(), c, &prev)? {
@@ -607,7 +625,9 @@ fn list_changes(
     let mut fresh: BTreeMap<Vec<u8>, Metadata> = BTreeMap::new();
     // Directories listed from the disk: what the base says is in them is not used.
     let mut relisted: HashSet<Vec<u8>> = HashSet::new();
-    let mut queue: VecDeque<Vec<u8>> = VecDeque::new();
+    // Directories to list, with whether each is new (not watched since before its last
+    // listing: it is watched first, then listed all through).
+    let mut queue: VecDeque<(Vec<u8>, bool)> = VecDeque::new();
     let mut gone: HashSet<&[u8]> = HashSet::new();
     for d in changes.dirs {
         let abs = join(root, d);
@@ -616,8 +636,9 @@ fn list_changes(
                 if md.dev() != root_dev {
                     return Ok(None);
                 }
+                let new = !(changes.watch.watched(d, md.ino()) && base_dir(d));
                 fresh.insert(d.clone(), md);
-                queue.push_back(d.clone());
+                queue.push_back((d.clone(), new));
             }
             // Gone, or no longer a directory: its parent changed too, and listing the parent
             // finds what is there now.
@@ -632,8 +653,8 @@ fn list_changes(
             Ok(md) if md.dev() == root_dev => {
                 // A directory new to the tree (or not watched since before its last listing,
                 // as one deleted and made again under the same name) is listed all through.
-                if md.is_dir() && !(changes.watch.watched(p) && base_dir(p)) {
-                    queue.push_back(p.clone());
+                if md.is_dir() && !(changes.watch.watched(p, md.ino()) && base_dir(p)) {
+                    queue.push_back((p.clone(), true));
                 }
                 fresh.insert(p.clone(), md);
             }
@@ -646,14 +667,14 @@ fn list_changes(
             Err(e) => return Err(VolumeError::io("inspecting", abs, e)),
         }
     }
-    while let Some(d) = queue.pop_front() {
+    while let Some((d, new)) = queue.pop_front() {
         if !relisted.insert(d.clone()) {
             continue;
         }
         // A directory the base does not hold, or one not watched since before its last
         // listing (deleted and made again under the same name), is new: watched first, then
         // listed all through.
-        if !(changes.watch.watched(&d) && base_dir(&d)) && changes.watch.watch(&d).is_err() {
+        if new && changes.watch.watch(&d).is_err() {
             return Ok(None);
         }
         let abs = join(root, &d);
@@ -687,8 +708,8 @@ fn list_changes(
                     .push((rel_path(&rel), "mount point of another filesystem"));
                 continue;
             }
-            if md.is_dir() && !(changes.watch.watched(&rel) && base_dir(&rel)) {
-                queue.push_back(rel.clone());
+            if md.is_dir() && !(changes.watch.watched(&rel, md.ino()) && base_dir(&rel)) {
+                queue.push_back((rel.clone(), true));
             }
             fresh.insert(rel, md);
         }
@@ -734,10 +755,18 @@ fn list_changes(
     for md in fresh.values().filter(|md| md.is_file() && md.nlink() > 1) {
         *names.entry((md.dev(), md.ino())).or_default() += 1;
     }
-    if fresh
+    let short: HashSet<u64> = fresh
         .values()
         .filter(|md| md.is_file() && md.nlink() > 1)
-        .any(|md| names.get(&(md.dev(), md.ino())).copied().unwrap_or(0) < md.nlink())
+        .filter(|md| names.get(&(md.dev(), md.ino())).copied().unwrap_or(0) < md.nlink())
+        .map(|md| md.ino())
+        .collect();
+    // Names not looked at may lie outside the tree (fine: a walk would not see them either) or
+    // be entries taken from the base, which the last capture's cache knows by inode number.
+    if !short.is_empty()
+        && prev
+            .identities()
+            .any(|(p, _, ino, ..)| short.contains(&ino) && !fresh.contains_key(p))
     {
         return Ok(None);
     }
@@ -832,6 +861,9 @@ fn scan_once(
             xattrs: Vec::new(),
         };
         if ft.is_file() {
+            if md.nlink() > 1 {
+                report.several_names.push(rel.clone());
+            }
             if md.nlink() > 1
                 && let Some(target) = first_name.get(&(md.dev(), md.ino()))
             {

@@ -34,7 +34,7 @@ use crate::capture::{
     capture_streaming,
 };
 use crate::error::VolumeError;
-use crate::manifest::{EntryKind, Manifest};
+use crate::manifest::Manifest;
 use crate::watch::{DirWatches, Seen};
 
 /// The default longest time between two walks of a watched volume.
@@ -125,6 +125,8 @@ pub struct SourceWatch {
     root: PathBuf,
     walk_every: Duration,
     on: Option<Watching>,
+    /// Whether a failure to start the watch was logged (it is tried again at every walk).
+    told_cannot_watch: bool,
 }
 
 impl fmt::Debug for SourceWatch {
@@ -138,6 +140,8 @@ impl fmt::Debug for SourceWatch {
 
 struct Watching {
     watches: DirWatches,
+    /// The root with every symlink resolved, as `/proc/self/mountinfo` names mount points.
+    canonical_root: PathBuf,
     /// Device and inode of the root directory when the watch started.
     root_id: (u64, u64),
     /// When the walk the watch started with began.
@@ -149,8 +153,14 @@ struct Watching {
     /// The last capture's tree and cache: what a pass that looks only at changes starts from.
     base: Manifest,
     cache: CaptureCache,
-    /// Every name of each file with several names in `base`.
+    /// Files with several names (hard links, inside the volume or outside it): a change made
+    /// through another name is heard of only in that name's folder, if at all.
     linked: BTreeSet<Vec<u8>>,
+    /// Files the last capture read within the racy margin of its start (see
+    /// `CaptureCache::racy_paths`): looked at again until a capture finds them settled.
+    recheck: BTreeSet<Vec<u8>>,
+    /// The mount points at or below the root when the watch started (mounts raise no events).
+    mounts: Vec<Vec<u8>>,
     /// Whether processes with unreadable mappings were warned about.
     told_unreadable: bool,
 }
@@ -163,6 +173,7 @@ impl SourceWatch {
             root: root.to_owned(),
             walk_every,
             on: None,
+            told_cannot_watch: false,
         }
     }
 
@@ -187,6 +198,19 @@ impl SourceWatch {
             None => Some(WalkReason::NotWatching),
             Some(w) => {
                 w.drain();
+                // Mounts raise no events: one made or removed inside the volume since the
+                // watch started changes what a walk would see.
+                match mounts_under(&w.canonical_root) {
+                    Ok(now) if now == w.mounts => {}
+                    Ok(_) => {
+                        w.lost
+                            .get_or_insert("a filesystem was mounted or unmounted in it".into());
+                    }
+                    Err(e) => {
+                        w.lost
+                            .get_or_insert(format!("/proc/self/mountinfo cannot be read: {e}"));
+                    }
+                }
                 let mapped = shared_writable_inodes();
                 let reason = decide(
                     true,
@@ -222,26 +246,29 @@ impl SourceWatch {
         let walked_at = Instant::now();
         // The watches are in place before the walk lists anything, so that a change made
         // after the walk looked at a directory is heard of.
-        let watches = match DirWatches::new().and_then(|mut w| {
-            watch_all(&self.root, &mut w)?;
-            Ok(w)
-        }) {
+        let watches = match start_watch(&self.root) {
             Ok(w) => Some(w),
             Err(e) => {
-                tracing::warn!(root = %self.root.display(), error = %e, "cannot watch the volume; every push walks it (raise fs.inotify.max_user_watches if the limit was reached)");
+                if !self.told_cannot_watch {
+                    self.told_cannot_watch = true;
+                    tracing::warn!(root = %self.root.display(), error = %e, "cannot watch the volume; every pass walks it");
+                }
                 None
             }
         };
         let cap = capture_streaming(&self.root, opts, cache.as_ref(), sink)?;
         let watching = watches.is_some();
-        if let Some(watches) = watches {
+        if let Some((watches, canonical_root, mounts)) = watches {
             self.on = Some(Watching {
                 watches,
+                canonical_root,
                 root_id,
                 walked_at,
                 changed: BTreeSet::new(),
                 lost: None,
-                linked: linked_names(&cap.manifest),
+                linked: cap.report.several_names.iter().cloned().collect(),
+                recheck: cap.cache.racy_paths().map(<[u8]>::to_vec).collect(),
+                mounts,
                 told_unreadable: false,
                 base: cap.manifest.clone(),
                 cache: cap.cache.clone(),
@@ -301,6 +328,7 @@ impl Watching {
         let changed = std::mem::take(&mut self.changed);
         let mut paths = changed.clone();
         paths.extend(self.linked.iter().cloned());
+        paths.extend(self.recheck.iter().cloned());
         if !mapped.is_empty() {
             paths.extend(
                 self.cache
@@ -343,7 +371,10 @@ impl Watching {
                 return Err(e);
             }
         };
-        self.linked = linked_names(&cap.manifest);
+        let linked: BTreeSet<Vec<u8>> = self.linked.difference(&paths).cloned().collect();
+        self.linked = linked;
+        self.linked.extend(cap.report.several_names.iter().cloned());
+        self.recheck = cap.cache.racy_paths().map(<[u8]>::to_vec).collect();
         self.base = cap.manifest.clone();
         self.cache = cap.cache.clone();
         let pass = Pass::Changes { paths: paths.len() };
@@ -358,8 +389,8 @@ struct WatchAdapter<'a> {
 }
 
 impl DirWatch for WatchAdapter<'_> {
-    fn watched(&self, rel: &[u8]) -> bool {
-        self.watches.contains(rel)
+    fn watched(&self, rel: &[u8], ino: u64) -> bool {
+        self.watches.contains(rel, ino)
     }
 
     fn watch(&mut self, rel: &[u8]) -> io::Result<()> {
@@ -367,14 +398,73 @@ impl DirWatch for WatchAdapter<'_> {
     }
 }
 
-/// Every name of each file with several names: each `HardLink` entry and the file it names.
-fn linked_names(m: &Manifest) -> BTreeSet<Vec<u8>> {
-    let mut out = BTreeSet::new();
-    for e in &m.entries {
-        if let EntryKind::HardLink { target } = &e.kind {
-            out.insert(e.path.clone());
-            out.insert(target.clone());
+/// Filesystems whose every change is made through this kernel, which therefore tells inotify of
+/// it (`statfs` magic numbers). On network and shared filesystems (NFS, SMB, FUSE, 9p, virtiofs,
+/// Ceph) and on overlay layers, other clients or the host change files unseen.
+const LOCAL_FILESYSTEMS: [(i64, &str); 9] = [
+    (0xEF53, "ext2/3/4"),
+    (0x5846_5342, "xfs"),
+    (0x9123_683E, "btrfs"),
+    (0x0102_1994, "tmpfs"),
+    (0xF2F5_2010, "f2fs"),
+    (0xCA45_1A4E, "bcachefs"),
+    (0x2FC1_2FC1, "zfs"),
+    (0x3153_464A, "jfs"),
+    (0x5265_4973, "reiserfs"),
+];
+
+/// Starts a watch on every folder of the volume at `root`: the watches, the canonical root and
+/// the mount points at or below it. Fails on a filesystem that is not known to be local.
+fn start_watch(root: &Path) -> io::Result<(DirWatches, PathBuf, Vec<Vec<u8>>)> {
+    let fs_type = rustix::fs::statfs(root)?.f_type as i64;
+    if !LOCAL_FILESYSTEMS.iter().any(|(magic, _)| *magic == fs_type) {
+        return Err(io::Error::other(format!(
+            "its filesystem (statfs type {fs_type:#x}) is not one where every change is made \
+             through this machine's kernel (ext4, xfs, btrfs, tmpfs, f2fs, bcachefs, zfs, jfs, reiserfs)"
+        )));
+    }
+    let canonical = std::fs::canonicalize(root)?;
+    let mounts = mounts_under(&canonical)?;
+    let mut watches = DirWatches::new()?;
+    watch_all(root, &mut watches)?;
+    Ok((watches, canonical, mounts))
+}
+
+/// The mount points at or below `root` (canonical), from `/proc/self/mountinfo`, sorted.
+fn mounts_under(root: &Path) -> io::Result<Vec<Vec<u8>>> {
+    use std::os::unix::ffi::OsStrExt;
+    let text = std::fs::read("/proc/self/mountinfo")?;
+    let root = root.as_os_str().as_bytes();
+    let mut out: Vec<Vec<u8>> = text
+        .split(|&b| b == b'\n')
+        .filter_map(|line| line.split(|&b| b == b' ').nth(4))
+        .map(unescape_mountinfo)
+        .filter(|mp| {
+            mp.strip_prefix(root)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with(b"/"))
+        })
+        .collect();
+    out.sort();
+    Ok(out)
+}
+
+/// Undoes mountinfo's octal escapes (`\040` for a space, and so on).
+fn unescape_mountinfo(field: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(field.len());
+    let mut i = 0;
+    while i < field.len() {
+        if field[i] == b'\\'
+            && let Some(code) = field
+                .get(i + 1..i + 4)
+                .and_then(|d| std::str::from_utf8(d).ok())
+                .and_then(|d| u8::from_str_radix(d, 8).ok())
+        {
+            out.push(code);
+            i += 4;
+            continue;
         }
+        out.push(field[i]);
+        i += 1;
     }
     out
 }
@@ -384,7 +474,20 @@ fn watch_all(root: &Path, watches: &mut DirWatches) -> io::Result<()> {
     let root_dev = std::fs::symlink_metadata(root)?.dev();
     let mut stack: Vec<Vec<u8>> = vec![Vec::new()];
     while let Some(rel) = stack.pop() {
-        watches.add(root, &rel)?;
+        match watches.add(root, &rel) {
+            Ok(()) => {}
+            // Removed (or replaced by a file) since its parent was listed: its parent's watch
+            // has heard of that.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::NotFound | io::ErrorKind::NotADirectory
+                ) =>
+            {
+                continue;
+            }
+            Err(e) => return Err(e),
+        }
         let abs = crate::apply::join(root, &rel);
         let items = match std::fs::read_dir(&abs) {
             Ok(items) => items,
@@ -426,6 +529,12 @@ struct Mapped {
 /// Reads every `/proc/PID/maps`; `Err` when `/proc` cannot be listed at all.
 fn shared_writable_inodes() -> Result<Mapped, String> {
     let mut out = Mapped::default();
+    // The initial PID namespace's inode number (PROC_PID_INIT_INO): in any other (a
+    // container), processes outside it are not in this /proc.
+    if std::fs::read_link("/proc/self/ns/pid").is_ok_and(|l| l.as_os_str() != "pid:[4026531836]") {
+        out.unreadable
+            .push("processes outside this PID namespace (hearth runs in a container)".into());
+    }
     let procs = std::fs::read_dir("/proc").map_err(|e| format!("/proc: {e}"))?;
     for p in procs.flatten() {
         let name = p.file_name();
@@ -586,6 +695,8 @@ mod tests {
         for (i, f) in ["a/1", "a/b/2", "c/3", "c/4", "d/e/f/5"].iter().enumerate() {
             std::fs::write(root.join(f), vec![i as u8; 1000 * (i + 1)]).unwrap();
         }
+        // Past the racy margin, so the walk's reads are trusted as they are.
+        std::thread::sleep(Duration::from_millis(250));
         let mut w = SourceWatch::new(&root, Duration::from_secs(3600));
         let (first, p) = pass(&mut w);
         assert_eq!(
@@ -698,6 +809,7 @@ mod tests {
         std::fs::create_dir_all(root.join("a")).unwrap();
         std::fs::create_dir_all(root.join("b")).unwrap();
         std::fs::write(root.join("a/x"), b"x").unwrap();
+        std::thread::sleep(Duration::from_millis(250));
         let mut w = SourceWatch::new(&root, Duration::from_millis(300));
         let (first, _) = pass(&mut w);
         // A second name, a change made through it, and the name removed again, all between
@@ -723,6 +835,119 @@ mod tests {
             }
         );
         assert_eq!(mode_of(&cap.manifest, b"a/x"), 0o600);
+        assert_eq!(cap.manifest, walk(&root));
+    }
+
+    #[test]
+    fn mountinfo_escapes_are_undone() {
+        assert_eq!(
+            unescape_mountinfo(b"/data/with\\040space"),
+            b"/data/with space"
+        );
+        assert_eq!(unescape_mountinfo(b"/a\\011tab\\134x"), b"/a\ttab\\x");
+        assert_eq!(unescape_mountinfo(b"/plain"), b"/plain");
+        assert_eq!(unescape_mountinfo(b"/odd\\09"), b"/odd\\09");
+    }
+
+    #[test]
+    fn files_read_within_the_racy_margin_are_looked_at_again_until_settled() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("vol");
+        std::fs::create_dir_all(root.join("a")).unwrap();
+        std::fs::write(root.join("a/f"), b"just written").unwrap();
+        let mut w = SourceWatch::new(&root, Duration::from_secs(3600));
+        pass(&mut w);
+        // Written right before the walk read it: a same-tick change after the read would not
+        // move its stamp, so the next pass reads it again although no event names it.
+        let (cap, p) = pass(&mut w);
+        assert_eq!(p, Pass::Changes { paths: 1 });
+        assert_eq!(cap.report.files_read, 1);
+        let mut settled = false;
+        for _ in 0..10 {
+            std::thread::sleep(Duration::from_millis(150));
+            if pass(&mut w).1 == (Pass::Changes { paths: 0 }) {
+                settled = true;
+                break;
+            }
+        }
+        assert!(settled, "the file was never trusted again");
+    }
+
+    #[test]
+    fn a_file_with_a_second_name_outside_the_volume_is_looked_at_every_pass() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("vol");
+        std::fs::create_dir_all(root.join("a")).unwrap();
+        std::fs::write(root.join("a/x"), b"one").unwrap();
+        std::fs::hard_link(root.join("a/x"), tmp.path().join("outside")).unwrap();
+        let mut w = SourceWatch::new(&root, Duration::from_secs(3600));
+        pass(&mut w);
+        std::thread::sleep(Duration::from_millis(250));
+        // Written through the name outside: no watched folder hears of it.
+        std::fs::write(tmp.path().join("outside"), b"two, longer").unwrap();
+        let (cap, p) = pass(&mut w);
+        assert_eq!(p, Pass::Changes { paths: 1 });
+        assert_eq!(cap.manifest, walk(&root));
+    }
+
+    #[test]
+    fn a_folder_made_again_while_the_old_one_is_held_open_is_listed_anew() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("vol");
+        std::fs::create_dir_all(root.join("d")).unwrap();
+        std::fs::write(root.join("d/old"), b"old").unwrap();
+        let mut w = SourceWatch::new(&root, Duration::from_secs(3600));
+        pass(&mut w);
+        // An open descriptor keeps the old folder's inode, and its watch, alive.
+        let held = std::fs::File::open(root.join("d")).unwrap();
+        std::fs::remove_dir_all(root.join("d")).unwrap();
+        std::fs::create_dir(root.join("d")).unwrap();
+        std::fs::write(root.join("d/new"), b"new").unwrap();
+        let (cap, p) = pass(&mut w);
+        assert!(matches!(p, Pass::Changes { .. }), "{p:?}");
+        assert_eq!(cap.manifest, walk(&root));
+        // And the new folder is watched: a change in it is heard of.
+        std::fs::write(root.join("d/new2"), b"newer").unwrap();
+        let (cap, _) = pass(&mut w);
+        assert_eq!(cap.manifest, walk(&root));
+        drop(held);
+    }
+
+    #[test]
+    fn a_mount_inside_the_volume_makes_the_next_pass_walk() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("vol");
+        std::fs::create_dir_all(root.join("m")).unwrap();
+        std::fs::write(root.join("m/under"), b"hidden by the mount").unwrap();
+        let mut w = SourceWatch::new(&root, Duration::from_secs(3600));
+        pass(&mut w);
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "hearth-test"])
+            .arg(root.join("m"))
+            .status()
+            .unwrap();
+        assert!(mounted.success(), "mount needs root, as the CI has");
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let (cap, p) = pass(&mut w);
+            assert_eq!(
+                p,
+                Pass::Walked {
+                    reason: WalkReason::Lost("a filesystem was mounted or unmounted in it".into()),
+                    watching: true
+                }
+            );
+            assert_eq!(cap.manifest, walk(&root));
+            assert_eq!(cap.report.skipped.len(), 1);
+        }));
+        let unmounted = std::process::Command::new("umount")
+            .arg(root.join("m"))
+            .status()
+            .unwrap();
+        assert!(unmounted.success());
+        result.unwrap();
+        // The hidden file is back, and the unmount made the pass walk again.
+        let (cap, p) = pass(&mut w);
+        assert!(matches!(p, Pass::Walked { .. }), "{p:?}");
         assert_eq!(cap.manifest, walk(&root));
     }
 

@@ -52,7 +52,8 @@ pub(crate) struct DirWatches {
     inotify: Inotify,
     /// Relative path of each watched directory.
     dirs: HashMap<WatchDescriptor, Vec<u8>>,
-    by_path: HashMap<Vec<u8>, WatchDescriptor>,
+    /// The watch and the directory's inode number, by path.
+    by_path: HashMap<Vec<u8>, (WatchDescriptor, u64)>,
     /// Watches removed on purpose: their `IGNORED` events are expected.
     removed: HashSet<WatchDescriptor>,
 }
@@ -81,17 +82,35 @@ impl DirWatches {
     }
 
     /// Watches directory `rel` under `root`. Fails when the watch limit is reached
-    /// (`fs.inotify.max_user_watches`) or the path is not a directory.
+    /// (`fs.inotify.max_user_watches`), the path is not a directory, it was replaced while the
+    /// watch was added, or it is a directory already watched under another path (a bind mount
+    /// inside the tree), whose events could not be told apart.
     pub(crate) fn add(&mut self, root: &Path, rel: &[u8]) -> io::Result<()> {
-        let wd = self.inotify.watches().add(join(root, rel), mask())?;
+        let path = join(root, rel);
+        let before = std::fs::symlink_metadata(&path)?;
+        let wd = self.inotify.watches().add(&path, mask())?;
+        let after = std::fs::symlink_metadata(&path)?;
+        if (before.dev(), before.ino()) != (after.dev(), after.ino()) {
+            return Err(io::Error::other(format!(
+                "{} was replaced while a watch was added to it",
+                path.display()
+            )));
+        }
+        if let Some(other) = self.dirs.get(&wd).filter(|other| other.as_slice() != rel) {
+            return Err(io::Error::other(format!(
+                "{} is the directory already watched as {} (a bind mount?)",
+                path.display(),
+                OsStr::from_bytes(other).to_string_lossy()
+            )));
+        }
         self.dirs.insert(wd.clone(), rel.to_vec());
-        self.by_path.insert(rel.to_vec(), wd);
+        self.by_path.insert(rel.to_vec(), (wd, after.ino()));
         Ok(())
     }
 
     /// Stops watching a directory.
     pub(crate) fn remove(&mut self, rel: &[u8]) {
-        if let Some(wd) = self.by_path.remove(rel) {
+        if let Some((wd, _)) = self.by_path.remove(rel) {
             self.dirs.remove(&wd);
             // A watch on a directory already deleted is gone by itself; nothing to undo.
             let _ = self.inotify.watches().remove(wd.clone());
@@ -99,9 +118,9 @@ impl DirWatches {
         }
     }
 
-    /// Whether directory `rel` is watched.
-    pub(crate) fn contains(&self, rel: &[u8]) -> bool {
-        self.by_path.contains_key(rel)
+    /// Whether directory `rel` is watched as the directory with inode number `ino`.
+    pub(crate) fn contains(&self, rel: &[u8], ino: u64) -> bool {
+        self.by_path.get(rel).is_some_and(|(_, i)| *i == ino)
     }
 
     /// How many directories are watched.
@@ -135,7 +154,10 @@ impl DirWatches {
                 if ev.mask.contains(EventMask::IGNORED) {
                     // The directory is gone (or its filesystem was unmounted): the watch ended.
                     if let Some(dir) = self.dirs.remove(&ev.wd) {
-                        self.by_path.remove(&dir);
+                        // Unless the path is watched anew already (a folder made again).
+                        if self.by_path.get(&dir).is_some_and(|(wd, _)| *wd == ev.wd) {
+                            self.by_path.remove(&dir);
+                        }
                         seen(Seen::Change {
                             dir: &dir,
                             name: None,
