@@ -647,9 +647,14 @@ fn list_changes(
             Err(e) => return Err(VolumeError::io("inspecting", abs, e)),
         }
     }
-    for p in changes.paths {
+    // With cold caches each `lstat` waits on the disk; several in flight are served faster.
+    let paths: Vec<&Vec<u8>> = changes.paths.iter().collect();
+    let stats = on_threads(STAT_THREADS, &paths, |p| {
+        std::fs::symlink_metadata(join(root, p))
+    });
+    for (p, stat) in paths.into_iter().zip(stats) {
         let abs = join(root, p);
-        match std::fs::symlink_metadata(&abs) {
+        match stat {
             Ok(md) if md.dev() == root_dev => {
                 // A directory new to the tree (or not watched since before its last listing,
                 // as one deleted and made again under the same name) is listed all through.
@@ -837,6 +842,14 @@ fn scan_once(
     report.skipped.extend(skipped);
     listed.sort_by(|a, b| a.0.cmp(&b.0));
 
+    // Files to read, read ahead on several threads when nothing streams their data (the sink
+    // wants each file's chunks in order); the loop below takes each read where it would have
+    // made it, and reads itself whatever was not read ahead.
+    let mut ahead = if sink.is_none() {
+        read_ahead(root, opts, &listed, prev, report)
+    } else {
+        HashMap::new()
+    };
     let mut entries = Vec::with_capacity(listed.len() + trusted.len());
     let mut dirs = Vec::new();
     let mut cached = HashMap::new();
@@ -883,6 +896,8 @@ fn scan_once(
             let read = if let Some(hit) = prev.lookup(&rel, &stamp, opts.chunking) {
                 report.files_reused += 1;
                 Some((md, hit.xattrs.clone(), hit.chunks.clone()))
+            } else if let Some(read) = ahead.remove(&rel) {
+                read?
             } else {
                 read_stable(&abs, &rel, &md, opts, report, sink)?
             };
@@ -972,6 +987,86 @@ fn scan_once(
 }
 
 use std::os::unix::ffi::OsStringExt;
+
+/// Threads that `lstat` the paths a change set names at once (as the walk's [`WALK_THREADS`]).
+const STAT_THREADS: usize = WALK_THREADS;
+
+/// Threads that read changed files at once: on the virtio disk we measured, reading 900 files
+/// of 2 MB on average with caches dropped took 1.54 s one at a time, 0.94 s four at a time and
+/// 1.08 s eight at a time (`xargs -P`).
+const READ_THREADS: usize = 4;
+
+/// What [`read_stable`] returned, by path.
+type ReadAhead =
+    HashMap<Vec<u8>, Result<Option<(Metadata, Vec<Xattr>, Vec<ChunkRef>)>, VolumeError>>;
+
+/// Reads, on [`READ_THREADS`] threads, every regular file of `listed` the cache cannot vouch
+/// for and that is not a later name of a file listed before it (the scan's own rule), adding
+/// what the reads did to `report`. Only worth it for more than a handful of files.
+fn read_ahead(
+    root: &Path,
+    opts: &CaptureOptions,
+    listed: &[(Vec<u8>, Metadata)],
+    prev: &CaptureCache,
+    report: &mut CaptureReport,
+) -> ReadAhead {
+    let mut seen: HashSet<(u64, u64)> = HashSet::new();
+    let todo: Vec<&(Vec<u8>, Metadata)> = listed
+        .iter()
+        .filter(|(rel, md)| {
+            md.is_file()
+                && (md.nlink() <= 1 || seen.insert((md.dev(), md.ino())))
+                && prev
+                    .lookup(rel, &Stamp::for_cache(md, opts), opts.chunking)
+                    .is_none()
+        })
+        .collect();
+    if todo.len() < 2 * READ_THREADS {
+        return HashMap::new();
+    }
+    let reads = on_threads(READ_THREADS, &todo, |(rel, md)| {
+        let mut part = CaptureReport::default();
+        let read = read_stable(&join(root, rel), rel, md, opts, &mut part, &mut None);
+        (read, part)
+    });
+    let mut all = HashMap::new();
+    for ((rel, _), (read, part)) in todo.iter().zip(reads) {
+        all.insert(rel.clone(), read);
+        report.files_read += part.files_read;
+        report.bytes_read += part.bytes_read;
+        report.retried.extend(part.retried);
+        report.unstable.extend(part.unstable);
+    }
+    all
+}
+
+/// `f` of every item, in order, computed on `threads` threads taking items one at a time: for
+/// work that mostly waits on the disk (with cold caches, requests in flight at once are served
+/// faster than one after another, even on two cores).
+fn on_threads<T: Sync, R: Send>(threads: usize, items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let mut out: Vec<(usize, R)> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads.min(items.len()))
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut got = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some(item) = items.get(i) else { break };
+                        got.push((i, f(item)));
+                    }
+                    got
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+            .collect()
+    });
+    out.sort_by_key(|(i, _)| *i);
+    out.into_iter().map(|(_, r)| r).collect()
+}
 
 /// Reads a regular file until two stats around the read agree, up to the retry limit.
 /// Returns `None` when the file disappeared (the walk is repeated in that case).
