@@ -669,6 +669,56 @@ mod tests {
         }
     }
 
+    /// A separate process that maps `path` shared and writable, writes `b"MAPPD"` at offset 100
+    /// through the mapping (no system call a watch would hear of), and keeps the mapping until
+    /// [`Mapper::end`].
+    struct Mapper(std::process::Child);
+
+    impl Mapper {
+        fn start(path: &Path) -> Mapper {
+            use std::io::BufRead;
+            let mut child = std::process::Command::new("python3")
+                .args([
+                    "-c",
+                    "import mmap, os, sys\n\
+                     f = open(sys.argv[1], 'r+b')\n\
+                     m = mmap.mmap(f.fileno(), os.fstat(f.fileno()).st_size)\n\
+                     m[100:105] = b'MAPPD'\n\
+                     print('written', flush=True)\n\
+                     sys.stdin.read()",
+                ])
+                .arg(path)
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            let mut line = String::new();
+            std::io::BufReader::new(child.stdout.take().unwrap())
+                .read_line(&mut line)
+                .unwrap();
+            assert_eq!(line.trim(), "written");
+            Mapper(child)
+        }
+
+        fn end(mut self) {
+            drop(self.0.stdin.take());
+            assert!(self.0.wait().unwrap().success());
+        }
+    }
+
+    /// A volume folder `vol` in a new temporary directory holding `files` (parents made).
+    fn volume(files: &[(&str, &[u8])]) -> (tempfile::TempDir, PathBuf) {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("vol");
+        std::fs::create_dir_all(&root).unwrap();
+        for (path, data) in files {
+            let path = root.join(path);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, data).unwrap();
+        }
+        (tmp, root)
+    }
+
     fn walk(root: &Path) -> Manifest {
         crate::capture::capture(root, &CaptureOptions::default(), None)
             .unwrap()
@@ -737,40 +787,16 @@ mod tests {
 
     #[test]
     fn writes_through_a_shared_mapping_are_seen_though_no_event_tells() {
-        use std::io::{BufRead, Write};
-        let tmp = tempfile::tempdir().unwrap();
-        let root = tmp.path().join("vol");
-        std::fs::create_dir_all(root.join("db")).unwrap();
-        std::fs::write(root.join("db/data"), vec![b'a'; 8192]).unwrap();
+        let (_tmp, root) = volume(&[("db/data", &[b'a'; 8192])]);
         let mut w = SourceWatch::new(&root, Duration::from_secs(3600));
         let (first, _) = pass(&mut w);
         // Let the racy margin pass, so the file's stamp from the walk is trusted as such.
         std::thread::sleep(Duration::from_millis(250));
         // A process maps the file shared and writable and writes through the mapping: the
         // kernel moves the file's mtime but tells no inotify watch.
-        let mut child = std::process::Command::new("python3")
-            .args([
-                "-c",
-                "import mmap, sys\n\
-                 f = open(sys.argv[1], 'r+b')\n\
-                 m = mmap.mmap(f.fileno(), 8192)\n\
-                 m[100:105] = b'MAPPD'\n\
-                 print('written', flush=True)\n\
-                 sys.stdin.read()",
-            ])
-            .arg(root.join("db/data"))
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        std::io::BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        assert_eq!(line.trim(), "written");
+        let mapper = Mapper::start(&root.join("db/data"));
         let (cap, p) = pass(&mut w);
-        child.stdin.take().unwrap().flush().unwrap();
-        assert!(child.wait().unwrap().success());
+        mapper.end();
         assert_eq!(p, Pass::Changes { paths: 1 });
         assert_eq!(cap.report.files_read, 1);
         assert_ne!(cap.manifest, first.manifest);
@@ -779,10 +805,7 @@ mod tests {
 
     #[test]
     fn a_moved_folder_makes_the_next_pass_walk_and_the_one_after_look_at_changes() {
-        let tmp = tempfile::tempdir().unwrap();
-        let root = tmp.path().join("vol");
-        std::fs::create_dir_all(root.join("a/b")).unwrap();
-        std::fs::write(root.join("a/b/f"), b"f").unwrap();
+        let (_tmp, root) = volume(&[("a/b/f", b"f")]);
         let mut w = SourceWatch::new(&root, Duration::from_secs(3600));
         pass(&mut w);
         std::fs::rename(root.join("a"), root.join("z")).unwrap();
@@ -804,11 +827,8 @@ mod tests {
     #[test]
     fn a_change_through_a_short_lived_second_name_waits_for_the_walk() {
         use std::os::unix::fs::PermissionsExt;
-        let tmp = tempfile::tempdir().unwrap();
-        let root = tmp.path().join("vol");
-        std::fs::create_dir_all(root.join("a")).unwrap();
+        let (_tmp, root) = volume(&[("a/x", b"x")]);
         std::fs::create_dir_all(root.join("b")).unwrap();
-        std::fs::write(root.join("a/x"), b"x").unwrap();
         std::thread::sleep(Duration::from_millis(250));
         let mut w = SourceWatch::new(&root, Duration::from_millis(300));
         let (first, _) = pass(&mut w);
@@ -851,10 +871,7 @@ mod tests {
 
     #[test]
     fn files_read_within_the_racy_margin_are_looked_at_again_until_settled() {
-        let tmp = tempfile::tempdir().unwrap();
-        let root = tmp.path().join("vol");
-        std::fs::create_dir_all(root.join("a")).unwrap();
-        std::fs::write(root.join("a/f"), b"just written").unwrap();
+        let (_tmp, root) = volume(&[("a/f", b"just written")]);
         let mut w = SourceWatch::new(&root, Duration::from_secs(3600));
         pass(&mut w);
         // Written right before the walk read it: a same-tick change after the read would not
@@ -875,10 +892,7 @@ mod tests {
 
     #[test]
     fn a_file_with_a_second_name_outside_the_volume_is_looked_at_every_pass() {
-        let tmp = tempfile::tempdir().unwrap();
-        let root = tmp.path().join("vol");
-        std::fs::create_dir_all(root.join("a")).unwrap();
-        std::fs::write(root.join("a/x"), b"one").unwrap();
+        let (tmp, root) = volume(&[("a/x", b"one")]);
         std::fs::hard_link(root.join("a/x"), tmp.path().join("outside")).unwrap();
         let mut w = SourceWatch::new(&root, Duration::from_secs(3600));
         pass(&mut w);
@@ -892,10 +906,7 @@ mod tests {
 
     #[test]
     fn a_folder_made_again_while_the_old_one_is_held_open_is_listed_anew() {
-        let tmp = tempfile::tempdir().unwrap();
-        let root = tmp.path().join("vol");
-        std::fs::create_dir_all(root.join("d")).unwrap();
-        std::fs::write(root.join("d/old"), b"old").unwrap();
+        let (_tmp, root) = volume(&[("d/old", b"old")]);
         let mut w = SourceWatch::new(&root, Duration::from_secs(3600));
         pass(&mut w);
         // An open descriptor keeps the old folder's inode, and its watch, alive.
@@ -915,10 +926,7 @@ mod tests {
 
     #[test]
     fn a_mount_inside_the_volume_makes_the_next_pass_walk() {
-        let tmp = tempfile::tempdir().unwrap();
-        let root = tmp.path().join("vol");
-        std::fs::create_dir_all(root.join("m")).unwrap();
-        std::fs::write(root.join("m/under"), b"hidden by the mount").unwrap();
+        let (_tmp, root) = volume(&[("m/under", b"hidden by the mount")]);
         let mut w = SourceWatch::new(&root, Duration::from_secs(3600));
         pass(&mut w);
         let mounted = std::process::Command::new("mount")
@@ -969,37 +977,16 @@ garbage line
 
     #[test]
     fn a_file_another_process_maps_shared_and_writable_is_found() {
-        use std::io::{BufRead, Write};
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("mapped");
         std::fs::write(&path, vec![0u8; 4096]).unwrap();
         let ino = std::fs::metadata(&path).unwrap().ino();
         assert!(!shared_writable_inodes().unwrap().inodes.contains(&ino));
-        // A real process holding a shared writable mapping, as a database with a mapped
-        // file would, until its stdin closes.
-        let mut child = std::process::Command::new("python3")
-            .args([
-                "-c",
-                "import mmap, sys\n\
-                 f = open(sys.argv[1], 'r+b')\n\
-                 m = mmap.mmap(f.fileno(), 4096)\n\
-                 m[0:1] = b'x'\n\
-                 print('mapped', flush=True)\n\
-                 sys.stdin.read()",
-            ])
-            .arg(&path)
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        std::io::BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        assert_eq!(line.trim(), "mapped");
+        // A real process holding a shared writable mapping, as a database with a mapped file
+        // would.
+        let mapper = Mapper::start(&path);
         assert!(shared_writable_inodes().unwrap().inodes.contains(&ino));
-        child.stdin.take().unwrap().flush().unwrap();
-        assert!(child.wait().unwrap().success());
+        mapper.end();
         assert!(!shared_writable_inodes().unwrap().inodes.contains(&ino));
     }
 }

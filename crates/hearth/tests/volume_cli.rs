@@ -445,6 +445,15 @@ fn kill_cycles(s: &Setup, cycles: usize, serve_args: &[&str]) {
     }
 }
 
+/// Sends signal `sig` (`TERM`, `USR1`) to process `pid` with kill(1).
+fn signal(pid: u32, sig: &str) {
+    let sent = Command::new("kill")
+        .args([&format!("-{sig}"), &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+}
+
 /// GETs `/metrics` from `port` and returns the body.
 fn scrape(port: u16) -> String {
     use std::io::{Read, Write};
@@ -515,14 +524,7 @@ fn continuous_push_follows_changes_and_both_sides_serve_metrics() {
         .unwrap_or_else(|| panic!("no applies counter in {m}"));
     assert!(applies >= 2, "{m}");
     // SIGTERM ends the loop cleanly.
-    let pid = push.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    signal(push.id(), "TERM");
     assert!(eventually(10, || push.try_wait().unwrap().is_some()));
     assert_eq!(push.wait().unwrap().code(), Some(0));
     kill9(&mut serve);
@@ -552,14 +554,7 @@ fn a_repeating_push_walks_once_then_follows_its_watch_and_wakes_on_sigusr1() {
     fs::remove_file(s.src.join("keep")).unwrap();
     std::thread::sleep(Duration::from_millis(300));
     assert_ne!(tree(&s.live), tree(&s.src));
-    let pid = push.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-USR1", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    signal(push.id(), "USR1");
     assert!(
         eventually(20, || tree(&s.live) == tree(&s.src)),
         "the standby did not follow the change"
@@ -568,13 +563,7 @@ fn a_repeating_push_walks_once_then_follows_its_watch_and_wakes_on_sigusr1() {
     let text = fs::read_to_string(&log).unwrap();
     assert_eq!(text.matches("walked the whole volume").count(), 1, "{text}");
     assert!(text.contains("woken up by SIGUSR1"), "{text}");
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    signal(push.id(), "TERM");
     assert!(eventually(10, || push.try_wait().unwrap().is_some()));
     kill9(&mut serve);
 }
