@@ -72,6 +72,10 @@ pub struct Metrics {
     pub kept_aside: Family<VolumeLabels, Counter>,
     /// Live trees a standby's watch saw changed by someone else between syncs.
     pub changed_on_standby: Family<VolumeLabels, Counter>,
+    /// Captures on the primary by how they went (`reason`): `watched` (only what a watch saw
+    /// change was looked at), `walk` (a push without a watch), or `walk_<why>` (a watched
+    /// push that had to walk; see `WalkReason::label`).
+    pub captures: Family<ReasonLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -90,6 +94,7 @@ impl Default for Metrics {
             applies: Family::default(),
             kept_aside: Family::default(),
             changed_on_standby: Family::default(),
+            captures: Family::default(),
         }
     }
 }
@@ -151,6 +156,11 @@ impl Metrics {
             "changed_on_standby",
             "Times a standby's live tree was seen changed by someone other than hearth between syncs",
             m.changed_on_standby.clone(),
+        );
+        r.register(
+            "captures",
+            "Captures on the primary: watched (only what changed was looked at), walk, or walk_<why> for a watched push that had to walk",
+            m.captures.clone(),
         );
         m
     }

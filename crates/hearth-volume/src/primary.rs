@@ -241,7 +241,7 @@ pub(crate) async fn push_files(
                 }
             }
         }
-        let captured_tree = capture_and_record(cfg, dirs, &mut streams).await?;
+        let captured_tree = capture_and_record(cfg, dirs, &mut streams, metrics).await?;
         let (snapshot, captured, manifest, encoded, tree_hash) = captured_tree;
         let encoded = Arc::new(encoded);
         let plan = Arc::new(ChunkIndex::new(manifest));
@@ -416,6 +416,7 @@ async fn capture_and_record(
     cfg: &PushConfig,
     dirs: &VolumeDirs,
     streams: &mut [Stream],
+    metrics: &Metrics,
 ) -> Result<(Snapshot, CaptureReport, Manifest, Vec<u8>, TreeHash), NetError> {
     let source = cfg.source.clone();
     let opts = cfg.capture.clone();
@@ -431,7 +432,16 @@ async fn capture_and_record(
             .unwrap_or(false)
     });
     let volume = cfg.volume.clone();
+    let captures = metrics.captures.clone();
     let capturing = blocking(move || {
+        let count = |how: &str| {
+            captures
+                .get_or_create(&ReasonLabels {
+                    volume: volume.clone(),
+                    reason: how.to_owned(),
+                })
+                .inc();
+        };
         let load = || {
             std::fs::read(&cache_path)
                 .ok()
@@ -472,15 +482,18 @@ async fn capture_and_record(
                 let (cap, pass) = watch.capture(&opts, &mut load_cache, sink)?;
                 match &pass {
                     Pass::Walked { reason, watching } => {
+                        count(reason.label());
                         tracing::info!(volume = %volume, reason = %reason, watching, "walked the whole volume")
                     }
                     Pass::Changes { paths } => {
+                        count("watched");
                         tracing::debug!(volume = %volume, paths, "looked only at what changed")
                     }
                 }
                 (cap, had_cache)
             }
             None => {
+                count("walk");
                 let cache = load();
                 let cap = capture_streaming(&source, &opts, cache.as_ref(), sink)?;
                 (cap, cache.is_some())

@@ -57,6 +57,20 @@ pub enum WalkReason {
     ChangesNotEnough,
 }
 
+impl WalkReason {
+    /// The metric label (`hearth_volume_captures_total{reason}`).
+    pub fn label(&self) -> &'static str {
+        match self {
+            WalkReason::NotWatching => "walk_not_watching",
+            WalkReason::Lost(_) => "walk_lost",
+            WalkReason::RootReplaced => "walk_root_replaced",
+            WalkReason::Due => "walk_due",
+            WalkReason::MappingsUnknown(_) => "walk_mappings_unknown",
+            WalkReason::ChangesNotEnough => "walk_changes_not_enough",
+        }
+    }
+}
+
 impl fmt::Display for WalkReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

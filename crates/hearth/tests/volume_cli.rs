@@ -539,8 +539,14 @@ fn a_repeating_push_walks_once_then_follows_its_watch_and_wakes_on_sigusr1() {
     fs::write(s.src.join("keep"), b"kept").unwrap();
     let mut serve = s.serve();
     let log = dir.path().join("push.log");
+    let metrics = hearth_testkit::free_port().unwrap();
     let mut push = s
-        .push_cmd(&["--every", "1h"])
+        .push_cmd(&[
+            "--every",
+            "1h",
+            "--metrics",
+            &format!("127.0.0.1:{metrics}"),
+        ])
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())
         .stderr(fs::File::create(&log).unwrap())
@@ -563,6 +569,15 @@ fn a_repeating_push_walks_once_then_follows_its_watch_and_wakes_on_sigusr1() {
     let text = fs::read_to_string(&log).unwrap();
     assert_eq!(text.matches("walked the whole volume").count(), 1, "{text}");
     assert!(text.contains("woken up by SIGUSR1"), "{text}");
+    let m = scrape(metrics);
+    for how in ["walk_not_watching", "watched"] {
+        assert!(
+            m.contains(&format!(
+                "hearth_volume_captures_total{{volume=\"data\",reason=\"{how}\"}} 1"
+            )),
+            "{m}"
+        );
+    }
     signal(push.id(), "TERM");
     assert!(eventually(10, || push.try_wait().unwrap().is_some()));
     kill9(&mut serve);
