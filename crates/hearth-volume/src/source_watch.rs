@@ -177,6 +177,8 @@ struct Watching {
     mounts: Vec<Vec<u8>>,
     /// Whether processes with unreadable mappings were warned about.
     told_unreadable: bool,
+    /// Events read so far (for [`SourceWatch::poll_changed`]).
+    events: u64,
 }
 
 impl SourceWatch {
@@ -194,6 +196,24 @@ impl SourceWatch {
     /// The watched volume's directory.
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// Whether the volume is watched now (after a first capture, unless the watch could not be
+    /// started).
+    pub fn watching(&self) -> bool {
+        self.on.is_some()
+    }
+
+    /// Reads the pending events without waiting (they are kept for the next capture) and says
+    /// whether any arrived since the last call: `push --continuous` polls this to hear of
+    /// changes without a second watcher on every folder. `false` while nothing is watched.
+    pub fn poll_changed(&mut self) -> bool {
+        let Some(w) = self.on.as_mut() else {
+            return false;
+        };
+        let before = w.events;
+        w.drain();
+        w.events != before
     }
 
     /// Captures the volume: by looking at what changed since the last capture when the watch
@@ -284,6 +304,7 @@ impl SourceWatch {
                 recheck: cap.cache.racy_paths().map(<[u8]>::to_vec).collect(),
                 mounts,
                 told_unreadable: false,
+                events: 0,
                 base: cap.manifest.clone(),
                 cache: cap.cache.clone(),
             });
@@ -295,42 +316,52 @@ impl SourceWatch {
 impl Watching {
     /// Reads the pending events into `changed` and `lost`.
     fn drain(&mut self) {
-        let (changed, lost) = (&mut self.changed, &mut self.lost);
-        self.watches.drain(|seen| match seen {
-            Seen::Lost(why) => {
-                lost.get_or_insert(why);
-            }
-            Seen::Change { dir, mask, .. } if mask.contains(EventMask::MOVE_SELF) => {
-                // Every path below it changed; the watch knows them by their old names.
-                lost.get_or_insert(format!(
-                    "directory `{}` was moved",
-                    String::from_utf8_lossy(dir)
-                ));
-            }
-            Seen::Change {
-                dir,
-                name: None,
-                mask,
-            } if dir.is_empty()
-                && (mask.contains(EventMask::DELETE_SELF) || mask.contains(EventMask::IGNORED)) =>
-            {
-                lost.get_or_insert("the volume's directory was removed".into());
-            }
-            Seen::Change { dir, name, .. } => {
-                // The directory too: a change of one of its entries moves its own timestamps.
-                changed.insert(dir.to_vec());
-                if let Some(name) = name {
-                    use std::os::unix::ffi::OsStrExt;
-                    changed.insert(if dir.is_empty() {
-                        name.as_bytes().to_vec()
-                    } else {
-                        [dir, b"/", name.as_bytes()].concat()
-                    });
-                }
-            }
+        let (changed, lost, events) = (&mut self.changed, &mut self.lost, &mut self.events);
+        self.watches.drain(|seen| {
+            *events += 1;
+            note(changed, lost, seen)
         });
     }
+}
 
+/// Adds what one event says to the pending changes, or says why changes may have been missed.
+fn note(changed: &mut BTreeSet<Vec<u8>>, lost: &mut Option<String>, seen: Seen<'_>) {
+    match seen {
+        Seen::Lost(why) => {
+            lost.get_or_insert(why);
+        }
+        Seen::Change { dir, mask, .. } if mask.contains(EventMask::MOVE_SELF) => {
+            // Every path below it changed; the watch knows them by their old names.
+            lost.get_or_insert(format!(
+                "directory `{}` was moved",
+                String::from_utf8_lossy(dir)
+            ));
+        }
+        Seen::Change {
+            dir,
+            name: None,
+            mask,
+        } if dir.is_empty()
+            && (mask.contains(EventMask::DELETE_SELF) || mask.contains(EventMask::IGNORED)) =>
+        {
+            lost.get_or_insert("the volume's directory was removed".into());
+        }
+        Seen::Change { dir, name, .. } => {
+            // The directory too: a change of one of its entries moves its own timestamps.
+            changed.insert(dir.to_vec());
+            if let Some(name) = name {
+                use std::os::unix::ffi::OsStrExt;
+                changed.insert(if dir.is_empty() {
+                    name.as_bytes().to_vec()
+                } else {
+                    [dir, b"/", name.as_bytes()].concat()
+                });
+            }
+        }
+    }
+}
+
+impl Watching {
     /// A capture that looks only at the changes; `None` when they cannot vouch for the rest.
     fn capture_changes(
         &mut self,
@@ -869,6 +900,27 @@ mod tests {
             }
         );
         assert_eq!(mode_of(&cap.manifest, b"a/x"), 0o600);
+        assert_eq!(cap.manifest, walk(&root));
+    }
+
+    #[test]
+    fn polling_tells_of_every_change_and_keeps_it_for_the_next_pass() {
+        let (_tmp, root) = volume(&[("a/f", b"one")]);
+        std::thread::sleep(Duration::from_millis(250));
+        let mut w = SourceWatch::new(&root, Duration::from_secs(3600));
+        assert!(!w.watching());
+        assert!(!w.poll_changed());
+        pass(&mut w);
+        assert!(w.watching());
+        assert!(!w.poll_changed());
+        std::fs::write(root.join("a/f"), b"two").unwrap();
+        assert!(w.poll_changed());
+        assert!(!w.poll_changed());
+        // The same file again: still news for `--continuous`'s quiet period.
+        std::fs::write(root.join("a/f"), b"three").unwrap();
+        assert!(w.poll_changed());
+        let (cap, p) = pass(&mut w);
+        assert_eq!(p, Pass::Changes { paths: 2 });
         assert_eq!(cap.manifest, walk(&root));
     }
 

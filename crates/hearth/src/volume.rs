@@ -489,14 +489,12 @@ async fn push_cmd(p: PushArgs) -> Result<ExitCode, Failure> {
     // measure one pass of a long-running push.
     let mut wakeup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1())
         .context("listen for SIGUSR1")?;
-    let mut watcher = if p.continuous {
-        Some(
-            ChangeWatcher::new(&cfg.source)
-                .with_context(|| format!("watch {}", cfg.source.display()))?,
-        )
-    } else {
-        None
-    };
+    // `--continuous` hears of changes from the source watch, polled, when it watches; else
+    // (a filesystem it does not watch, `--walk-every 0`, the btrfs backend) from a recursive
+    // watcher of its own. Not both: each costs one inotify watch per folder.
+    let mut watcher: Option<ChangeWatcher> = None;
+    let mut poll = tokio::time::interval(Duration::from_millis(250));
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let shutdown = shutdown_signal();
     tokio::pin!(shutdown);
     let mut st = LoopState {
@@ -529,8 +527,30 @@ async fn push_cmd(p: PushArgs) -> Result<ExitCode, Failure> {
             Next::Push => due_now = true,
             Next::Stop => return Ok(ExitCode::SUCCESS),
             Next::WaitUntil(t) => {
+                let polling = p.continuous
+                    && cfg
+                        .watch
+                        .as_ref()
+                        .is_some_and(|w| w.lock().is_ok_and(|w| w.watching()));
+                if polling {
+                    watcher = None;
+                } else if p.continuous && watcher.is_none() {
+                    watcher = Some(
+                        ChangeWatcher::new(&cfg.source)
+                            .with_context(|| format!("watch {}", cfg.source.display()))?,
+                    );
+                }
                 let sleep = tokio::time::sleep_until(t.into());
                 tokio::select! {
+                    _ = poll.tick(), if polling => {
+                        let changed = cfg
+                            .watch
+                            .as_ref()
+                            .is_some_and(|w| w.lock().is_ok_and(|mut w| w.poll_changed()));
+                        if changed {
+                            st.last_change = Some(Instant::now());
+                        }
+                    }
                     () = sleep => {}
                     () = &mut shutdown => return Ok(ExitCode::SUCCESS),
                     _ = wakeup.recv() => {

@@ -478,6 +478,31 @@ fn eventually(secs: u64, mut cond: impl FnMut() -> bool) -> bool {
 }
 
 #[test]
+fn continuous_push_without_the_source_watch_follows_changes_by_its_own_watcher() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Setup::new(dir.path());
+    fs::write(s.src.join("a"), b"one").unwrap();
+    let mut serve = s.serve();
+    let mut push = s
+        .push_cmd(&["--continuous", "--quiet", "300ms", "--walk-every", "0"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    assert!(eventually(20, || tree(&s.live) == tree(&s.src)));
+    fs::write(s.src.join("a"), b"two").unwrap();
+    fs::create_dir(s.src.join("new")).unwrap();
+    fs::write(s.src.join("new/b"), b"three").unwrap();
+    assert!(
+        eventually(20, || tree(&s.live) == tree(&s.src)),
+        "the standby did not follow the change"
+    );
+    signal(push.id(), "TERM");
+    assert!(eventually(10, || push.try_wait().unwrap().is_some()));
+    kill9(&mut serve);
+}
+
+#[test]
 fn continuous_push_follows_changes_and_both_sides_serve_metrics() {
     let dir = tempfile::tempdir().unwrap();
     let s = Setup::new(dir.path());
