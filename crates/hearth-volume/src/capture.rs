@@ -342,9 +342,6 @@ pub fn capture_streaming(
 pub struct Changes<'a> {
     /// The earlier capture's tree.
     pub base: &'a Manifest,
-    /// Directories whose entries may have been created, removed, renamed, written or re-stamped
-    /// (or whose own metadata changed): each is listed again and all its entries looked at.
-    pub dirs: &'a BTreeSet<Vec<u8>>,
     /// Entries to look at again: each entry a watch saw change and the directory it is in
     /// (whose own timestamps its change moved), files written through a shared mapping (which
     /// no watch reports), and every name of a file with several names. A directory among them
@@ -625,28 +622,10 @@ fn list_changes(
     let mut fresh: BTreeMap<Vec<u8>, Metadata> = BTreeMap::new();
     // Directories listed from the disk: what the base says is in them is not used.
     let mut relisted: HashSet<Vec<u8>> = HashSet::new();
-    // Directories to list, with whether each is new (not watched since before its last
-    // listing: it is watched first, then listed all through).
-    let mut queue: VecDeque<(Vec<u8>, bool)> = VecDeque::new();
+    // Directories new to the tree (or not watched since before their last listing): each is
+    // watched first, then listed all through.
+    let mut queue: VecDeque<Vec<u8>> = VecDeque::new();
     let mut gone: HashSet<&[u8]> = HashSet::new();
-    for d in changes.dirs {
-        let abs = join(root, d);
-        match std::fs::symlink_metadata(&abs) {
-            Ok(md) if md.is_dir() => {
-                if md.dev() != root_dev {
-                    return Ok(None);
-                }
-                let new = !(changes.watch.watched(d, md.ino()) && base_dir(d));
-                fresh.insert(d.clone(), md);
-                queue.push_back((d.clone(), new));
-            }
-            // Gone, or no longer a directory: its parent changed too, and listing the parent
-            // finds what is there now.
-            Ok(_) => {}
-            Err(e) if gone_error(&e) => {}
-            Err(e) => return Err(VolumeError::io("inspecting", abs, e)),
-        }
-    }
     // With cold caches each `lstat` waits on the disk; several in flight are served faster.
     let paths: Vec<&Vec<u8>> = changes.paths.iter().collect();
     let stats = on_threads(STAT_THREADS, &paths, |p| {
@@ -659,7 +638,7 @@ fn list_changes(
                 // A directory new to the tree (or not watched since before its last listing,
                 // as one deleted and made again under the same name) is listed all through.
                 if md.is_dir() && !(changes.watch.watched(p, md.ino()) && base_dir(p)) {
-                    queue.push_back((p.clone(), true));
+                    queue.push_back(p.clone());
                 }
                 fresh.insert(p.clone(), md);
             }
@@ -672,14 +651,14 @@ fn list_changes(
             Err(e) => return Err(VolumeError::io("inspecting", abs, e)),
         }
     }
-    while let Some((d, new)) = queue.pop_front() {
+    while let Some(d) = queue.pop_front() {
         if !relisted.insert(d.clone()) {
             continue;
         }
         // A directory the base does not hold, or one not watched since before its last
         // listing (deleted and made again under the same name), is new: watched first, then
         // listed all through.
-        if new && changes.watch.watch(&d).is_err() {
+        if changes.watch.watch(&d).is_err() {
             return Ok(None);
         }
         let abs = join(root, &d);
@@ -714,7 +693,7 @@ fn list_changes(
                 continue;
             }
             if md.is_dir() && !(changes.watch.watched(&rel, md.ino()) && base_dir(&rel)) {
-                queue.push_back((rel.clone(), true));
+                queue.push_back(rel.clone());
             }
             fresh.insert(rel, md);
         }

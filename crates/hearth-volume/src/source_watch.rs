@@ -395,14 +395,12 @@ impl Watching {
             };
             return Ok(Some((cap, Pass::Changes { paths: 0 })));
         }
-        let dirs = BTreeSet::new();
         let mut watch = WatchAdapter {
             watches: &mut self.watches,
             root,
         };
         let mut changes = Changes {
             base: &self.base,
-            dirs: &dirs,
             paths: &paths,
             watch: &mut watch,
         };
