@@ -468,7 +468,13 @@ async fn capture_and_record(
             open = tx.blocking_send(req).is_ok();
         };
         let sink: Option<Sink<'_>> = if stream_data { Some(&mut send) } else { None };
-        let (cap, had_cache) = match &watch {
+        // Whether the cache on disk is written again. Not when nothing was read: every file
+        // matched the stored cache, which therefore still describes them all (entries of
+        // deleted files are never looked up). Not after a pass that looked only at changes:
+        // the watch holds the cache, and the one on disk (for a restart) is written by each
+        // walk, at least every `--walk-every`; a restart then reads again only what changed
+        // since, so a 1 % pass does not rewrite the whole cache.
+        let (cap, write_cache) = match &watch {
             Some(watch) => {
                 let mut watch = watch.lock().map_err(|_| {
                     VolumeError::io("watching", &source, io::Error::other("a push panicked"))
@@ -480,29 +486,30 @@ async fn capture_and_record(
                     c
                 };
                 let (cap, pass) = watch.capture(&opts, &mut load_cache, sink)?;
-                match &pass {
+                let write = match &pass {
                     Pass::Walked { reason, watching } => {
                         count(reason.label());
-                        tracing::info!(volume = %volume, reason = %reason, watching, "walked the whole volume")
+                        tracing::info!(volume = %volume, reason = %reason, watching, "walked the whole volume");
+                        !had_cache || cap.report.files_read > 0
                     }
                     Pass::Changes { paths } => {
                         count("watched");
-                        tracing::debug!(volume = %volume, paths, "looked only at what changed")
+                        tracing::debug!(volume = %volume, paths, "looked only at what changed");
+                        false
                     }
-                }
-                (cap, had_cache)
+                };
+                (cap, write)
             }
             None => {
                 count("walk");
                 let cache = load();
                 let cap = capture_streaming(&source, &opts, cache.as_ref(), sink)?;
-                (cap, cache.is_some())
+                let write = cache.is_none() || cap.report.files_read > 0;
+                (cap, write)
             }
         };
         drop(tx);
-        // Nothing was read: every file matched the stored cache, which therefore still describes
-        // them all (entries of deleted files are never looked up), so it is not written again.
-        if had_cache && cap.report.files_read == 0 {
+        if !write_cache {
             return Ok(cap);
         }
         // The cache only saves reading; failing to store it costs speed on the next run.

@@ -228,8 +228,8 @@ impl SourceWatch {
         let root_id = std::fs::symlink_metadata(&self.root)
             .map(|md| (md.dev(), md.ino()))
             .map_err(|e| VolumeError::io("inspecting", &self.root, e))?;
-        let mut reason = match &mut self.on {
-            None => Some(WalkReason::NotWatching),
+        let reason = match &mut self.on {
+            None => WalkReason::NotWatching,
             Some(w) => {
                 w.drain();
                 // Mounts raise no events: one made or removed inside the volume since the
@@ -254,7 +254,9 @@ impl SourceWatch {
                     self.walk_every,
                     mapped.as_ref().map(|_| ()).map_err(|e| e.as_str()),
                 );
-                if reason.is_none() {
+                if let Some(reason) = reason {
+                    reason
+                } else {
                     let mapped = mapped.unwrap_or_default();
                     if !mapped.unreadable.is_empty() && !w.told_unreadable {
                         // Their writes through a mapping are seen by the next walk (at most
@@ -265,14 +267,11 @@ impl SourceWatch {
                     let mapped = mapped.inodes;
                     match w.capture_changes(&self.root, opts, &mapped, sink.as_mut())? {
                         Some(done) => return Ok(done),
-                        None => Some(WalkReason::ChangesNotEnough),
+                        None => WalkReason::ChangesNotEnough,
                     }
-                } else {
-                    reason
                 }
             }
         };
-        let reason = reason.take().unwrap_or(WalkReason::NotWatching);
         let cache = match self.on.take() {
             Some(w) => Some(w.cache),
             None => load_cache(),
@@ -293,21 +292,26 @@ impl SourceWatch {
         let cap = capture_streaming(&self.root, opts, cache.as_ref(), sink)?;
         let watching = watches.is_some();
         if let Some((watches, canonical_root, mounts)) = watches {
-            self.on = Some(Watching {
+            let mut w = Watching {
                 watches,
                 canonical_root,
                 root_id,
                 walked_at,
                 changed: BTreeSet::new(),
                 lost: None,
-                linked: cap.report.several_names.iter().cloned().collect(),
-                recheck: cap.cache.racy_paths().map(<[u8]>::to_vec).collect(),
+                linked: BTreeSet::new(),
+                recheck: BTreeSet::new(),
                 mounts,
                 told_unreadable: false,
                 events: 0,
-                base: cap.manifest.clone(),
-                cache: cap.cache.clone(),
-            });
+                base: Manifest {
+                    chunking: opts.chunking,
+                    entries: Vec::new(),
+                },
+                cache: CaptureCache::default(),
+            };
+            w.remember(&cap, &BTreeSet::new());
+            self.on = Some(w);
         }
         Ok((cap, Pass::Walked { reason, watching }))
     }
@@ -414,14 +418,19 @@ impl Watching {
                 return Err(e);
             }
         };
-        let linked: BTreeSet<Vec<u8>> = self.linked.difference(&paths).cloned().collect();
-        self.linked = linked;
+        self.remember(&cap, &paths);
+        let pass = Pass::Changes { paths: paths.len() };
+        Ok(Some((cap, pass)))
+    }
+
+    /// Makes `cap` the capture the next pass starts from; `looked_at` are the paths it looked
+    /// at on purpose (their several-names status is the capture's now).
+    fn remember(&mut self, cap: &Capture, looked_at: &BTreeSet<Vec<u8>>) {
+        self.linked.retain(|p| !looked_at.contains(p));
         self.linked.extend(cap.report.several_names.iter().cloned());
         self.recheck = cap.cache.racy_paths().map(<[u8]>::to_vec).collect();
         self.base = cap.manifest.clone();
         self.cache = cap.cache.clone();
-        let pass = Pass::Changes { paths: paths.len() };
-        Ok(Some((cap, pass)))
     }
 }
 

@@ -489,10 +489,18 @@ async fn push_cmd(p: PushArgs) -> Result<ExitCode, Failure> {
     // measure one pass of a long-running push.
     let mut wakeup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1())
         .context("listen for SIGUSR1")?;
-    // `--continuous` hears of changes from the source watch, polled, when it watches; else
-    // (a filesystem it does not watch, `--walk-every 0`, the btrfs backend) from a recursive
-    // watcher of its own. Not both: each costs one inotify watch per folder.
-    let mut watcher: Option<ChangeWatcher> = None;
+    // `--continuous` hears of changes from the source watch, polled, once it watches; else
+    // (before the first pass, a filesystem it does not watch, `--walk-every 0`, the btrfs
+    // backend) from a recursive watcher of its own, started now so that a change made during
+    // the first pass is heard of. Not both for long: each costs one inotify watch per folder.
+    let mut watcher = if p.continuous {
+        Some(
+            ChangeWatcher::new(&cfg.source)
+                .with_context(|| format!("watch {}", cfg.source.display()))?,
+        )
+    } else {
+        None
+    };
     let mut poll = tokio::time::interval(Duration::from_millis(250));
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let shutdown = shutdown_signal();
@@ -533,8 +541,10 @@ async fn push_cmd(p: PushArgs) -> Result<ExitCode, Failure> {
                         .as_ref()
                         .is_some_and(|w| w.lock().is_ok_and(|w| w.watching()));
                 if polling {
+                    // Whatever it heard during the first pass, the source watch heard too.
                     watcher = None;
                 } else if p.continuous && watcher.is_none() {
+                    // The source watch stopped (a later walk could not start it again).
                     watcher = Some(
                         ChangeWatcher::new(&cfg.source)
                             .with_context(|| format!("watch {}", cfg.source.display()))?,

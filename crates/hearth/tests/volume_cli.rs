@@ -477,6 +477,17 @@ fn eventually(secs: u64, mut cond: impl FnMut() -> bool) -> bool {
     false
 }
 
+/// Changes file `a`, adds `new/b`, and waits until the standby holds the changed tree.
+fn change_and_wait_for_the_standby(s: &Setup) {
+    fs::write(s.src.join("a"), b"two").unwrap();
+    fs::create_dir(s.src.join("new")).unwrap();
+    fs::write(s.src.join("new/b"), b"three").unwrap();
+    assert!(
+        eventually(20, || tree(&s.live) == tree(&s.src)),
+        "the standby did not follow the change"
+    );
+}
+
 #[test]
 fn continuous_push_without_the_source_watch_follows_changes_by_its_own_watcher() {
     let dir = tempfile::tempdir().unwrap();
@@ -490,13 +501,7 @@ fn continuous_push_without_the_source_watch_follows_changes_by_its_own_watcher()
         .spawn()
         .unwrap();
     assert!(eventually(20, || tree(&s.live) == tree(&s.src)));
-    fs::write(s.src.join("a"), b"two").unwrap();
-    fs::create_dir(s.src.join("new")).unwrap();
-    fs::write(s.src.join("new/b"), b"three").unwrap();
-    assert!(
-        eventually(20, || tree(&s.live) == tree(&s.src)),
-        "the standby did not follow the change"
-    );
+    change_and_wait_for_the_standby(&s);
     signal(push.id(), "TERM");
     assert!(eventually(10, || push.try_wait().unwrap().is_some()));
     kill9(&mut serve);
@@ -527,13 +532,7 @@ fn continuous_push_follows_changes_and_both_sides_serve_metrics() {
         .ok()
         .as_deref()
         == Some(b"one")));
-    fs::write(s.src.join("a"), b"two").unwrap();
-    fs::create_dir(s.src.join("new")).unwrap();
-    fs::write(s.src.join("new/b"), b"three").unwrap();
-    assert!(
-        eventually(20, || tree(&s.live) == tree(&s.src)),
-        "the standby did not follow the change"
-    );
+    change_and_wait_for_the_standby(&s);
     let m = scrape(push_metrics);
     assert!(m.contains("hearth_volume_syncs_total{"), "{m}");
     assert!(
