@@ -972,7 +972,7 @@ const STAT_THREADS: usize = WALK_THREADS;
 
 /// Threads that read changed files at once: on the virtio disk we measured, reading 900 files
 /// of 2 MB on average with caches dropped took 1.54 s one at a time, 0.94 s four at a time and
-/// 1.08 s eight at a time (`xargs -P`).
+/// 1.08 s eight at a time (`xargs -P`; docs/benchmarks.md, session 8).
 const READ_THREADS: usize = 4;
 
 /// What [`read_stable`] returned, by path.
