@@ -31,6 +31,7 @@ pub mod source_watch;
 pub mod standby;
 pub mod state;
 mod store;
+mod threads;
 mod watch;
 
 pub use apply::{

@@ -42,6 +42,13 @@ const SYNC_EVERY_BYTES: u64 = 256 << 20;
 /// Chunks are stored in batches of about this many bytes per blocking task.
 const PUT_BATCH_BYTES: usize = 8 << 20;
 
+/// A sync that needs at most this many bytes of chunks holds them in memory instead of writing
+/// them to the chunk store ([`ChunkStore::hold`]): the apply makes the tree durable before it
+/// commits anyway, and a crash only costs sending these bytes again. On a 1 % change of 100,000
+/// files (900 chunks, 5 MB) writing, syncing, reading and deleting each chunk as a file took a
+/// tenth of a second or more.
+const HOLD_CHUNKS_MAX: u64 = 32 << 20;
+
 /// How long a new exchange waits for a running one on the same volume to end before it is
 /// refused as busy.
 const BUSY_WAIT: Duration = Duration::from_secs(10);
@@ -392,6 +399,8 @@ async fn connection(
         store: None,
         offer: None,
         wanted: HashSet::new(),
+        hold: false,
+        streamed_unsynced: false,
         batch: Vec::new(),
         batch_bytes: 0,
         incoming: Some(Incoming::new(incoming_dir.clone())),
@@ -446,6 +455,10 @@ struct Session {
     store: Option<Arc<ChunkStore>>,
     offer: Option<(Offer, Arc<Manifest>)>,
     wanted: HashSet<ChunkId>,
+    /// Whether the chunks of this offer are held in memory ([`HOLD_CHUNKS_MAX`]).
+    hold: bool,
+    /// Streamed file data written since the store was last synced.
+    streamed_unsynced: bool,
     batch: Vec<VerifiedChunk>,
     batch_bytes: usize,
     /// Files streamed before the offer; `None` only while a blocking task holds it.
@@ -651,6 +664,7 @@ impl Session {
         })?;
         self.incoming = Some(inc);
         self.bytes += written;
+        self.streamed_unsynced |= written > 0;
         self.shared
             .metrics
             .bytes_received
@@ -742,15 +756,17 @@ impl Session {
         let m = manifest.clone();
         let live = self.live.clone();
         let mut inc = self.take_incoming();
-        let (inc, missing, checked) = blocking(move || {
+        let (inc, missing, missing_bytes, checked) = blocking(move || {
             // Files left by an interrupted session count only where they hash right.
             let checked = inc.check_against(&m)?;
             let missing = wanted_chunks(&store, &m, &live, Some(&inc))?;
-            Ok((inc, missing, checked))
+            let missing_bytes = chunk_bytes(&m, &missing);
+            Ok((inc, missing, missing_bytes, checked))
         })
         .await?;
         self.incoming = Some(inc);
-        tracing::info!(volume = %self.hello.volume, tree = %offer.tree_hash, missing = missing.len(), streamed = self.bytes, checked, "tree offered");
+        self.hold = missing_bytes <= HOLD_CHUNKS_MAX;
+        tracing::info!(volume = %self.hello.volume, tree = %offer.tree_hash, missing = missing.len(), missing_bytes, held = self.hold, streamed = self.bytes, checked, "tree offered");
         self.wanted = missing.iter().copied().collect();
         send_want(wr, &missing).await?;
         self.offer = Some((offer, manifest));
@@ -794,7 +810,9 @@ impl Session {
             let n: u64 = batch.iter().map(|c| c.len() as u64).sum();
             self.chunks += batch.len() as u64;
             self.bytes += n;
-            self.unsynced += n;
+            if !self.hold {
+                self.unsynced += n;
+            }
             self.shared
                 .metrics
                 .bytes_received
@@ -806,6 +824,12 @@ impl Session {
         };
         if sync {
             self.unsynced = 0;
+        }
+        if self.hold {
+            for chunk in batch {
+                store.hold(chunk);
+            }
+            return Ok(());
         }
         blocking(move || {
             for chunk in &batch {
@@ -820,11 +844,22 @@ impl Session {
         Ok(())
     }
 
-    async fn flush<W: AsyncWrite + Unpin>(&mut self, wr: &mut W) -> Result<(), Stop> {
-        self.put_batch().await?;
+    /// Makes what this session wrote to the chunk store and the received files durable, unless
+    /// it wrote nothing there: held chunks are never durable, by design.
+    async fn sync_store(&mut self) -> Result<(), Stop> {
+        if self.hold && self.unsynced == 0 && !self.streamed_unsynced {
+            return Ok(());
+        }
         let store = self.store()?;
         blocking(move || store.sync()).await?;
         self.unsynced = 0;
+        self.streamed_unsynced = false;
+        Ok(())
+    }
+
+    async fn flush<W: AsyncWrite + Unpin>(&mut self, wr: &mut W) -> Result<(), Stop> {
+        self.put_batch().await?;
+        self.sync_store().await?;
         send(
             wr,
             &Response::Stored {
@@ -844,11 +879,8 @@ impl Session {
                 "commit without an offer",
             )));
         };
+        self.sync_store().await?;
         let store = self.store()?;
-        {
-            let store = store.clone();
-            blocking(move || store.sync()).await?;
-        }
         tracing::info!(volume = %self.hello.volume, chunks = self.chunks, bytes = self.bytes, "chunks received and stored; applying");
         let live = self.live.clone();
         let content = {
@@ -936,6 +968,15 @@ impl Session {
             }
             Err(e) => return Err(e.into()),
         };
+        // The next sync starts by reading the live manifest: it is this one, already decoded.
+        if report.tree_hash == offer.tree_hash {
+            crate::apply::remember_live_manifest(
+                &live,
+                manifest.clone(),
+                offer.tree_hash,
+                offer.manifest_len,
+            );
+        }
         if let Some(aside) = &report.set_aside {
             let reason = aside_reason
                 .unwrap_or_else(|| "the replaced tree had changed on the standby".into());
@@ -1335,6 +1376,25 @@ fn wanted_chunks(
         .filter(|id| !in_live.contains(id))
         .filter(|id| !incoming.is_some_and(|i| i.has_chunk(id)))
         .collect())
+}
+
+/// How many bytes the chunks `ids` of `manifest` hold (each counted once).
+fn chunk_bytes(manifest: &Manifest, ids: &[ChunkId]) -> u64 {
+    let mut left: HashSet<ChunkId> = ids.iter().copied().collect();
+    let mut bytes = 0;
+    for e in &manifest.entries {
+        if let crate::manifest::EntryKind::File { chunks, .. } = &e.kind {
+            for c in chunks {
+                if left.remove(&c.id) {
+                    bytes += u64::from(c.len);
+                }
+            }
+        }
+        if left.is_empty() {
+            break;
+        }
+    }
+    bytes
 }
 
 /// A name beside `live` for a subvolume kept aside: `.<name>.hearth-diverged.e<epoch>.<ns><suffix>`.

@@ -1,11 +1,13 @@
 //! The standby's content-addressed chunk store: `<dir>/chunks/<first two hex>/<64 hex>`, written
 //! through `<dir>/tmp/` with fsync and rename, and checked against the hash both on the way in
-//! and on the way out.
+//! and on the way out. A store can also hold checked chunks in memory only ([`ChunkStore::hold`]),
+//! for a small sync whose chunks are cheaper to send again than to write, sync, read and delete.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::error::{IoContext, VolumeError};
@@ -65,6 +67,8 @@ pub struct ChunkStore {
     root: PathBuf,
     counter: AtomicU64,
     durability: Durability,
+    /// Checked chunks kept in memory only (see [`ChunkStore::hold`]).
+    held: Mutex<HashMap<ChunkId, Vec<u8>>>,
 }
 
 impl ChunkStore {
@@ -87,6 +91,7 @@ impl ChunkStore {
             root: dir.to_owned(),
             counter: AtomicU64::new(0),
             durability,
+            held: Mutex::new(HashMap::new()),
         })
     }
 
@@ -100,9 +105,23 @@ impl ChunkStore {
         self.root.join("chunks").join(&hex[..2]).join(hex)
     }
 
-    /// Whether the chunk is stored.
+    /// Whether the chunk is stored (or held).
     pub fn contains(&self, id: &ChunkId) -> bool {
-        self.path_of(id).is_file()
+        self.is_held(id) || self.path_of(id).is_file()
+    }
+
+    fn is_held(&self, id: &ChunkId) -> bool {
+        self.held.lock().is_ok_and(|h| h.contains_key(id))
+    }
+
+    /// Keeps a checked chunk in memory instead of writing it: it is never durable, and it is gone
+    /// with this `ChunkStore` value (a standby opens one per connection). For a small sync (a
+    /// standby holds at most a few tens of MB this way) writing each chunk as a file, syncing,
+    /// reading it back and deleting it cost more than sending it again after a crash would.
+    pub fn hold(&self, chunk: VerifiedChunk) {
+        if let Ok(mut held) = self.held.lock() {
+            held.insert(chunk.id, chunk.data);
+        }
     }
 
     /// Stores `data` as chunk `id`. The bytes must hash to `id`, otherwise nothing is written
@@ -147,6 +166,11 @@ impl ChunkStore {
     /// corruption) is moved to `<dir>/corrupt/` so the next transfer sends it again, and the
     /// read fails with [`VolumeError::ChunkMismatch`].
     pub fn get(&self, id: &ChunkId) -> Result<Vec<u8>, VolumeError> {
+        if let Ok(held) = self.held.lock()
+            && let Some(data) = held.get(id)
+        {
+            return Ok(data.clone());
+        }
         let path = self.path_of(id);
         let data = match fs::read(&path) {
             Ok(d) => d,
@@ -168,9 +192,13 @@ impl ChunkStore {
         Ok(data)
     }
 
-    /// The ids of all stored chunks: what a standby tells the primary it has.
+    /// The ids of all stored (and held) chunks: what a standby tells the primary it has.
     pub fn index(&self) -> Result<HashSet<ChunkId>, VolumeError> {
-        let mut out = HashSet::new();
+        let mut out: HashSet<ChunkId> = self
+            .held
+            .lock()
+            .map(|h| h.keys().copied().collect())
+            .unwrap_or_default();
         let chunks = self.root.join("chunks");
         for fan in fs::read_dir(&chunks).ctx("listing", &chunks)? {
             let fan = fan.ctx("listing", &chunks)?.path();
@@ -215,11 +243,30 @@ impl ChunkStore {
     /// successful apply) and returns how many were removed.
     pub fn retain(&self, keep: &HashSet<ChunkId>) -> Result<u64, VolumeError> {
         let mut removed = 0;
+        if let Ok(mut held) = self.held.lock() {
+            let before = held.len();
+            held.retain(|id, _| keep.contains(id));
+            removed += (before - held.len()) as u64;
+        }
+        let mut fans = HashSet::new();
         for id in self.index()? {
             if !keep.contains(&id) {
                 let path = self.path_of(&id);
                 fs::remove_file(&path).ctx("removing", &path)?;
                 removed += 1;
+                if let Some(fan) = path.parent() {
+                    fans.insert(fan.to_owned());
+                }
+            }
+        }
+        // Emptied fan-out folders go too: listing the store (every sync does, several times)
+        // reads each folder, and 256 empty ones read cold cost more than the rest of a small sync's
+        // bookkeeping. One still holding a chunk stays (`remove_dir` refuses it).
+        for fan in fans {
+            match fs::remove_dir(&fan) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::DirectoryNotEmpty => {}
+                Err(e) => return Err(VolumeError::io("removing", fan, e)),
             }
         }
         Ok(removed)
@@ -267,6 +314,43 @@ mod tests {
     }
 
     #[test]
+    fn held_chunks_count_as_stored_but_are_never_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ChunkStore::open_with(dir.path(), Durability::Batch).unwrap();
+        let (a, b) = (ChunkId::of(b"a"), ChunkId::of(b"b"));
+        store.hold(VerifiedChunk::new(a, b"a".to_vec()).unwrap());
+        store.put(&b, b"b").unwrap();
+        assert!(store.contains(&a) && store.contains(&b));
+        assert_eq!(store.get(&a).unwrap(), b"a");
+        assert_eq!(store.index().unwrap(), HashSet::from([a, b]));
+        let m = Manifest {
+            chunking: crate::manifest::ChunkParams::default(),
+            entries: vec![crate::manifest::Entry {
+                path: b"f".to_vec(),
+                kind: EntryKind::File {
+                    size: 3,
+                    chunks: [(a, 0), (b, 1), (ChunkId::of(b"c"), 2)]
+                        .map(|(id, offset)| crate::manifest::ChunkRef { offset, len: 1, id })
+                        .to_vec(),
+                },
+                mode: 0o644,
+                uid: 0,
+                gid: 0,
+                mtime_sec: 0,
+                mtime_nsec: 0,
+                xattrs: vec![],
+            }],
+        };
+        assert_eq!(store.missing(&m), vec![ChunkId::of(b"c")]);
+        assert!(!store.path_of(&a).exists(), "a held chunk is not written");
+        // Another store on the same folder (a later connection) does not have it.
+        let other = ChunkStore::open_with(dir.path(), Durability::Batch).unwrap();
+        assert!(!other.contains(&a) && other.contains(&b));
+        assert_eq!(store.retain(&HashSet::new()).unwrap(), 2);
+        assert!(!store.contains(&a) && !store.contains(&b));
+    }
+
+    #[test]
     fn batch_mode_stores_the_same_and_syncs() {
         let dir = tempfile::tempdir().unwrap();
         let store = ChunkStore::open_with(dir.path(), Durability::Batch).unwrap();
@@ -293,5 +377,11 @@ mod tests {
         assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
         assert_eq!(store.retain(&HashSet::from([a])).unwrap(), 1);
         assert!(store.contains(&a) && !store.contains(&b));
+        // The emptied fan-out folder is gone, the one still in use stays.
+        assert!(!store.path_of(&b).parent().unwrap().exists());
+        assert!(store.path_of(&a).parent().unwrap().exists());
+        assert_eq!(store.retain(&HashSet::new()).unwrap(), 1);
+        assert_eq!(fs::read_dir(dir.path().join("chunks")).unwrap().count(), 0);
+        assert!(store.put(&b, b"b").unwrap(), "a chunk can be stored again");
     }
 }
