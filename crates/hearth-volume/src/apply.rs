@@ -925,16 +925,20 @@ fn cache_live_manifest(path: PathBuf, id: FileIdentity, m: Arc<Manifest>, hash: 
     }
 }
 
-/// Tells the cache of live manifests that the manifest `m` (with tree hash `hash`, `encoded_len`
-/// bytes encoded) was just made live at `live` by this process, so that the next sync does not
-/// read and decode it again (a tenth of a second for 100,000 files). The file on disk is only
-/// taken for it when its length matches; anything else leaves the cache to decode it.
-pub fn remember_live_manifest(live: &Path, m: Arc<Manifest>, hash: TreeHash, encoded_len: u64) {
+/// Tells the cache of live manifests that the manifest `m` (with tree hash `hash`) was just made
+/// live at `live` by this process, so that the next sync does not read and decode it again (a
+/// tenth of a second for 100,000 files). The file on disk is only taken for it when its trailer,
+/// the BLAKE3 of its body, is that tree hash; anything else leaves the cache to decode it.
+pub fn remember_live_manifest(live: &Path, m: Arc<Manifest>, hash: TreeHash) {
     let Ok(path) = TreeNames::of(live).map(|n| n.live_manifest()) else {
         return;
     };
-    if let Ok(md) = fs::metadata(&path)
-        && md.size() == encoded_len
+    let Ok(file) = File::open(&path) else { return };
+    let mut trailer = [0u8; 32];
+    if let Ok(md) = file.metadata()
+        && md.size() >= 32
+        && file.read_exact_at(&mut trailer, md.size() - 32).is_ok()
+        && trailer == hash.0
     {
         cache_live_manifest(path, identity(&md), m, hash);
     }

@@ -14,6 +14,7 @@
 mod apply;
 pub mod btrfs;
 mod capture;
+pub mod delta;
 mod diff;
 mod durable;
 mod envelope;

@@ -881,6 +881,8 @@ async fn sync_btrfs(
             kind: SyncKind::Unchanged,
             chunks_sent: 0,
             bytes_sent: 0,
+            manifest_bytes: 0,
+            delta: false,
             applied: None,
             duration: started.elapsed(),
         }));
@@ -937,6 +939,8 @@ async fn sync_btrfs(
         kind,
         chunks_sent: 0,
         bytes_sent: sent,
+        manifest_bytes: 0,
+        delta: false,
         applied: Some(wire::Applied {
             tree_hash: crate::manifest::TreeHash([0; 32]),
             unchanged: false,

@@ -133,6 +133,11 @@ pub struct SyncOutcome {
     pub chunks_sent: u64,
     /// Chunk bytes sent.
     pub bytes_sent: u64,
+    /// Bytes of the manifest offered, or of the manifest delta when `delta` (0 when nothing was
+    /// offered, or for a btrfs stream).
+    pub manifest_bytes: u64,
+    /// Whether the tree was offered as a delta against the standby's live tree.
+    pub delta: bool,
     /// What the standby reported, when it applied.
     pub applied: Option<Applied>,
     /// How long it took.
@@ -244,6 +249,9 @@ pub(crate) async fn push_files(
         let captured_tree = capture_and_record(cfg, dirs, &mut streams, metrics).await?;
         let (snapshot, captured, manifest, encoded, tree_hash) = captured_tree;
         let encoded = Arc::new(encoded);
+        let manifest = Arc::new(manifest);
+        // The parent of the next pass's offers, unless a standby falls behind.
+        remember_last_tree(dirs, tree_hash, manifest.clone());
         let plan = Arc::new(ChunkIndex::new(manifest));
         let st: PrimaryState = state::load(&dirs.primary())?;
         let st = Arc::new(st);
@@ -657,12 +665,12 @@ pub(crate) fn record(
 /// chunks (a push to standbys that are in sync never needs it).
 #[derive(Debug)]
 pub(crate) struct ChunkIndex {
-    manifest: Manifest,
+    manifest: Arc<Manifest>,
     wants: std::sync::OnceLock<HashMap<ChunkId, ChunkWant>>,
 }
 
 impl ChunkIndex {
-    fn new(manifest: Manifest) -> Self {
+    fn new(manifest: Arc<Manifest>) -> Self {
         ChunkIndex {
             manifest,
             wants: std::sync::OnceLock::new(),
@@ -821,14 +829,22 @@ impl Link {
         captured_at_ms: u64,
         encoded: &[u8],
     ) -> Result<(), NetError> {
-        self.queue(&Request::Offer(Offer {
+        let offer = Offer {
             tree_hash,
             parent,
             captured_at_ms,
-            manifest_len: encoded.len() as u64,
-        }))
-        .await?;
-        for part in encoded.chunks(MANIFEST_PART) {
+            manifest_len: 0,
+            delta: false,
+        };
+        self.offer_parts(offer, encoded).await
+    }
+
+    /// Sends `offer` (its `manifest_len` set to the length of `bytes`) and then `bytes`, the
+    /// encoded manifest or delta, in parts.
+    pub async fn offer_parts(&mut self, mut offer: Offer, bytes: &[u8]) -> Result<(), NetError> {
+        offer.manifest_len = bytes.len() as u64;
+        self.queue(&Request::Offer(offer)).await?;
+        for part in bytes.chunks(MANIFEST_PART) {
             self.queue(&Request::ManifestPart(part.to_vec())).await?;
         }
         wire::flush(&mut self.wr).await
@@ -866,6 +882,8 @@ async fn sync_on(
             kind: SyncKind::Unchanged,
             chunks_sent: 0,
             bytes_sent: 0,
+            manifest_bytes: 0,
+            delta: false,
             applied: None,
             duration: started.elapsed(),
         });
@@ -883,8 +901,22 @@ async fn sync_on(
     if kind == SyncKind::Full && welcome.live.is_some() {
         tracing::warn!(volume = %cfg.volume, standby = %ctx.target.addr, "the standby holds a tree this primary does not know; it will keep it aside");
     }
-    link.offer(ctx.tree_hash, parent, ctx.captured_at_ms, &ctx.encoded)
-        .await?;
+    // A tree that descends from the standby's goes as a delta against it when that is smaller:
+    // for a small change of a large tree, a few kilobytes instead of the whole manifest.
+    let delta = match parent {
+        Some(p) => delta_against(ctx, p).await,
+        None => None,
+    };
+    let offer = Offer {
+        tree_hash: ctx.tree_hash,
+        parent,
+        captured_at_ms: ctx.captured_at_ms,
+        manifest_len: 0,
+        delta: delta.is_some(),
+    };
+    let offered = delta.as_deref().unwrap_or(&ctx.encoded);
+    let (manifest_bytes, delta) = (offered.len() as u64, delta.is_some());
+    link.offer_parts(offer, offered).await?;
     let (mut chunks_sent, mut bytes_sent) = streamed;
     let mut rounds = 0;
     let mut wanted = read_want(&mut link).await?;
@@ -925,11 +957,13 @@ async fn sync_on(
                     }
                 }
                 link.send(&Request::Done).await.ok();
-                tracing::info!(volume = %cfg.volume, standby = %ctx.target.addr, kind = kind.as_str(), chunks = chunks_sent, bytes = bytes_sent, "standby is in sync");
+                tracing::info!(volume = %cfg.volume, standby = %ctx.target.addr, kind = kind.as_str(), chunks = chunks_sent, bytes = bytes_sent, manifest_bytes, delta, "standby is in sync");
                 return Ok(SyncOutcome {
                     kind,
                     chunks_sent,
                     bytes_sent,
+                    manifest_bytes,
+                    delta,
                     applied: Some(applied),
                     duration: started.elapsed(),
                 });
@@ -946,6 +980,60 @@ async fn sync_on(
                 )));
             }
         }
+    }
+}
+
+/// The encoded delta from the tree `parent` to the tree on offer, when this primary still holds
+/// `parent`'s manifest (in memory from the last pass, or kept on disk) and the delta is smaller
+/// than the whole manifest. `None` sends the whole manifest, which is always correct.
+async fn delta_against(ctx: &SyncCtx, parent: TreeHash) -> Option<Vec<u8>> {
+    let dirs = VolumeDirs::new(&ctx.cfg.state_dir, &ctx.cfg.volume);
+    let new = ctx.plan.manifest.clone();
+    let whole = ctx.encoded.len();
+    let made = blocking(move || {
+        let base = match last_tree(&dirs, parent) {
+            Some(m) => m,
+            None => {
+                let path = dirs.tree(&parent.to_string());
+                let bytes =
+                    std::fs::read(&path).map_err(|e| VolumeError::io("reading", path, e))?;
+                let (m, hash) = Manifest::decode_hashed(&bytes)?;
+                if hash != parent {
+                    return Ok(None);
+                }
+                Arc::new(m)
+            }
+        };
+        let encoded = crate::delta::ManifestDelta::between(&base, &new).encode()?;
+        Ok((encoded.len() < whole).then_some(encoded))
+    })
+    .await;
+    match made {
+        Ok(d) => d,
+        Err(e) => {
+            // Handled here: the whole manifest goes instead.
+            tracing::debug!(volume = %ctx.cfg.volume, error = %e, "no manifest delta; offering the whole manifest");
+            None
+        }
+    }
+}
+
+/// The manifest of the last tree captured for each volume (by its folder of kept trees), so that
+/// a repeating push finds its standbys' parent in memory. Each entry is the same allocation the
+/// pass's chunk index uses, so it costs no copy; it stays until the next pass replaces it.
+type LastTrees = HashMap<PathBuf, (TreeHash, Arc<Manifest>)>;
+static LAST_TREES: std::sync::LazyLock<std::sync::Mutex<LastTrees>> =
+    std::sync::LazyLock::new(|| std::sync::Mutex::new(HashMap::new()));
+
+fn last_tree(dirs: &VolumeDirs, hash: TreeHash) -> Option<Arc<Manifest>> {
+    let trees = LAST_TREES.lock().ok()?;
+    let (known, m) = trees.get(&dirs.trees())?;
+    (*known == hash).then(|| m.clone())
+}
+
+fn remember_last_tree(dirs: &VolumeDirs, hash: TreeHash, m: Arc<Manifest>) {
+    if let Ok(mut trees) = LAST_TREES.lock() {
+        trees.insert(dirs.trees(), (hash, m));
     }
 }
 

@@ -717,7 +717,34 @@ impl Session {
                 }
             }
         }
-        let (manifest, hash) = match blocking(move || Manifest::decode_hashed(&bytes)).await {
+        // A delta is rebuilt against the live manifest, which must be the tree it was made from.
+        let base = match (offer.delta, offer.parent) {
+            (false, _) => None,
+            (true, Some(parent)) => Some((self.live.clone(), parent)),
+            (true, None) => {
+                return Err(Stop::Refuse(Refusal::new(
+                    RefusalCode::BadRequest,
+                    "a manifest delta without the tree it is against",
+                )));
+            }
+        };
+        let rebuilt = blocking(move || match base {
+            None => Manifest::decode_hashed(&bytes),
+            Some((live, parent)) => {
+                let delta = crate::delta::ManifestDelta::decode(&bytes)?;
+                let live_hash = read_live_manifest_hashed(&live)?;
+                let Some((base, base_hash)) = live_hash.filter(|(_, h)| *h == parent) else {
+                    return Err(VolumeError::InvalidManifest(format!(
+                        "the delta is against tree {parent}, which is not the live tree here"
+                    )));
+                };
+                let m = delta.apply(&base)?;
+                let hash = m.tree_hash()?;
+                tracing::debug!(base = %base_hash, changes = delta.changes.len(), "manifest rebuilt from a delta");
+                Ok((m, hash))
+            }
+        });
+        let (manifest, hash) = match rebuilt.await {
             Ok(m) => m,
             Err(NetError::Volume(e)) => {
                 return Err(Stop::Refuse(Refusal::new(
@@ -748,7 +775,14 @@ impl Session {
         if hash != offer.tree_hash {
             return Err(Stop::Refuse(Refusal::new(
                 RefusalCode::InvalidManifest,
-                "the manifest does not have the announced tree hash",
+                format!(
+                    "the manifest{} does not have the announced tree hash; nothing was written",
+                    if offer.delta {
+                        " rebuilt from the delta"
+                    } else {
+                        ""
+                    }
+                ),
             )));
         }
         let store = self.store()?;
@@ -970,12 +1004,7 @@ impl Session {
         };
         // The next sync starts by reading the live manifest: it is this one, already decoded.
         if report.tree_hash == offer.tree_hash {
-            crate::apply::remember_live_manifest(
-                &live,
-                manifest.clone(),
-                offer.tree_hash,
-                offer.manifest_len,
-            );
+            crate::apply::remember_live_manifest(&live, manifest.clone(), offer.tree_hash);
         }
         if let Some(aside) = &report.set_aside {
             let reason = aside_reason

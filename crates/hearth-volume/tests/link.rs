@@ -12,13 +12,14 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use hearth_volume::delta::ManifestDelta;
 use hearth_volume::metrics::Metrics;
 use hearth_volume::net::NetError;
 use hearth_volume::net::identity::Identity;
-use hearth_volume::net::wire::{Hello, PROTOCOL_VERSION, RefusalCode, Request, Response};
+use hearth_volume::net::wire::{Hello, Offer, PROTOCOL_VERSION, RefusalCode, Request, Response};
 use hearth_volume::primary::{Backend, PushConfig, SyncKind, Target, connect, push_once, verify};
 use hearth_volume::state::{self, VolumeDirs};
-use hearth_volume::{CaptureOptions, Entry, EntryKind, Manifest};
+use hearth_volume::{CaptureOptions, Entry, EntryKind, Manifest, TreeHash};
 
 /// The in-process standby of these tests: volume `v` at `<dir>/standby/data/v`.
 async fn start_standby(dir: &Path, allowed: &[&Identity]) -> Standby {
@@ -228,6 +229,94 @@ async fn hello(p_id: &Identity, sb: &Standby, epoch: u64) -> hearth_volume::prim
         .await
         .unwrap()
         .0
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_change_goes_as_a_delta_and_a_delta_that_does_not_fit_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let p_id = Identity::generate().unwrap();
+    let sb = start_standby(dir.path(), &[&p_id]).await;
+    let cfg = primary(dir.path(), "p", &p_id, sb.target(), 1);
+    fill(&cfg.source, 200, 300, 1);
+    let first = push_once(&cfg, &Metrics::default()).await.unwrap();
+    let o = outcome(&first);
+    assert_eq!((o.kind, o.delta), (SyncKind::Full, false));
+    let whole = o.manifest_bytes;
+    assert!(whole > 0);
+
+    // One file changed: the offer is a delta, a small part of the manifest.
+    fs::write(cfg.source.join("d3/f3"), b"changed").unwrap();
+    let second = push_once(&cfg, &Metrics::default()).await.unwrap();
+    let o = outcome(&second);
+    assert_eq!((o.kind, o.delta), (SyncKind::Incremental, true));
+    assert!(
+        o.manifest_bytes * 10 < whole,
+        "{} of {whole}",
+        o.manifest_bytes
+    );
+    let applied = o.applied.as_ref().unwrap().tree_hash;
+    assert_eq!(applied.to_string(), second.snapshot.tree_hash);
+    assert_eq!(common::snapshot(&sb.live), common::snapshot(&cfg.source));
+    let before = common::snapshot(&sb.live);
+
+    // Deltas the standby must refuse, each before anything is written.
+    let base = hearth_volume::capture(&cfg.source, &CaptureOptions::default(), None)
+        .unwrap()
+        .manifest;
+    assert_eq!(base.tree_hash().unwrap(), applied);
+    let mut new = base.clone();
+    new.entries.retain(|e| e.path != b"link");
+    let delta = ManifestDelta::between(&base, &new).encode().unwrap();
+    let offer = |tree_hash, parent| Offer {
+        tree_hash,
+        parent,
+        captured_at_ms: 0,
+        manifest_len: 0,
+        delta: true,
+    };
+    let cases = [
+        (
+            "against a tree that is not live",
+            offer(new.tree_hash().unwrap(), Some(TreeHash([9; 32]))),
+            RefusalCode::InvalidManifest,
+            "not the live tree here",
+        ),
+        (
+            "rebuilt into another tree than announced",
+            offer(TreeHash([1; 32]), Some(applied)),
+            RefusalCode::InvalidManifest,
+            "rebuilt from the delta does not have the announced tree hash",
+        ),
+        (
+            "without the tree it is against",
+            offer(new.tree_hash().unwrap(), None),
+            RefusalCode::BadRequest,
+            "without the tree it is against",
+        ),
+    ];
+    for (name, offer, code, says) in cases {
+        let mut link = hello(&p_id, &sb, 1).await;
+        link.offer_parts(offer, &delta).await.unwrap();
+        match link.recv().await.unwrap_err() {
+            NetError::Refused(r) => {
+                assert_eq!(r.code, code, "{name}: {}", r.message);
+                assert!(r.message.contains(says), "{name}: {}", r.message);
+            }
+            other => panic!("{name}: {other}"),
+        }
+        assert_eq!(common::snapshot(&sb.live), before, "{name}");
+    }
+
+    // The same delta, announced right, is taken: the standby asks for what it lacks (nothing).
+    let mut link = hello(&p_id, &sb, 1).await;
+    link.offer_parts(offer(new.tree_hash().unwrap(), Some(applied)), &delta)
+        .await
+        .unwrap();
+    match link.recv().await.unwrap() {
+        Response::Want { ids, last: true } => assert!(ids.is_empty()),
+        other => panic!("{other:?}"),
+    }
+    sb.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -438,11 +438,16 @@ fn print_report(r: &PushReport) -> bool {
     for (addr, res) in &r.results {
         match res {
             Ok(o) => println!(
-                "{addr}: {} {} ({} chunks, {} bytes sent, {:.2} s){}",
+                "{addr}: {} {} ({} chunks, {} bytes sent{}, {:.2} s){}",
                 o.kind.as_str(),
                 &r.snapshot.tree_hash[..16],
                 o.chunks_sent,
                 o.bytes_sent,
+                match (o.manifest_bytes, o.delta) {
+                    (0, _) => String::new(),
+                    (n, true) => format!(", manifest delta {n} bytes"),
+                    (n, false) => format!(", manifest {n} bytes"),
+                },
                 o.duration.as_secs_f64(),
                 o.applied
                     .as_ref()

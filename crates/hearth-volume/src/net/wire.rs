@@ -13,7 +13,7 @@ use crate::manifest::{ChunkId, TreeHash};
 
 /// The protocol version this build speaks. Both sides send theirs first; a mismatch is refused
 /// with a message naming both.
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// The largest frame either side accepts. Chunks are at most 256 KiB and manifests travel in
 /// parts of [`MANIFEST_PART`], so a bigger frame can only be a broken or hostile peer.
@@ -154,8 +154,12 @@ pub struct Offer {
     pub parent: Option<TreeHash>,
     /// When the primary captured the tree (milliseconds since the Unix epoch).
     pub captured_at_ms: u64,
-    /// Length of the encoded manifest that follows.
+    /// Length of the encoded manifest (or delta) that follows.
     pub manifest_len: u64,
+    /// Whether what follows is a [`crate::delta::ManifestDelta`] against `parent` (which must be
+    /// the standby's live tree) instead of the whole manifest. The standby rebuilds the manifest
+    /// and refuses it unless it has `tree_hash`.
+    pub delta: bool,
 }
 
 /// What the standby answers.
