@@ -434,7 +434,11 @@ EOF
     ((HAVE_SSH)) && measure_repeat "rsync over ssh" "no change" "$c_rs"
     measure_repeat "hearth (files)" "no change" "run_hearth_files unchanged"
     measure_repeat "hearth (files, push --every)" "no change" "run_hearth_watch_pass"
-    [[ -f "${HEARTH_DIR:-}/watch.pid" ]] && { kill "$(cat "$HEARTH_DIR/watch.pid")" 2>/dev/null || true; }
+    if [[ -f "${HEARTH_DIR:-}/watch.pid" ]]; then
+        # The long-running push's memory after all its passes (`ip netns exec` execs hearth: same pid).
+        WATCH_MEMORY=$(awk '/^VmRSS|^VmHWM/ { printf "%s %d MB  ", $1, $2 / 1024 }' "/proc/$(cat "$HEARTH_DIR/watch.pid")/status" 2>/dev/null || true)
+        kill "$(cat "$HEARTH_DIR/watch.pid")" 2>/dev/null || true
+    fi
     ((HAVE_SSH)) || row "rsync over ssh" all "left out: no sshd" "-"
 
     # The copies must equal the source, or the times mean nothing: a dry run that would change nothing.
@@ -560,5 +564,6 @@ echo '```sh'
 declare -f hearth_push run_hearth_files run_hearth_btrfs hearth_watch_count hearth_watch_wait run_hearth_watch_first run_hearth_watch_pass
 echo '```'
 echo
+[[ -n "${WATCH_MEMORY:-}" ]] && echo "Memory of the long-running push (push --every) after its last pass: $WATCH_MEMORY(/proc/PID/status)." && echo
 echo "Load average at the end: $(cut -d' ' -f1-3 /proc/loadavg); total time $(($(date +%s) - start)) s."
 exit "$FAILED"
