@@ -23,15 +23,13 @@ const MAGIC: &[u8; 8] = b"HRTHTREE";
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct ChunkId(pub [u8; 32]);
 
-/// Hash maps and sets of chunk ids (hundreds of thousands for a large volume) hash only the
-/// first eight bytes: they are already uniformly spread BLAKE3 output, and hashing all 32 with
-/// the standard library's SipHash was a sixth of a standby's time on a small incremental sync.
-/// The map's own random key still keeps crafted ids from piling up.
+/// All 32 bytes go to the hasher in one write (the derived hash adds a length prefix). Not fewer:
+/// ids come from the primary's manifest and need not be real BLAKE3 output, so ids that share a
+/// prefix could be made to collide under any key, and a keyed hash of the whole id is what keeps
+/// a crafted manifest from making the standby's sets quadratic.
 impl std::hash::Hash for ChunkId {
     fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        let mut head = [0u8; 8];
-        head.copy_from_slice(&self.0[..8]);
-        state.write_u64(u64::from_le_bytes(head));
+        state.write(&self.0);
     }
 }
 

@@ -250,8 +250,13 @@ pub(crate) async fn push_files(
         let (snapshot, captured, manifest, encoded, tree_hash) = captured_tree;
         let encoded = Arc::new(encoded);
         let manifest = Arc::new(manifest);
-        // The parent of the next pass's offers, unless a standby falls behind.
+        // The parent of the next pass's offers to the standbys this pass brings up to date.
         remember_last_tree(dirs, tree_hash, manifest.clone());
+        if let Some(watch) = &cfg.watch
+            && let Ok(mut watch) = watch.lock()
+        {
+            watch.share_last_tree(&manifest);
+        }
         let plan = Arc::new(ChunkIndex::new(manifest));
         let st: PrimaryState = state::load(&dirs.primary())?;
         let st = Arc::new(st);
@@ -300,6 +305,7 @@ pub(crate) async fn push_files(
         }
         state::save(&dirs.primary(), &st)?;
         forget_unneeded_trees(dirs, &st)?;
+        forget_last_trees(dirs, &st);
         if retry.is_empty() {
             metrics
                 .sync_seconds
@@ -1018,22 +1024,43 @@ async fn delta_against(ctx: &SyncCtx, parent: TreeHash) -> Option<Vec<u8>> {
     }
 }
 
-/// The manifest of the last tree captured for each volume (by its folder of kept trees), so that
-/// a repeating push finds its standbys' parent in memory. Each entry is the same allocation the
-/// pass's chunk index uses, so it costs no copy; it stays until the next pass replaces it.
-type LastTrees = HashMap<PathBuf, (TreeHash, Arc<Manifest>)>;
-static LAST_TREES: std::sync::LazyLock<std::sync::Mutex<LastTrees>> =
+/// Manifests of trees this process captured that a standby may hold as its live tree, for each
+/// volume (by its folder of kept trees), so that a repeating push finds the parent of its next
+/// offers in memory instead of reading and decoding it from disk for every standby. A pass adds
+/// its tree (the same allocation its chunk index uses, so no copy) and, once its syncs are done,
+/// keeps only the trees some standby now holds: usually just that one.
+type KnownTrees = HashMap<PathBuf, Vec<(TreeHash, Arc<Manifest>)>>;
+static KNOWN_TREES: std::sync::LazyLock<std::sync::Mutex<KnownTrees>> =
     std::sync::LazyLock::new(|| std::sync::Mutex::new(HashMap::new()));
 
 fn last_tree(dirs: &VolumeDirs, hash: TreeHash) -> Option<Arc<Manifest>> {
-    let trees = LAST_TREES.lock().ok()?;
-    let (known, m) = trees.get(&dirs.trees())?;
-    (*known == hash).then(|| m.clone())
+    let trees = KNOWN_TREES.lock().ok()?;
+    let (_, m) = trees.get(&dirs.trees())?.iter().find(|(h, _)| *h == hash)?;
+    Some(m.clone())
 }
 
 fn remember_last_tree(dirs: &VolumeDirs, hash: TreeHash, m: Arc<Manifest>) {
-    if let Ok(mut trees) = LAST_TREES.lock() {
-        trees.insert(dirs.trees(), (hash, m));
+    if let Ok(mut trees) = KNOWN_TREES.lock() {
+        let known = trees.entry(dirs.trees()).or_default();
+        if !known.iter().any(|(h, _)| *h == hash) {
+            known.push((hash, m));
+        }
+    }
+}
+
+/// Forgets the manifests in memory that no standby holds any more (by `st`'s record of each
+/// standby's last common tree).
+fn forget_last_trees(dirs: &VolumeDirs, st: &PrimaryState) {
+    let held: std::collections::HashSet<TreeHash> = st
+        .standbys
+        .values()
+        .filter_map(|s| s.last_common.as_ref())
+        .filter_map(|c| TreeHash::from_hex(&c.tree_hash))
+        .collect();
+    if let Ok(mut trees) = KNOWN_TREES.lock()
+        && let Some(known) = trees.get_mut(&dirs.trees())
+    {
+        known.retain(|(h, _)| held.contains(h));
     }
 }
 

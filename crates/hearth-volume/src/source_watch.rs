@@ -25,6 +25,7 @@ use std::fmt;
 use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use inotify::EventMask;
@@ -165,7 +166,8 @@ struct Watching {
     /// Why changes may have been missed, once they may have.
     lost: Option<String>,
     /// The last capture's tree and cache: what a pass that looks only at changes starts from.
-    base: Manifest,
+    /// The tree is shared with the push that sent it ([`SourceWatch::share_last_tree`]).
+    base: Arc<Manifest>,
     cache: CaptureCache,
     /// Files with several names (hard links, inside the volume or outside it): a change made
     /// through another name is heard of only in that name's folder, if at all.
@@ -196,6 +198,17 @@ impl SourceWatch {
     /// The watched volume's directory.
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// Takes `m` as the last capture's tree when it is that tree: the push keeps the manifest it
+    /// sent (for its chunk index and the next pass's deltas), and sharing it keeps one copy of a
+    /// large manifest in memory instead of two.
+    pub fn share_last_tree(&mut self, m: &Arc<Manifest>) {
+        if let Some(w) = &mut self.on
+            && (Arc::ptr_eq(&w.base, m) || *w.base == **m)
+        {
+            w.base = m.clone();
+        }
     }
 
     /// Whether the volume is watched now (after a first capture, unless the watch could not be
@@ -304,10 +317,10 @@ impl SourceWatch {
                 mounts,
                 told_unreadable: false,
                 events: 0,
-                base: Manifest {
+                base: Arc::new(Manifest {
                     chunking: opts.chunking,
                     entries: Vec::new(),
-                },
+                }),
                 cache: CaptureCache::default(),
             };
             w.remember(&cap, &BTreeSet::new());
@@ -393,7 +406,7 @@ impl Watching {
                 ..CaptureReport::default()
             };
             let cap = Capture {
-                manifest: self.base.clone(),
+                manifest: Manifest::clone(&self.base),
                 cache: self.cache.clone(),
                 report,
             };
@@ -429,7 +442,7 @@ impl Watching {
         self.linked.retain(|p| !looked_at.contains(p));
         self.linked.extend(cap.report.several_names.iter().cloned());
         self.recheck = cap.cache.racy_paths().map(<[u8]>::to_vec).collect();
-        self.base = cap.manifest.clone();
+        self.base = Arc::new(cap.manifest.clone());
         self.cache = cap.cache.clone();
     }
 }

@@ -46,8 +46,8 @@ const PUT_BATCH_BYTES: usize = 8 << 20;
 /// them to the chunk store ([`ChunkStore::hold`]): the apply makes the tree durable before it
 /// commits anyway, and a crash only costs sending these bytes again. On a 1 % change of 100,000
 /// files (900 chunks, 5 MB) writing, syncing, reading and deleting each chunk as a file took a
-/// tenth of a second or more.
-const HOLD_CHUNKS_MAX: u64 = 32 << 20;
+/// tenth of a second or more. The bound is on what arrives, not only on what the offer asked for.
+pub const DEFAULT_HOLD_CHUNKS_MAX: u64 = 32 << 20;
 
 /// How long a new exchange waits for a running one on the same volume to end before it is
 /// refused as busy.
@@ -75,6 +75,10 @@ pub struct ServeConfig {
     pub in_place: bool,
     /// Time allowed for the TLS handshake and for each message to arrive.
     pub timeout: Duration,
+    /// files backend: a sync whose wanted chunks add up to at most this many bytes holds them in
+    /// memory instead of writing them to the chunk store ([`DEFAULT_HOLD_CHUNKS_MAX`]; 0 never
+    /// holds).
+    pub hold_chunks_max: u64,
 }
 
 /// Serves until `shutdown` resolves: accepts connections on `listener` and handles each in a task
@@ -455,7 +459,7 @@ struct Session {
     store: Option<Arc<ChunkStore>>,
     offer: Option<(Offer, Arc<Manifest>)>,
     wanted: HashSet<ChunkId>,
-    /// Whether the chunks of this offer are held in memory ([`HOLD_CHUNKS_MAX`]).
+    /// Whether the chunks of this offer are held in memory ([`ServeConfig::hold_chunks_max`]).
     hold: bool,
     /// Streamed file data written since the store was last synced.
     streamed_unsynced: bool,
@@ -514,7 +518,8 @@ impl Session {
         let timeout = self.shared.config.timeout;
         loop {
             // When the primary goes away, cleanly or not, the verified chunks that arrived are
-            // stored, so the next attempt does not send them again.
+            // stored, so the next attempt does not send them again (held chunks, at most
+            // `hold_chunks_max` bytes, are lost with the connection and sent again).
             let req = match recv(rd, timeout).await {
                 Ok(Some(req)) => req,
                 Ok(None) => {
@@ -746,7 +751,9 @@ impl Session {
         });
         let (manifest, hash) = match rebuilt.await {
             Ok(m) => m,
-            Err(NetError::Volume(e)) => {
+            // What the primary sent is wrong; a failure to read the live manifest is the
+            // standby's own and ends the session as `Failed`, below.
+            Err(NetError::Volume(e @ VolumeError::InvalidManifest(_))) => {
                 return Err(Stop::Refuse(Refusal::new(
                     RefusalCode::InvalidManifest,
                     format!("volume `{}`: {e}; nothing was written", self.hello.volume),
@@ -799,7 +806,8 @@ impl Session {
         })
         .await?;
         self.incoming = Some(inc);
-        self.hold = missing_bytes <= HOLD_CHUNKS_MAX;
+        self.hold = missing_bytes <= self.shared.config.hold_chunks_max
+            && self.shared.config.hold_chunks_max > 0;
         tracing::info!(volume = %self.hello.volume, tree = %offer.tree_hash, missing = missing.len(), missing_bytes, held = self.hold, streamed = self.bytes, checked, "tree offered");
         self.wanted = missing.iter().copied().collect();
         send_want(wr, &missing).await?;
@@ -840,8 +848,18 @@ impl Session {
         let batch = std::mem::take(&mut self.batch);
         self.batch_bytes = 0;
         let store = self.store()?;
+        let n: u64 = batch.iter().map(|c| c.len() as u64).sum();
+        // The offer's estimate can be short: chunks a live file changed on the standby no longer
+        // holds are asked for again at apply, and a primary may misstate chunk lengths. Past the
+        // bound, everything held so far and everything after goes to the store on disk.
+        if self.hold && store.held_bytes() + n > self.shared.config.hold_chunks_max {
+            self.hold = false;
+            self.unsynced += store.held_bytes();
+            let s = store.clone();
+            blocking(move || s.spill()).await?;
+            tracing::info!(volume = %self.hello.volume, "more chunk data than a small sync holds in memory; writing it to the chunk store");
+        }
         let sync = {
-            let n: u64 = batch.iter().map(|c| c.len() as u64).sum();
             self.chunks += batch.len() as u64;
             self.bytes += n;
             if !self.hold {
@@ -915,7 +933,7 @@ impl Session {
         };
         self.sync_store().await?;
         let store = self.store()?;
-        tracing::info!(volume = %self.hello.volume, chunks = self.chunks, bytes = self.bytes, "chunks received and stored; applying");
+        tracing::info!(volume = %self.hello.volume, chunks = self.chunks, bytes = self.bytes, "chunks received; applying");
         let live = self.live.clone();
         let content = {
             let live = live.clone();

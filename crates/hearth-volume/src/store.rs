@@ -116,12 +116,34 @@ impl ChunkStore {
 
     /// Keeps a checked chunk in memory instead of writing it: it is never durable, and it is gone
     /// with this `ChunkStore` value (a standby opens one per connection). For a small sync (a
-    /// standby holds at most a few tens of MB this way) writing each chunk as a file, syncing,
-    /// reading it back and deleting it cost more than sending it again after a crash would.
+    /// standby holds at most a few tens of MB this way, see [`ChunkStore::held_bytes`] and
+    /// [`ChunkStore::spill`]) writing each chunk as a file, syncing, reading it back and deleting
+    /// it cost more than sending it again after a crash would.
     pub fn hold(&self, chunk: VerifiedChunk) {
         if let Ok(mut held) = self.held.lock() {
             held.insert(chunk.id, chunk.data);
         }
+    }
+
+    /// Bytes of the chunks held in memory.
+    pub fn held_bytes(&self) -> u64 {
+        self.held
+            .lock()
+            .map(|h| h.values().map(|d| d.len() as u64).sum())
+            .unwrap_or(0)
+    }
+
+    /// Writes every held chunk to the store (as [`ChunkStore::put_verified`]) and holds nothing
+    /// more: for when more data arrives than a small sync was expected to need.
+    pub fn spill(&self) -> Result<(), VolumeError> {
+        let held = match self.held.lock() {
+            Ok(mut h) => std::mem::take(&mut *h),
+            Err(_) => return Ok(()),
+        };
+        for (id, data) in held {
+            self.put_verified(&VerifiedChunk { id, data })?;
+        }
+        Ok(())
     }
 
     /// Stores `data` as chunk `id`. The bytes must hash to `id`, otherwise nothing is written
@@ -343,9 +365,15 @@ mod tests {
         };
         assert_eq!(store.missing(&m), vec![ChunkId::of(b"c")]);
         assert!(!store.path_of(&a).exists(), "a held chunk is not written");
+        assert_eq!(store.held_bytes(), 1);
         // Another store on the same folder (a later connection) does not have it.
         let other = ChunkStore::open_with(dir.path(), Durability::Batch).unwrap();
         assert!(!other.contains(&a) && other.contains(&b));
+        // Spilled, it is written like any stored chunk.
+        store.spill().unwrap();
+        assert_eq!(store.held_bytes(), 0);
+        assert!(store.path_of(&a).is_file() && store.contains(&a));
+        assert!(other.contains(&a));
         assert_eq!(store.retain(&HashSet::new()).unwrap(), 2);
         assert!(!store.contains(&a) && !store.contains(&b));
     }

@@ -579,6 +579,55 @@ async fn the_store_keeps_nothing_and_lost_live_chunks_are_asked_for_again() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunks_asked_for_again_beyond_what_a_small_sync_holds_go_to_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let p_id = Identity::generate().unwrap();
+    // Holds at most one byte in memory: the second push below wants no chunk when offered (so
+    // it holds), then at apply asks for a damaged file's chunks, which must be written instead.
+    let sb = Standby::start_config(
+        dir.path().join("standby/data/v"),
+        dir.path().join("standby/state"),
+        &[&p_id],
+        1,
+        |c| c.hold_chunks_max = 1,
+    )
+    .await;
+    let cfg = primary(dir.path(), "p", &p_id, sb.target(), 1);
+    let mut rng = common::seeded(7);
+    fs::write(
+        cfg.source.join("a"),
+        common::random_bytes(&mut rng, 200_000),
+    )
+    .unwrap();
+    fs::write(
+        cfg.source.join("b"),
+        common::random_bytes(&mut rng, 300_000),
+    )
+    .unwrap();
+    outcome(&push_once(&cfg, &Metrics::default()).await.unwrap());
+    let f = fs::OpenOptions::new()
+        .write(true)
+        .open(sb.live.join("b"))
+        .unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, b"damage", 100).unwrap();
+    drop(f);
+    // Only a time changes on the primary: no chunk is new.
+    fs::File::options()
+        .write(true)
+        .open(cfg.source.join("a"))
+        .unwrap()
+        .set_modified(std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000))
+        .unwrap();
+    let r = push_once(&cfg, &Metrics::default()).await.unwrap();
+    let o = outcome(&r);
+    assert!(o.bytes_sent > 0, "the damaged chunks travel again: {o:?}");
+    common::assert_same_tree(&cfg.source, &sb.live);
+    let store = VolumeDirs::new(&sb.state, "v").chunks().join("chunks");
+    assert_eq!(walk_files(&store), 0, "written, used and removed");
+    sb.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_first_sync_streams_while_capturing_and_resumes_from_what_arrived() {
     let dir = tempfile::tempdir().unwrap();
     let p_id = Identity::generate().unwrap();

@@ -356,6 +356,7 @@ async fn serve_cmd(
         resume_copies: opts.resume_copies,
         in_place: opts.in_place,
         timeout: Duration::from_secs(60),
+        hold_chunks_max: hearth_volume::standby::DEFAULT_HOLD_CHUNKS_MAX,
     };
     // Shutdown order: a signal stops accepting; running exchanges get 5 s (an apply in progress
     // is atomic, so cutting it off costs only the work done); then the process exits.

@@ -176,7 +176,9 @@ pub enum Response {
         /// Whether this is the list's last part.
         last: bool,
     },
-    /// Everything sent before the [`Request::Flush`] is durable.
+    /// Everything sent before the [`Request::Flush`] is checked and stored: durable, except the
+    /// chunks of a small sync, which the standby holds in memory only (a crash costs sending
+    /// them again; see `docs/formats/volume-stream.md`, "Held chunks").
     Stored {
         /// Chunks stored on this connection so far.
         chunks: u64,

@@ -267,20 +267,36 @@ impl Standby {
         keep: usize,
         resume_copies: bool,
     ) -> Standby {
+        Self::start_config(live, state, allowed, keep, |c| {
+            c.resume_copies = resume_copies
+        })
+        .await
+    }
+
+    /// [`Standby::start`], with the configuration changed by `tweak`.
+    pub async fn start_config(
+        live: PathBuf,
+        state: PathBuf,
+        allowed: &[&Identity],
+        keep: usize,
+        tweak: impl FnOnce(&mut ServeConfig),
+    ) -> Standby {
         let identity = Identity::generate().unwrap();
         fs::create_dir_all(live.parent().unwrap()).unwrap();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap().to_string();
-        let config = ServeConfig {
+        let mut config = ServeConfig {
             identity: identity.clone(),
             allowed: allowed.iter().map(|i| i.id()).collect(),
             volumes: StandbyVolumes::from([("v".to_string(), live.clone())]),
             state_dir: state.clone(),
             keep,
-            resume_copies,
+            resume_copies: true,
             in_place: true,
             timeout: Duration::from_secs(20),
+            hold_chunks_max: hearth_volume::standby::DEFAULT_HOLD_CHUNKS_MAX,
         };
+        tweak(&mut config);
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let metrics = Metrics::default();
         let served = metrics.clone();
