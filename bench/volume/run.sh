@@ -4,13 +4,15 @@
 # same layout as hearth_testkit::netns but without the bridge. Prints a Markdown table of wall times to
 # stdout, with the exact commands; progress and tool output go to stderr and to $WORK/log.
 #
-#   bench/volume/run.sh [--files N] [--bytes SIZE] [--seed S] [--runs R] [--rate MBIT] [--only files|btrfs]
-#                       [--work DIR] [--keep] [--no-drop-caches]
+#   bench/volume/run.sh [--files N] [--bytes SIZE] [--seed S] [--runs R] [--rounds K] [--rate MBIT]
+#                       [--only files|btrfs] [--work DIR] [--keep] [--no-drop-caches]
 #
-# Defaults: 100,000 files, 5G (issue 3's tree), 5 hyperfine runs, unshaped link, both sections,
-# WORK=/var/tmp/hearth-volume-bench. A quick run: --files 5000 --bytes 200M --runs 3.
+# Defaults: 100,000 files, 5G (issue 3's tree), 5 hyperfine runs, 3 rounds of 1 % changes (files
+# section), unshaped link, both sections, WORK=/var/tmp/hearth-volume-bench. A quick run: --files 5000
+# --bytes 200M --runs 3 --rounds 1.
 #
-# Passes, each for every tool: "first" (empty standby), "1% changed" (after gen-tree.py mutate) and
+# Passes, each for every tool: "first" (empty standby), "1% changed" (after gen-tree.py mutate; in the
+# files section K rounds, each a new mutation synced by every tool once, reported as mean ± sd) and
 # "no change" (nothing changed since the last pass; repeated with hyperfine). tar | tar only has a first
 # pass (it is the floor for a first copy). Every timed command ends with `sync -f` on the standby's
 # filesystem, because hearth makes what it applied durable and the others would otherwise be timed
@@ -39,6 +41,7 @@ FILES=100000
 BYTES=5G
 SEED=1
 RUNS=5
+ROUNDS=3
 RATE_MBIT=0
 ONLY=all
 WORK=/var/tmp/hearth-volume-bench
@@ -50,6 +53,7 @@ while (($#)); do
         --bytes) BYTES=$2; shift 2 ;;
         --seed) SEED=$2; shift 2 ;;
         --runs) RUNS=$2; shift 2 ;;
+        --rounds) ROUNDS=$2; shift 2 ;;
         --rate) RATE_MBIT=$2; shift 2 ;;
         --only) ONLY=$2; shift 2 ;;
         --work) WORK=$2; shift 2 ;;
@@ -190,6 +194,46 @@ measure_once() {
         row "$1" "$2" "${wall} s (1 run; client CPU $(python3 -c "print(round($user + $sys, 2))") s)" "$3"
     fi
     rm -f "$tf"
+}
+
+# One run, caches dropped first, whose wall time is appended to the file $4 ("na" when hearth is not
+# available, "fail" when the command failed): $1 tool, $2 pass, $3 snippet.
+time_into() {
+    local tf rc
+    tf=$(mktemp)
+    drop_caches
+    say "$1, $2"
+    set +e
+    /usr/bin/time -f '%e' -o "$tf" bash -c "$3" >>"$LOG" 2>&1
+    rc=$?
+    set -e
+    if ((rc == 3)) && tail -n 3 "$LOG" | grep -q "not yet available"; then
+        echo na >>"$4"
+    elif ((rc != 0)); then
+        FAILED=1
+        echo fail >>"$4"
+        tail -n 20 "$LOG" >&2
+    else
+        cat "$tf" >>"$4"
+    fi
+    rm -f "$tf"
+}
+
+# One row from the wall times in the file $3 (see time_into): $1 tool, $2 pass, $4 command.
+row_from() {
+    row "$1" "$2" "$(python3 -c '
+import statistics, sys
+t = [l.strip() for l in open(sys.argv[1]) if l.strip()]
+if "fail" in t:
+    print("**failed** (see log)")
+elif "na" in t:
+    print("not yet available")
+elif len(t) == 1:
+    print(f"{float(t[0]):.2f} s (1 round)")
+else:
+    t = [float(x) for x in t]
+    print(f"{statistics.mean(t):.3f} s ± {statistics.stdev(t):.3f} ({min(t):.3f} … {max(t):.3f}, {len(t)} rounds)")
+' "$3")" "$4"
 }
 
 # Repeated runs under hyperfine: $1 tool, $2 pass, $3 snippet, $4 extra preparation (optional).
@@ -423,12 +467,21 @@ EOF
     measure_once "hearth (files)" first "run_hearth_files first"
     measure_once "hearth (files, push --every)" first "run_hearth_watch_first"
 
-    say "files: mutating 1% of the files"
-    gen mutate "$FILES_SRC" --seed "$SEED" --round 1
-    measure_once "rsync daemon" "1% changed" "$c_rd"
-    ((HAVE_SSH)) && measure_once "rsync over ssh" "1% changed" "$c_rs"
-    measure_once "hearth (files)" "1% changed" "run_hearth_files changed"
-    measure_once "hearth (files, push --every)" "1% changed" "run_hearth_watch_pass"
+    # Each round changes 1 % of the files anew, and every tool syncs it once.
+    local r t=$F/times
+    mkdir -p "$t"
+    for r in $(seq "$ROUNDS"); do
+        say "files: mutating 1% of the files (round $r of $ROUNDS)"
+        gen mutate "$FILES_SRC" --seed "$SEED" --round "$r"
+        time_into "rsync daemon" "1% changed, round $r" "$c_rd" "$t/rd"
+        ((HAVE_SSH)) && time_into "rsync over ssh" "1% changed, round $r" "$c_rs" "$t/rs"
+        time_into "hearth (files)" "1% changed, round $r" "run_hearth_files changed" "$t/hf"
+        time_into "hearth (files, push --every)" "1% changed, round $r" "run_hearth_watch_pass" "$t/hw"
+    done
+    row_from "rsync daemon" "1% changed" "$t/rd" "$c_rd"
+    ((HAVE_SSH)) && row_from "rsync over ssh" "1% changed" "$t/rs" "$c_rs"
+    row_from "hearth (files)" "1% changed" "$t/hf" "run_hearth_files changed"
+    row_from "hearth (files, push --every)" "1% changed" "$t/hw" "run_hearth_watch_pass"
 
     measure_repeat "rsync daemon" "no change" "$c_rd"
     ((HAVE_SSH)) && measure_repeat "rsync over ssh" "no change" "$c_rs"
@@ -545,7 +598,7 @@ echo "Every command ends with \`sync -f\` on the standby's filesystem. \"client 
 echo "the command itself started (not the rsync daemon, sshd or \`hearth volume serve\` on the standby)."
 echo
 echo '```sh'
-echo "bench/volume/run.sh --files $FILES --bytes $BYTES --seed $SEED --runs $RUNS --rate $RATE_MBIT --only $ONLY$( ((DROP)) || echo " --no-drop-caches")"
+echo "bench/volume/run.sh --files $FILES --bytes $BYTES --seed $SEED --runs $RUNS --rounds $ROUNDS --rate $RATE_MBIT --only $ONLY$( ((DROP)) || echo " --no-drop-caches")"
 echo '```'
 echo
 echo "| Tool | Pass | Wall time | Command |"
