@@ -173,38 +173,15 @@ row() {
     ROWS+=("| $1 | $2 | $3 | [${#CMDS[@]}] |")
 }
 
-# One run under /usr/bin/time: $1 tool, $2 pass, $3 snippet.
-measure_once() {
-    local tf rc
-    tf=$(mktemp)
-    drop_caches
-    say "$1, $2"
-    set +e
-    /usr/bin/time -f '%e %U %S %M' -o "$tf" bash -c "$3" >>"$LOG" 2>&1
-    rc=$?
-    set -e
-    if ((rc == 3)) && tail -n 3 "$LOG" | grep -q "not yet available"; then
-        row "$1" "$2" "not yet available" "$3"
-    elif ((rc != 0)); then
-        FAILED=1
-        row "$1" "$2" "**failed** (exit $rc, see log)" "$3"
-        tail -n 20 "$LOG" >&2
-    else
-        read -r wall user sys rss <"$tf"
-        row "$1" "$2" "${wall} s (1 run; client CPU $(python3 -c "print(round($user + $sys, 2))") s)" "$3"
-    fi
-    rm -f "$tf"
-}
-
-# One run, caches dropped first, whose wall time is appended to the file $4 ("na" when hearth is not
-# available, "fail" when the command failed): $1 tool, $2 pass, $3 snippet.
+# One run under /usr/bin/time, caches dropped first; appends "WALL USER SYS" to the file $4 ("na" when
+# hearth is not available, "fail" when the command failed): $1 tool, $2 pass, $3 snippet.
 time_into() {
     local tf rc
     tf=$(mktemp)
     drop_caches
     say "$1, $2"
     set +e
-    /usr/bin/time -f '%e' -o "$tf" bash -c "$3" >>"$LOG" 2>&1
+    /usr/bin/time -f '%e %U %S' -o "$tf" bash -c "$3" >>"$LOG" 2>&1
     rc=$?
     set -e
     if ((rc == 3)) && tail -n 3 "$LOG" | grep -q "not yet available"; then
@@ -214,26 +191,37 @@ time_into() {
         echo fail >>"$4"
         tail -n 20 "$LOG" >&2
     else
-        cat "$tf" >>"$4"
+        tail -n 1 "$tf" >>"$4"
     fi
     rm -f "$tf"
 }
 
-# One row from the wall times in the file $3 (see time_into): $1 tool, $2 pass, $4 command.
+# One row from the runs in the file $3 (see time_into): $1 tool, $2 pass, $4 command. One run gives its
+# wall time and client CPU, several (rounds) their mean ± sd.
 row_from() {
     row "$1" "$2" "$(python3 -c '
 import statistics, sys
-t = [l.strip() for l in open(sys.argv[1]) if l.strip()]
-if "fail" in t:
+t = [l.split() for l in open(sys.argv[1]) if l.strip()]
+if ["fail"] in t:
     print("**failed** (see log)")
-elif "na" in t:
+elif ["na"] in t:
     print("not yet available")
 elif len(t) == 1:
-    print(f"{float(t[0]):.2f} s (1 round)")
+    wall, user, sys_ = map(float, t[0])
+    print(f"{wall} s (1 run; client CPU {round(user + sys_, 2)} s)")
 else:
-    t = [float(x) for x in t]
-    print(f"{statistics.mean(t):.3f} s ± {statistics.stdev(t):.3f} ({min(t):.3f} … {max(t):.3f}, {len(t)} rounds)")
+    w = [float(x[0]) for x in t]
+    print(f"{statistics.mean(w):.3f} s ± {statistics.stdev(w):.3f} ({min(w):.3f} … {max(w):.3f}, {len(w)} rounds)")
 ' "$3")" "$4"
+}
+
+# One run: $1 tool, $2 pass, $3 snippet.
+measure_once() {
+    local f
+    f=$(mktemp)
+    time_into "$1" "$2" "$3" "$f"
+    row_from "$1" "$2" "$f" "$3"
+    rm -f "$f"
 }
 
 # Repeated runs under hyperfine: $1 tool, $2 pass, $3 snippet, $4 extra preparation (optional).

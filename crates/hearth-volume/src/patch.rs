@@ -247,6 +247,44 @@ pub(crate) fn changed_files<'a>(old: &Manifest, new: &'a Manifest) -> Vec<&'a En
     out
 }
 
+/// Reads ahead, without changing anything, what an in-place apply of `new` over the live tree
+/// of `old` at `live` will touch: the folders on the way to every entry it moves out or places,
+/// and the data of the live files it replaces (new versions reuse their unchanged chunks). A
+/// standby runs this while the chunks arrive, so that the apply finds them in the cache: with
+/// cold caches the moves spent most of their time waiting for those reads, many of them under
+/// the kernel's lock for renames across folders. Everything is opened beneath the live root
+/// without following symlinks, read-only; what cannot be opened is skipped.
+pub(crate) fn warm(live: &Path, old: &Manifest, new: &Manifest) {
+    let Some(plan) = plan(old, new) else { return };
+    let Ok(tree) = Beneath::open(live) else {
+        return;
+    };
+    let paths: Vec<&[u8]> = plan
+        .out
+        .iter()
+        .map(Vec::as_slice)
+        .chain(plan.place.iter().map(|&i| new.entries[i].path.as_slice()))
+        .collect();
+    on_threads(MOVE_THREADS, &paths, |rel| {
+        let Ok((dir, name)) = tree.parent(rel) else {
+            return;
+        };
+        let Ok(fd) = rustix::fs::openat(
+            &dir,
+            name,
+            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        ) else {
+            return;
+        };
+        if rustix::fs::fstat(&fd)
+            .is_ok_and(|st| FileType::from_raw_mode(st.st_mode) == FileType::RegularFile)
+        {
+            let _ = rustix::fs::fadvise(&fd, 0, None, rustix::fs::Advice::WillNeed);
+        }
+    });
+}
+
 /// The commit record: written once everything is staged, it decides the apply.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Commit {
@@ -1249,6 +1287,33 @@ mod tests {
             0o755,
             "no metadata changed outside"
         );
+    }
+
+    #[test]
+    fn warming_up_reads_only_and_skips_what_it_cannot_open() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (_, live, old, new) = two_versions(tmp.path(), |src| {
+            fs::write(src.join("d/x"), b"changed").unwrap();
+            fs::remove_file(src.join("f3")).unwrap();
+            fs::write(src.join("g"), b"new").unwrap();
+        });
+        assert!(plan(&old, &new).is_some());
+        let before = live_hash(&live);
+        // A folder on the way swapped for a symlink to elsewhere: skipped, never followed.
+        let outside = tmp.path().join("outside");
+        fs::create_dir(&outside).unwrap();
+        fs::rename(live.join("d"), tmp.path().join("d.moved")).unwrap();
+        std::os::unix::fs::symlink(&outside, live.join("d")).unwrap();
+        warm(&live, &old, &new);
+        fs::remove_file(live.join("d")).unwrap();
+        fs::rename(tmp.path().join("d.moved"), live.join("d")).unwrap();
+        // The swap above moved the root's mtime; what is compared is what warm might change.
+        let root_mtime = std::time::UNIX_EPOCH
+            + std::time::Duration::new(old.entries[0].mtime_sec as u64, old.entries[0].mtime_nsec);
+        File::open(&live).unwrap().set_modified(root_mtime).unwrap();
+        warm(&live, &old, &new);
+        assert_eq!(live_hash(&live), before, "the live tree is as it was");
+        assert_eq!(fs::read_dir(&outside).unwrap().count(), 0);
     }
 
     #[test]

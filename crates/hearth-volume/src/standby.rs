@@ -405,6 +405,7 @@ async fn connection(
         wanted: HashSet::new(),
         hold: false,
         streamed_unsynced: false,
+        warming: None,
         batch: Vec::new(),
         batch_bytes: 0,
         incoming: Some(Incoming::new(incoming_dir.clone())),
@@ -463,6 +464,8 @@ struct Session {
     hold: bool,
     /// Streamed file data written since the store was last synced.
     streamed_unsynced: bool,
+    /// The read-ahead of the live tree for the offered tree's apply (`patch::warm`).
+    warming: Option<tokio::task::JoinHandle<()>>,
     batch: Vec<VerifiedChunk>,
     batch_bytes: usize,
     /// Files streamed before the offer; `None` only while a blocking task holds it.
@@ -511,6 +514,25 @@ impl From<VolumeError> for Stop {
 
 impl Session {
     async fn run<R, W>(&mut self, rd: &mut R, wr: &mut W) -> Result<(), NetError>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        let r = self.serve_requests(rd, wr).await;
+        // The read-ahead of an offer that was never committed ends with the session.
+        self.warmed().await;
+        r
+    }
+
+    /// Waits for the read-ahead of the live tree started by the last offer, if any.
+    async fn warmed(&mut self) {
+        if let Some(task) = self.warming.take() {
+            // It only reads; a failure costs the apply its head start.
+            let _ = task.await;
+        }
+    }
+
+    async fn serve_requests<R, W>(&mut self, rd: &mut R, wr: &mut W) -> Result<(), NetError>
     where
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
@@ -811,6 +833,16 @@ impl Session {
         tracing::info!(volume = %self.hello.volume, tree = %offer.tree_hash, missing = missing.len(), missing_bytes, held = self.hold, streamed = self.bytes, checked, "tree offered");
         self.wanted = missing.iter().copied().collect();
         send_want(wr, &missing).await?;
+        // While the chunks arrive, what an in-place apply will touch is read into the cache.
+        self.warmed().await;
+        if self.shared.config.in_place && self.first.is_none() {
+            let (live, new) = (self.live.clone(), manifest.clone());
+            self.warming = Some(tokio::task::spawn_blocking(move || {
+                if let Ok(Some((old, _))) = read_live_manifest_hashed(&live) {
+                    crate::patch::warm(&live, &old, &new);
+                }
+            }));
+        }
         self.offer = Some((offer, manifest));
         Ok(())
     }
@@ -925,6 +957,7 @@ impl Session {
 
     async fn commit<W: AsyncWrite + Unpin>(&mut self, wr: &mut W) -> Result<(), Stop> {
         self.put_batch().await?;
+        self.warmed().await;
         let Some((offer, manifest)) = self.offer.clone() else {
             return Err(Stop::Refuse(Refusal::new(
                 RefusalCode::BadRequest,
