@@ -104,35 +104,15 @@ pub fn read_chunk(root: &Path, want: &ChunkWant) -> Result<Vec<u8>, VolumeError>
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::manifest::{ChunkParams, ChunkRef, Entry};
+    use crate::manifest::{ChunkParams, Entry};
 
     fn id(n: u8) -> ChunkId {
         ChunkId([n; 32])
     }
 
     fn file(path: &str, ids: &[u8]) -> Entry {
-        let chunks: Vec<ChunkRef> = ids
-            .iter()
-            .enumerate()
-            .map(|(i, n)| ChunkRef {
-                offset: i as u64 * 10,
-                len: 10,
-                id: id(*n),
-            })
-            .collect();
-        Entry {
-            path: path.as_bytes().to_vec(),
-            kind: EntryKind::File {
-                size: chunks.len() as u64 * 10,
-                chunks,
-            },
-            mode: 0o644,
-            uid: 0,
-            gid: 0,
-            mtime_sec: 0,
-            mtime_nsec: 0,
-            xattrs: vec![],
-        }
+        let chunks: Vec<(ChunkId, u32)> = ids.iter().map(|n| (id(*n), 10)).collect();
+        crate::manifest::test_support::file_of(path, &chunks)
     }
 
     fn tree(files: Vec<Entry>) -> Manifest {

@@ -410,6 +410,38 @@ fn is_plain_component(c: &[u8]) -> bool {
     !c.is_empty() && c != b"." && c != b".." && !c.contains(&0)
 }
 
+/// Entries for the unit tests of this crate.
+#[cfg(test)]
+pub(crate) mod test_support {
+    use super::{ChunkId, ChunkRef, Entry, EntryKind};
+
+    /// A regular file at `path` made of `chunks` (id and length), one after another.
+    pub(crate) fn file_of(path: &str, chunks: &[(ChunkId, u32)]) -> Entry {
+        let mut offset = 0;
+        let chunks: Vec<ChunkRef> = chunks
+            .iter()
+            .map(|&(id, len)| {
+                let c = ChunkRef { offset, len, id };
+                offset += u64::from(len);
+                c
+            })
+            .collect();
+        Entry {
+            path: path.as_bytes().to_vec(),
+            kind: EntryKind::File {
+                size: offset,
+                chunks,
+            },
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            mtime_sec: 0,
+            mtime_nsec: 0,
+            xattrs: vec![],
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1296,31 +1296,14 @@ pub fn differing_paths(a: &Manifest, b: &Manifest, max: usize) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::manifest::{ChunkParams, ChunkRef, Entry, EntryKind};
+    use crate::manifest::ChunkParams;
 
     #[test]
     fn chunks_are_located_at_their_first_place_and_unknown_ones_named() {
         let id = |n: u8| ChunkId([n; 32]);
-        let file = |path: &str, ids: &[u8]| Entry {
-            path: path.as_bytes().to_vec(),
-            kind: EntryKind::File {
-                size: ids.len() as u64 * 10,
-                chunks: ids
-                    .iter()
-                    .enumerate()
-                    .map(|(k, n)| ChunkRef {
-                        offset: k as u64 * 10,
-                        len: 10,
-                        id: id(*n),
-                    })
-                    .collect(),
-            },
-            mode: 0o644,
-            uid: 0,
-            gid: 0,
-            mtime_sec: 0,
-            mtime_nsec: 0,
-            xattrs: vec![],
+        let file = |path: &str, ids: &[u8]| {
+            let chunks: Vec<(ChunkId, u32)> = ids.iter().map(|n| (id(*n), 10)).collect();
+            crate::manifest::test_support::file_of(path, &chunks)
         };
         let index = ChunkIndex::new(Arc::new(Manifest {
             chunking: ChunkParams::default(),

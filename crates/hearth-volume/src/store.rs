@@ -347,21 +347,10 @@ mod tests {
         assert_eq!(store.index().unwrap(), HashSet::from([a, b]));
         let m = Manifest {
             chunking: crate::manifest::ChunkParams::default(),
-            entries: vec![crate::manifest::Entry {
-                path: b"f".to_vec(),
-                kind: EntryKind::File {
-                    size: 3,
-                    chunks: [(a, 0), (b, 1), (ChunkId::of(b"c"), 2)]
-                        .map(|(id, offset)| crate::manifest::ChunkRef { offset, len: 1, id })
-                        .to_vec(),
-                },
-                mode: 0o644,
-                uid: 0,
-                gid: 0,
-                mtime_sec: 0,
-                mtime_nsec: 0,
-                xattrs: vec![],
-            }],
+            entries: vec![crate::manifest::test_support::file_of(
+                "f",
+                &[(a, 1), (b, 1), (ChunkId::of(b"c"), 1)],
+            )],
         };
         assert_eq!(store.missing(&m), vec![ChunkId::of(b"c")]);
         assert!(!store.path_of(&a).exists(), "a held chunk is not written");
