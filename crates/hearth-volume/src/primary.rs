@@ -1025,7 +1025,10 @@ async fn delta_against(ctx: &SyncCtx, parent: TreeHash) -> Option<Vec<u8>> {
                 if hash != parent {
                     return Ok(None);
                 }
-                Arc::new(m)
+                // Other standbys on the same tree take it from memory (kept while one holds it).
+                let m = Arc::new(m);
+                remember_last_tree(&dirs, parent, m.clone());
+                m
             }
         };
         let encoded = crate::delta::ManifestDelta::between(&base, &new).encode()?;
