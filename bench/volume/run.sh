@@ -4,14 +4,15 @@
 # same layout as hearth_testkit::netns but without the bridge. Prints a Markdown table of wall times to
 # stdout, with the exact commands; progress and tool output go to stderr and to $WORK/log.
 #
-#   bench/volume/run.sh [--files N] [--bytes SIZE] [--seed S] [--runs R] [--rounds K] [--rate MBIT]
-#                       [--only files|btrfs] [--work DIR] [--keep] [--no-drop-caches]
+#   bench/volume/run.sh [--files N] [--bytes SIZE] [--seed S] [--runs R] [--rounds K] [--first-rounds F]
+#                       [--rate MBIT] [--only files|btrfs] [--work DIR] [--keep] [--no-drop-caches]
 #
-# Defaults: 100,000 files, 5G (issue 3's tree), 5 hyperfine runs, 3 rounds of 1 % changes (files
-# section), unshaped link, both sections, WORK=/var/tmp/hearth-volume-bench. A quick run: --files 5000
-# --bytes 200M --runs 3 --rounds 1.
+# Defaults: 100,000 files, 5G (issue 3's tree), 5 hyperfine runs, 3 rounds of 1 % changes and 3 rounds of
+# first syncs (files section), unshaped link, both sections, WORK=/var/tmp/hearth-volume-bench. A quick
+# run: --files 5000 --bytes 200M --runs 3 --rounds 1 --first-rounds 1.
 #
-# Passes, each for every tool: "first" (empty standby), "1% changed" (after gen-tree.py mutate; in the
+# Passes, each for every tool: "first" (empty standby; in the files section F rounds, each from empty
+# copies with the tools in an order that rotates from round to round, reported as mean ± sd), "1% changed" (after gen-tree.py mutate; in the
 # files section K rounds, each a new mutation synced by every tool once, reported as mean ± sd) and
 # "no change" (nothing changed since the last pass; repeated with hyperfine). tar | tar only has a first
 # pass (it is the floor for a first copy). Every timed command ends with `sync -f` on the standby's
@@ -42,6 +43,7 @@ BYTES=5G
 SEED=1
 RUNS=5
 ROUNDS=3
+FIRST_ROUNDS=3
 RATE_MBIT=0
 ONLY=all
 WORK=/var/tmp/hearth-volume-bench
@@ -54,6 +56,7 @@ while (($#)); do
         --seed) SEED=$2; shift 2 ;;
         --runs) RUNS=$2; shift 2 ;;
         --rounds) ROUNDS=$2; shift 2 ;;
+        --first-rounds) FIRST_ROUNDS=$2; shift 2 ;;
         --rate) RATE_MBIT=$2; shift 2 ;;
         --only) ONLY=$2; shift 2 ;;
         --work) WORK=$2; shift 2 ;;
@@ -87,8 +90,8 @@ fi
 size_bytes() { python3 -B -c 'import sys; sys.path.insert(0, sys.argv[2]); g = __import__("gen-tree"); print(g.parse_size(sys.argv[1]))' "$1" "$here"; }
 TREE_BYTES=$(size_bytes "$BYTES")
 
-# Room: the files section holds at most the source, two rsync copies, hearth's two copies and a chunk store
-# (tar's copy is removed before they start); the btrfs section's images grow to the primary's volume plus three
+# Room: the files section holds at most the source and five copies (tar's, two rsync copies, hearth's two;
+# the chunk store is empty between syncs); the btrfs section's images grow to the primary's volume plus three
 # copies on the standby. Refuse up front rather than fill a shared disk.
 mkdir -p "$WORK"
 need=0
@@ -413,6 +416,25 @@ export NS_P NS_S A_P A_S HEARTH_PORT HEARTH_WATCH_METRICS
 
 gen() { python3 "$here/gen-tree.py" "$@" 2>>"$LOG"; tail -n 1 "$LOG" >&2; }
 
+# Empties every copy of the files section and gives hearth new keys and states (so that its next push
+# is a first sync again), then waits: after 100,000 files are deleted, ext4 is slow to allocate inodes
+# for about half a minute (it passes over recently deleted ones, reading each from disk), which would be
+# charged to whichever tool came first.
+wipe_first_copies() {
+    local F=$WORK/files
+    if [[ -f "${HEARTH_DIR:-}/watch.pid" ]]; then
+        kill "$(cat "$HEARTH_DIR/watch.pid")" 2>/dev/null || true
+        while kill -0 "$(cat "$HEARTH_DIR/watch.pid")" 2>/dev/null; do sleep 0.1; done
+    fi
+    stop_hearth
+    say "files: emptying the copies for another round of first syncs"
+    rm -rf "$F/tar" "$F/rsyncd" "$F/rsync-ssh" "$F/hearth" "$F/hearth-watch" "$WORK/hearth-files"
+    mkdir -p "$F/tar" "$F/rsyncd" "$F/rsync-ssh" "$F/hearth" "$F/hearth-watch"
+    HEARTH_SERVE_ARGS="--volume files-watch=$FILES_DST_WATCH" setup_hearth files "$FILES_DST_HEARTH"
+    sync
+    sleep 40
+}
+
 # ---------------------------------------------------------------------------------------------------
 files_section() {
     local F=$WORK/files
@@ -448,16 +470,29 @@ EOF
     c_rd="ip netns exec $NS_P rsync -a --delete --contimeout=10 $FILES_SRC/ rsync://$A_S:8730/dst/ && $sync_dst"
     c_rs="ip netns exec $NS_P rsync -a --delete -e $WORK/bin/ssh $FILES_SRC/ $A_S:$F/rsync-ssh/ && $sync_dst"
 
-    measure_once "tar \\| socat \\| tar" first "$c_tar"
+    # First syncs: each round starts from empty copies, and the order of the tools rotates from round
+    # to round, because the disk of a shared machine drifts during a run and a fixed order charges
+    # the drift to whoever comes last. The last round's copies stay for the passes below.
+    local r i k t=$F/times
+    mkdir -p "$t"
+    local names=("tar \\| socat \\| tar" "rsync daemon") cmds=("$c_tar" "$c_rd") keys=(tar rd)
+    if ((HAVE_SSH)); then names+=("rsync over ssh"); cmds+=("$c_rs"); keys+=(rs); fi
+    names+=("hearth (files)" "hearth (files, push --every)")
+    cmds+=("run_hearth_files first" "run_hearth_watch_first")
+    keys+=(hf hw)
+    for r in $(seq "$FIRST_ROUNDS"); do
+        ((r == 1)) || wipe_first_copies
+        for i in "${!keys[@]}"; do
+            k=$(((i + r - 1) % ${#keys[@]}))
+            time_into "${names[$k]}" "first, round $r" "${cmds[$k]}" "$t/first-${keys[$k]}"
+        done
+    done
     rm -rf "$F/tar"
-    measure_once "rsync daemon" first "$c_rd"
-    ((HAVE_SSH)) && measure_once "rsync over ssh" first "$c_rs"
-    measure_once "hearth (files)" first "run_hearth_files first"
-    measure_once "hearth (files, push --every)" first "run_hearth_watch_first"
+    for k in "${!keys[@]}"; do
+        row_from "${names[$k]}" first "$t/first-${keys[$k]}" "${cmds[$k]}"
+    done
 
     # Each round changes 1 % of the files anew, and every tool syncs it once.
-    local r t=$F/times
-    mkdir -p "$t"
     for r in $(seq "$ROUNDS"); do
         say "files: mutating 1% of the files (round $r of $ROUNDS)"
         gen mutate "$FILES_SRC" --seed "$SEED" --round "$r"
@@ -586,7 +621,7 @@ echo "Every command ends with \`sync -f\` on the standby's filesystem. \"client 
 echo "the command itself started (not the rsync daemon, sshd or \`hearth volume serve\` on the standby)."
 echo
 echo '```sh'
-echo "bench/volume/run.sh --files $FILES --bytes $BYTES --seed $SEED --runs $RUNS --rounds $ROUNDS --rate $RATE_MBIT --only $ONLY$( ((DROP)) || echo " --no-drop-caches")"
+echo "bench/volume/run.sh --files $FILES --bytes $BYTES --seed $SEED --runs $RUNS --rounds $ROUNDS --first-rounds $FIRST_ROUNDS --rate $RATE_MBIT --only $ONLY$( ((DROP)) || echo " --no-drop-caches")"
 echo '```'
 echo
 echo "| Tool | Pass | Wall time | Command |"

@@ -205,6 +205,15 @@ pub struct Manifest {
 }
 
 impl Manifest {
+    /// The entry at `path`, found by binary search: entries are sorted by path (which
+    /// [`Manifest::validate`] checks before it relies on this).
+    pub fn entry(&self, path: &[u8]) -> Option<&Entry> {
+        self.entries
+            .binary_search_by(|e| e.path.as_slice().cmp(path))
+            .ok()
+            .map(|i| &self.entries[i])
+    }
+
     /// Encodes the manifest: magic, version, postcard body, BLAKE3 of the body.
     pub fn encode(&self) -> Result<Vec<u8>, VolumeError> {
         Ok(envelope::seal(MAGIC, FORMAT_VERSION, &self.body()?))
@@ -302,12 +311,7 @@ impl Manifest {
         // (checked first) rather than in hash sets of every path, which made up a third of the
         // time a standby spent decoding a manifest of 100,000 files. Most entries share their
         // parent with the entry before, so the last parent found is remembered.
-        let kind_at = |path: &[u8]| {
-            self.entries
-                .binary_search_by(|e| e.path.as_slice().cmp(path))
-                .ok()
-                .map(|i| &self.entries[i].kind)
-        };
+        let kind_at = |path: &[u8]| self.entry(path).map(|e| &e.kind);
         let mut last_dir: &[u8] = b"";
         let show = |p: &[u8]| String::from_utf8_lossy(p).into_owned();
         for pair in self.entries.windows(2) {

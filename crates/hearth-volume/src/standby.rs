@@ -404,7 +404,6 @@ async fn connection(
         offer: None,
         wanted: HashSet::new(),
         hold: false,
-        streamed_unsynced: false,
         warming: None,
         batch: Vec::new(),
         batch_bytes: 0,
@@ -462,8 +461,6 @@ struct Session {
     wanted: HashSet<ChunkId>,
     /// Whether the chunks of this offer are held in memory ([`ServeConfig::hold_chunks_max`]).
     hold: bool,
-    /// Streamed file data written since the store was last synced.
-    streamed_unsynced: bool,
     /// The read-ahead of the live tree for the offered tree's apply (`patch::warm`).
     warming: Option<tokio::task::JoinHandle<()>>,
     batch: Vec<VerifiedChunk>,
@@ -666,7 +663,7 @@ impl Session {
             for op in ops {
                 match op {
                     Streamed::Begin(path) => inc.begin(&path)?,
-                    Streamed::Chunk { offset, id, data } => inc.write(offset, id, &data)?,
+                    Streamed::Chunk { offset, id, data } => inc.write(offset, id, data)?,
                 }
             }
             let written = inc.written() - before;
@@ -691,7 +688,6 @@ impl Session {
         })?;
         self.incoming = Some(inc);
         self.bytes += written;
-        self.streamed_unsynced |= written > 0;
         self.shared
             .metrics
             .bytes_received
@@ -928,16 +924,19 @@ impl Session {
         Ok(())
     }
 
-    /// Makes what this session wrote to the chunk store and the received files durable, unless
-    /// it wrote nothing there: held chunks are never durable, by design.
+    /// Makes what this session wrote to the chunk store durable, unless it wrote nothing there:
+    /// held chunks are never durable, by design. Received files are never synced on their own: a
+    /// later session checks them by hash before they count, and the apply's `syncfs` of the new
+    /// tree, beside which they lie, makes them durable with it. (Syncing them at the flush before
+    /// the commit took a second of a 5 GB first sync, which the apply then overlaps with its
+    /// build.)
     async fn sync_store(&mut self) -> Result<(), Stop> {
-        if self.hold && self.unsynced == 0 && !self.streamed_unsynced {
+        if self.hold && self.unsynced == 0 {
             return Ok(());
         }
         let store = self.store()?;
         blocking(move || store.sync()).await?;
         self.unsynced = 0;
-        self.streamed_unsynced = false;
         Ok(())
     }
 
@@ -1120,7 +1119,7 @@ impl Session {
         })
         .await?;
         self.incoming = Some(inc);
-        tracing::info!(volume = %self.hello.volume, tree = %offer.tree_hash, files = report.files, unchanged = report.unchanged, in_place = report.in_place, walked_live = report.walked_live, "tree applied");
+        tracing::info!(volume = %self.hello.volume, tree = %offer.tree_hash, files = report.files, unchanged = report.unchanged, in_place = report.in_place, walked_live = report.walked_live, received_whole = report.received_whole, "tree applied");
         send(
             wr,
             &Response::Applied(Applied {

@@ -798,3 +798,55 @@ fn a_copy_with_the_same_content_and_metadata_stays_a_separate_file_on_the_standb
     );
     common::assert_same_tree(&s.src, &s.live);
 }
+
+/// Streams `src` into received files as a first sync does, returning its manifest.
+fn stream_into(src: &Path, inc: &mut hearth_volume::Incoming) -> Manifest {
+    let mut sink = |s: hearth_volume::Streamed<'_>| match s {
+        hearth_volume::Streamed::Begin { path } => inc.begin(path).unwrap(),
+        hearth_volume::Streamed::Chunk { offset, id, data } => {
+            inc.write(offset, id, data.to_vec()).unwrap()
+        }
+    };
+    let c =
+        hearth_volume::capture_streaming(src, &CaptureOptions::default(), None, Some(&mut sink))
+            .unwrap();
+    inc.flush().unwrap();
+    c.manifest
+}
+
+#[test]
+fn received_files_become_the_tree_whole_only_when_they_are_exactly_it() {
+    let s = setup();
+    // What is not streamed (a hard link, a symlink, an empty folder) is built as usual.
+    fs::hard_link(s.src.join("d/small"), s.src.join("d/small-link")).unwrap();
+    std::os::unix::fs::symlink("e/big", s.src.join("d/to-big")).unwrap();
+    fs::create_dir(s.src.join("empty")).unwrap();
+    fs::set_permissions(s.src.join("d/small"), fs::Permissions::from_mode(0o640)).unwrap();
+    let names = hearth_volume::TreeNames::of(&s.live).unwrap();
+    let mut inc = hearth_volume::Incoming::new(names.incoming());
+    let m = stream_into(&s.src, &mut inc);
+    let (report, _) =
+        apply_and_prune(&s.store, &m, &s.live, 2, None, Some(&mut inc), true, None).unwrap();
+    assert!(report.received_whole);
+    common::assert_same_tree(&s.src, &s.live);
+    inc.remove().unwrap();
+    assert!(!names.incoming().exists());
+    assert!(
+        s.live.join("d/e/big").exists(),
+        "removing the received files left the tree"
+    );
+
+    // A received file the manifest does not have (deleted while the primary walked): the files
+    // that fit are moved in one by one, and the stray one is not in the tree.
+    let tmp = tempfile::tempdir().unwrap();
+    let live2 = tmp.path().join("live");
+    let names2 = hearth_volume::TreeNames::of(&live2).unwrap();
+    let mut inc2 = hearth_volume::Incoming::new(names2.incoming());
+    let m2 = stream_into(&s.src, &mut inc2);
+    inc2.begin(b"d/deleted-during-walk").unwrap();
+    let (report, _) =
+        apply_and_prune(&s.store, &m2, &live2, 2, None, Some(&mut inc2), true, None).unwrap();
+    assert!(!report.received_whole);
+    common::assert_same_tree(&s.src, &live2);
+    inc2.remove().unwrap();
+}
