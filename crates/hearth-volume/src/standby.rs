@@ -666,6 +666,8 @@ impl Session {
                     Streamed::Chunk { offset, id, data } => inc.write(offset, id, data)?,
                 }
             }
+            // What the last file gathered is written now, so that it counts with this batch.
+            inc.flush()?;
             let written = inc.written() - before;
             Ok((inc, written))
         })
