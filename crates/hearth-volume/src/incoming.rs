@@ -38,7 +38,7 @@ use rustix::io::Errno;
 
 use crate::apply::join;
 use crate::error::{IoContext, VolumeError};
-use crate::manifest::{ChunkId, ChunkRef, EntryKind, Manifest};
+use crate::manifest::{ChunkId, ChunkRef, EntryKind, Manifest, is_under};
 
 /// Received files of one volume and the chunks known to be in them.
 #[derive(Debug)]
@@ -65,8 +65,6 @@ pub struct Incoming {
     /// Checked chunks of `current` not yet written: a run of adjacent ones, written with one
     /// `pwritev` ([`Incoming::flush`]).
     pending: Vec<(u64, ChunkId, Vec<u8>)>,
-    /// Bytes in `pending`.
-    pending_bytes: usize,
     /// Bytes written this session.
     written: u64,
 }
@@ -74,7 +72,8 @@ pub struct Incoming {
 /// Bytes of adjacent chunks gathered before they are written with one `pwritev`. Writing each
 /// chunk on its own cost the standby about twice the kernel time per byte on ext4 (on a 1.6 GB
 /// test: 0.9 s against 0.4 s with caches dropped), mostly zeroing the parts of new page-cache
-/// blocks a write did not cover, which the next chunk's write then filled.
+/// blocks a write did not cover, which the next chunk's write then filled. (On the benchmark's
+/// tree, whose files are mostly one or two chunks, the gain was lost in the noise.)
 const WRITE_RUN_BYTES: usize = 4 << 20;
 
 /// `pwritev` of all of `bufs` at `offset`, again after short writes.
@@ -105,11 +104,6 @@ fn write_all_vectored_at(file: &File, bufs: &[&[u8]], mut offset: u64) -> io::Re
     Ok(())
 }
 
-/// Whether `path` is `top` or beneath it.
-fn under(path: &[u8], top: &[u8]) -> bool {
-    path.starts_with(top) && (path.len() == top.len() || path[top.len()] == b'/')
-}
-
 impl Incoming {
     /// The received files kept in `dir` (created on the first write).
     pub fn new(dir: PathBuf) -> Self {
@@ -124,7 +118,6 @@ impl Incoming {
             moved: HashMap::new(),
             current: None,
             pending: Vec::new(),
-            pending_bytes: 0,
             written: 0,
         }
     }
@@ -195,10 +188,10 @@ impl Incoming {
 
     /// Forgets everything received at or beneath `top`.
     fn forget_tree(&mut self, top: &[u8]) {
-        self.files.retain(|p, _| !under(p, top));
-        self.dirs.retain(|p| !under(p, top));
-        self.located.retain(|_, (p, _, _)| !under(p, top));
-        self.moved.retain(|p, _| !under(p, top));
+        self.files.retain(|p, _| !is_under(p, top));
+        self.dirs.retain(|p| !is_under(p, top));
+        self.located.retain(|_, (p, _, _)| !is_under(p, top));
+        self.moved.retain(|p, _| !is_under(p, top));
     }
 
     /// Makes the folders above `path`, replacing a file received earlier where a folder must be
@@ -309,9 +302,8 @@ impl Incoming {
         if end != Some(offset) && !self.pending.is_empty() {
             self.flush()?;
         }
-        self.pending_bytes += data.len();
         self.pending.push((offset, id, data));
-        if self.pending_bytes >= WRITE_RUN_BYTES {
+        if self.pending.iter().map(|(_, _, d)| d.len()).sum::<usize>() >= WRITE_RUN_BYTES {
             self.flush()?;
         }
         Ok(())
@@ -337,7 +329,6 @@ impl Incoming {
             refs.push(ChunkRef { offset, len, id });
             self.written += u64::from(len);
         }
-        self.pending_bytes = 0;
         Ok(())
     }
 
@@ -439,15 +430,13 @@ impl Incoming {
     /// When the received copy of `path` holds exactly `chunks` (all verified), it is no longer
     /// offered to anyone else and where it is now is returned; apply moves it into the new tree
     /// unless it is there already (after [`Incoming::move_to`]), and then only sets its size and
-    /// metadata.
-    /// Chunks gathered but not yet written do not count.
+    /// metadata. Chunks gathered but not yet written do not count.
     pub fn claim(&mut self, path: &[u8], chunks: &[ChunkRef]) -> Option<PathBuf> {
         if self.files.get(path).map(Vec::as_slice) != Some(chunks) {
             return None;
         }
         if self.current.as_ref().is_some_and(|(p, _)| p == path) {
             self.pending.clear();
-            self.pending_bytes = 0;
             self.current = None;
         }
         self.files.remove(path);
@@ -483,7 +472,6 @@ impl Incoming {
     pub fn remove(&mut self) -> Result<(), VolumeError> {
         self.current = None;
         self.pending.clear();
-        self.pending_bytes = 0;
         self.fd = None;
         self.made_here = false;
         self.files.clear();

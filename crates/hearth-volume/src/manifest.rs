@@ -403,6 +403,11 @@ impl Manifest {
     }
 }
 
+/// Whether the volume path `path` is `top` or beneath it (`a/b` is under `a`, `ab` is not).
+pub(crate) fn is_under(path: &[u8], top: &[u8]) -> bool {
+    path.starts_with(top) && (path.len() == top.len() || path[top.len()] == b'/')
+}
+
 /// A non-empty relative path of plain components: what every entry but the root must have.
 pub(crate) fn is_plain_path(path: &[u8]) -> bool {
     !path.is_empty() && path.split(|b| *b == b'/').all(is_plain_component)

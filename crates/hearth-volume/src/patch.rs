@@ -109,7 +109,7 @@ fn subtree<'a>(m: &'a Manifest, top: &'a [u8]) -> impl Iterator<Item = usize> + 
         .iter()
         .take_while(move |e| e.path.starts_with(top))
         .enumerate()
-        .filter(move |(_, e)| e.path.len() == top.len() || e.path[top.len()] == b'/')
+        .filter(move |(_, e)| crate::manifest::is_under(&e.path, top))
         .map(move |(k, _)| from + k)
 }
 
